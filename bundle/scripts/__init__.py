@@ -1,0 +1,1 @@
+"""Bundle-local Python for brainsynth (TC-MGAN): only the pieces MONAI does not provide."""

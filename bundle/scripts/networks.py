@@ -1,0 +1,229 @@
+"""Networks of TC-MGAN that MONAI does not ship.
+
+- :class:`Pix2PixUNet`: the pix2pix ``unet_128`` generator (7 stride-2 convolutions down to 1x1, skips,
+  InstanceNorm, Tanh), the generator of the paper and of the reference code.
+- :class:`SynthesisNet`: the T2 -> (FLAIR, T1, T1ce) synthesiser used for training *and* inference. For the
+  conditional variants (MGAN, TC-MGAN, TC-MGAN bw) it holds one generator fed with the T2 slice plus the
+  one-hot target label as constant planes; for ``pix2pix`` it holds one unconditional generator per target.
+  ``forward(x)`` maps ``(B, 1, H, W)`` to ``(B, 3, H, W)`` so that the model-zoo tools (``verify_net_in_out``,
+  ``ckpt_export``) and the 3D inference chain need a single input.
+- :class:`ModalityCritic`: the StarGAN-style WGAN critic D(x, y) with a source head and a
+  modality-classification head; :class:`PerTargetCritics` holds one plain critic per target for pix2pix.
+- :class:`TumourSegmenter`: S(y, c), a MONAI ``UNet`` on a target slice plus the label planes, giving
+  whole-tumour logits.
+
+Target label order is declared once, in :data:`TARGETS`.
+Every module keeps its architecture in a persistent ``arch`` buffer, so a checkpoint says what it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+#: Target modalities, in label/channel order. Index k of the one-hot label selects TARGETS[k].
+TARGETS = ("flair", "t1", "t1ce")
+#: Training variants of the paper's Table 1.
+VARIANTS = ("pix2pix", "mgan", "tcmgan", "tcmgan_bw")
+
+
+def label_planes(labels: torch.Tensor, num_labels: int, like: torch.Tensor) -> torch.Tensor:
+    """One-hot labels as constant planes.
+
+    Args:
+        labels: ``(B,)`` integer target indices in ``[0, num_labels)``.
+        num_labels: number of targets.
+        like: ``(B, C, H, W)`` tensor giving the spatial size, dtype and device.
+
+    Returns:
+        ``(B, num_labels, H, W)`` tensor of zeros and ones.
+    """
+    onehot = nn.functional.one_hot(labels.long(), num_labels).to(like.dtype)
+    return onehot[:, :, None, None].expand(-1, -1, like.shape[-2], like.shape[-1])
+
+
+class Pix2PixUNet(nn.Module):
+    """pix2pix U-Net generator (``unet_128`` when ``num_downs=7``).
+
+    Encoder: ``num_downs`` convolutions (kernel 4, stride 2) with widths ``features * (1, 2, 4, 8, 8, ...)``;
+    LeakyReLU(0.2) before every convolution but the first, InstanceNorm after every one but the first and the
+    innermost. Decoder: ReLU, transposed convolution (kernel 4, stride 2), InstanceNorm, concatenated with the
+    encoder feature of the same size; the last layer ends in Tanh. No dropout.
+
+    Input ``(B, in_channels, H, W)`` with H and W divisible by ``2**num_downs``; output
+    ``(B, out_channels, H, W)`` in ``[-1, 1]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, num_downs: int = 7):
+        super().__init__()
+        widths = [features * min(2**i, 8) for i in range(num_downs)]
+        self.down = nn.ModuleList()
+        for i, width in enumerate(widths):
+            layers: list[nn.Module] = [] if i == 0 else [nn.LeakyReLU(0.2)]
+            layers.append(nn.Conv2d(in_channels if i == 0 else widths[i - 1], width, 4, 2, 1))
+            if 0 < i < num_downs - 1:
+                layers.append(nn.InstanceNorm2d(width))
+            self.down.append(nn.Sequential(*layers))
+        self.up = nn.ModuleList()
+        for i in range(num_downs - 1, 0, -1):  # innermost first; each output is concatenated with down[i - 1]
+            in_width = widths[i] if i == num_downs - 1 else 2 * widths[i]
+            self.up.append(
+                nn.Sequential(
+                    nn.ReLU(), nn.ConvTranspose2d(in_width, widths[i - 1], 4, 2, 1), nn.InstanceNorm2d(widths[i - 1])
+                )
+            )
+        self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(2 * widths[0], out_channels, 4, 2, 1), nn.Tanh())
+        for m in self.modules():  # pix2pix init: N(0, 0.02) weights, zero biases
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        for layer in self.down:
+            x = layer(x)
+            skips.append(x)
+        x = skips[-1]
+        for i, layer in enumerate(self.up):
+            x = torch.cat([layer(x), skips[-2 - i]], dim=1)
+        return self.out(x)
+
+
+class SynthesisNet(nn.Module):
+    """T2 slice -> synthesised target slices.
+
+    Args:
+        variant: one of :data:`VARIANTS`. ``pix2pix`` keeps one unconditional generator per target; the others
+            keep one generator conditioned on the one-hot target label.
+        features: base width of the generator(s) (64 in the paper).
+        num_targets: number of targets (3: FLAIR, T1, T1ce).
+        num_downs: depth of the U-Net (7 for 128x128 slices).
+    """
+
+    def __init__(self, variant: str = "tcmgan", features: int = 64, num_targets: int = 3, num_downs: int = 7):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        self.variant = variant
+        self.num_targets = num_targets
+        self.conditional = variant != "pix2pix"
+        n_gen = 1 if self.conditional else num_targets
+        in_ch = 1 + num_targets if self.conditional else 1
+        self.generators = nn.ModuleList([Pix2PixUNet(in_ch, 1, features, num_downs) for _ in range(n_gen)])
+        self.register_buffer("arch", torch.tensor([VARIANTS.index(variant), features, num_targets, num_downs]))
+
+    def synthesize(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """G(x, c): ``x`` ``(B, 1, H, W)`` T2 in [-1, 1], ``labels`` ``(B,)`` target indices -> ``(B, 1, H, W)``."""
+        if self.conditional:
+            return self.generators[0](torch.cat([x, label_planes(labels, self.num_targets, x)], dim=1))
+        out = torch.zeros_like(x)
+        for k, gen in enumerate(self.generators):  # route each sample to the generator of its target
+            idx = (labels == k).nonzero().flatten()
+            if idx.numel() > 0:
+                out = out.index_put((idx,), gen(x.index_select(0, idx)))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All targets at once: ``(B, 1, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order."""
+        b = x.shape[0]
+        if self.conditional:  # one batched forward over (target, sample) pairs
+            labels = torch.arange(self.num_targets, device=x.device).repeat_interleave(b)
+            out = self.synthesize(x.repeat(self.num_targets, 1, 1, 1), labels)
+            return out.reshape(self.num_targets, b, x.shape[-2], x.shape[-1]).transpose(0, 1)
+        return torch.cat([gen(x) for gen in self.generators], dim=1)
+
+
+class ModalityCritic(nn.Module):
+    """StarGAN-style critic on (source, target) pairs.
+
+    ``repeat_num`` convolutions (kernel 4, stride 2, LeakyReLU 0.01, no normalisation) with widths
+    ``features * 2**i``; a source head (3x3 convolution to one channel: a WGAN critic map) and, when
+    ``num_classes > 0``, a classification head (a convolution spanning the whole final map) giving
+    target-modality logits.
+
+    ``forward(source, target, labels=None)``: ``source`` (T2) and ``target`` (real or synthesised) are
+    ``(B, 1, H, W)``; returns ``(src (B, 1, h, w), cls (B, num_classes) or None)``. ``labels`` is ignored (it
+    exists so that :class:`PerTargetCritics` shares the signature).
+    """
+
+    def __init__(self, features: int = 64, num_classes: int = 3, image_size: int = 128, repeat_num: int = 5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 2
+        for i in range(repeat_num):
+            layers += [nn.Conv2d(in_ch, features * 2**i, 4, 2, 1), nn.LeakyReLU(0.01)]
+            in_ch = features * 2**i
+        self.trunk = nn.Sequential(*layers)
+        self.src = nn.Conv2d(in_ch, 1, 3, 1, 1, bias=False)
+        self.cls = nn.Conv2d(in_ch, num_classes, image_size // 2**repeat_num, bias=False) if num_classes else None
+        self.register_buffer("arch", torch.tensor([features, num_classes, image_size, repeat_num]))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None):
+        h = self.trunk(torch.cat([target, source], dim=1))
+        cls = self.cls(h).flatten(1) if self.cls is not None else None
+        return self.src(h), cls
+
+
+class PerTargetCritics(nn.Module):
+    """pix2pix baseline: one plain critic (no classification head) per target, routed by ``labels``."""
+
+    def __init__(self, features: int = 64, num_targets: int = 3, image_size: int = 128, repeat_num: int = 5):
+        super().__init__()
+        self.critics = nn.ModuleList(
+            [ModalityCritic(features, 0, image_size, repeat_num) for _ in range(num_targets)]
+        )
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is None:
+            raise ValueError("PerTargetCritics needs the target labels to route each sample")
+        src = None
+        for k, critic in enumerate(self.critics):
+            idx = (labels == k).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            out, _ = critic(source.index_select(0, idx), target.index_select(0, idx))
+            src = out.new_zeros((source.shape[0], *out.shape[1:])) if src is None else src
+            src = src.index_put((idx,), out)
+        return src, None
+
+
+def make_critic(variant: str, features: int = 64, num_targets: int = 3, image_size: int = 128) -> nn.Module:
+    """The critic of a variant: per-target plain critics for pix2pix, one two-head critic otherwise."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if variant == "pix2pix":
+        return PerTargetCritics(features, num_targets, image_size)
+    return ModalityCritic(features, num_targets, image_size)
+
+
+class TumourSegmenter(nn.Module):
+    """S(y, c): whole-tumour segmenter on a (real or synthesised) target slice conditioned on its modality.
+
+    A MONAI :class:`~monai.networks.nets.UNet` (2D, widths ``features * (1, 2, 4, 8, 16)``, BatchNorm,
+    2 residual units per level) on ``[y, label planes]``.
+
+    ``forward(y, labels)``: ``y`` ``(B, 1, H, W)`` in [-1, 1], ``labels`` ``(B,)`` -> ``(B, 1, H, W)`` logits.
+    """
+
+    def __init__(self, features: int = 16, num_targets: int = 3):
+        super().__init__()
+        self.num_targets = num_targets
+        self.unet = UNet(
+            spatial_dims=2,
+            in_channels=1 + num_targets,
+            out_channels=1,
+            channels=tuple(features * 2**i for i in range(5)),
+            strides=(2, 2, 2, 2),
+            num_res_units=2,
+            norm="batch",
+        )
+        self.register_buffer("arch", torch.tensor([features, num_targets]))
+
+    def forward(self, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(torch.cat([y, label_planes(labels, self.num_targets, y)], dim=1))

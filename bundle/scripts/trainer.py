@@ -1,0 +1,195 @@
+"""The TC-MGAN GAN iteration as a MONAI ``Trainer``.
+
+MONAI's ``GanTrainer`` feeds the generator random latents and ``AdversarialTrainer`` gives its losses only the
+critic logits, so neither can express a conditional, paired generator with a WGAN-GP critic, an auxiliary
+modality classifier and a tumour-consistency term. :class:`TCMGANTrainer` keeps GanTrainer's argument names
+and replaces only the iteration; everything else (handlers, metrics, resume) is the standard MONAI/Ignite
+workflow declared in ``configs/train.json``.
+
+One iteration on a batch ``{"image": (B, 4, H, W) [FLAIR, T1, T1ce, T2] in [-1, 1], "label": (B, 1, H, W)}``:
+
+1. draw a target index k ~ U{0, 1, 2} per sample; x = T2, y = target k, tumour = label > 0;
+2. ``d_train_steps`` critic steps:
+   ``L_D = -D_src(x, y) + D_src(x, G(x, k)) + λcls·CE(D_cls(x, y), k) + λgp·GP``;
+3. one generator step:
+   ``L_G = -D_src(x, G(x, k)) + λcls·CE(D_cls(x, G), k) + λl1·L1(G, y) + λseg·Dice(S(G, k), tumour)``;
+4. ``tcmgan_bw`` only (``train_segmenter=True``): one segmenter step on
+   ``0.7·Dice(S(G.detach(), k)) + 0.3·Dice(S(y, k))`` (the reference code's joint update).
+
+S is frozen (eval mode, no parameter gradients; the Dice gradient still reaches G) when ``train_segmenter``
+is False, and absent (λseg unused) when ``seg_network`` is None.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import default_prepare_batch
+from torch.optim import Optimizer
+
+from .losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss
+
+#: The scalar terms an iteration reports (StatsHandler / TensorBoard tags).
+LOSS_KEYS = ("d_loss", "d_real", "d_fake", "d_cls", "d_gp", "g_loss", "g_adv", "g_cls", "g_l1", "g_seg", "s_loss")
+
+
+def loss_terms(output: dict) -> dict[str, float]:
+    """The scalar loss terms of one iteration's output, for ``StatsHandler``/``TensorBoardStatsHandler``."""
+    return {k: output[k] for k in LOSS_KEYS if k in output}
+
+
+class TCMGANTrainer(Trainer):
+    """GAN trainer for pix2pix / MGAN / TC-MGAN / TC-MGAN bw (see the module docstring for the iteration).
+
+    Args:
+        device: device of the networks and batches.
+        max_epochs: epochs to run.
+        train_data_loader: loader yielding dicts with ``image`` ``(B, 4, H, W)`` and ``label`` ``(B, 1, H, W)``.
+        g_network: a :class:`scripts.networks.SynthesisNet` (``synthesize(x, labels)``).
+        g_optimizer, d_optimizer: optimizers of G and D.
+        d_network: critic ``d(source, target, labels) -> (src, cls or None)``.
+        seg_network: tumour segmenter ``s(y, labels) -> logits``, or None (pix2pix, MGAN).
+        s_optimizer: optimizer of S, used when ``train_segmenter`` is True.
+        seg_loss_function: Dice loss on S's logits (MONAI ``DiceLoss(sigmoid=True)``).
+        train_segmenter: update S jointly (TC-MGAN bw) instead of keeping it frozen.
+        lambda_l1, lambda_cls, lambda_seg, lambda_gp: loss weights (paper: 0.1, 10, 50, 100).
+        d_train_steps: critic steps per generator step (n_critic; reference: 1).
+        reduction: ``"sum"`` (per image, reference) or ``"mean"`` for the critic score and L1.
+        num_targets: number of target modalities.
+        epoch_length: iterations per epoch (default: the loader's length).
+        other arguments: as in MONAI's ``Trainer``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader,
+        g_network: torch.nn.Module,
+        g_optimizer: Optimizer,
+        d_network: torch.nn.Module,
+        d_optimizer: Optimizer,
+        seg_network: torch.nn.Module | None = None,
+        s_optimizer: Optimizer | None = None,
+        seg_loss_function=None,
+        train_segmenter: bool = False,
+        lambda_l1: float = 0.1,
+        lambda_cls: float = 10.0,
+        lambda_seg: float = 50.0,
+        lambda_gp: float = 100.0,
+        d_train_steps: int = 1,
+        reduction: str = "sum",
+        num_targets: int = 3,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch=default_prepare_batch,
+        key_train_metric=None,
+        additional_metrics=None,
+        train_handlers=None,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            decollate=False,
+            **kwargs,
+        )
+        if seg_network is not None and seg_loss_function is None:
+            raise ValueError("seg_network given without seg_loss_function")
+        if train_segmenter and (seg_network is None or s_optimizer is None):
+            raise ValueError("train_segmenter=True needs seg_network and s_optimizer")
+        self.g_network, self.g_optimizer = g_network, g_optimizer
+        self.d_network, self.d_optimizer = d_network, d_optimizer
+        self.seg_network, self.s_optimizer = seg_network, s_optimizer
+        self.seg_loss_function = seg_loss_function
+        self.train_segmenter = train_segmenter
+        self.lambda_l1, self.lambda_cls, self.lambda_seg, self.lambda_gp = lambda_l1, lambda_cls, lambda_seg, lambda_gp
+        self.d_train_steps = d_train_steps
+        self.reduction = reduction
+        self.num_targets = num_targets
+        if seg_network is not None and not train_segmenter:
+            seg_network.eval().requires_grad_(False)
+
+    def _iteration(self, engine: TCMGANTrainer, batchdata: dict) -> dict:
+        image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        b = image.shape[0]
+        x = image[:, -1:]  # T2 is the last channel
+        k = torch.randint(0, self.num_targets, (b,), device=x.device)
+        y = image[torch.arange(b, device=x.device), k].unsqueeze(1)
+        tumour = (label > 0).to(x.dtype)
+        out: dict[str, Any] = {"t2": x, "real": y, "modality": k}
+        g, d, s = self.g_network, self.d_network, self.seg_network
+        g.train()
+        d.train()
+        if s is not None:
+            s.train(self.train_segmenter)
+
+        # critic step(s)
+        for _ in range(self.d_train_steps):
+            with torch.no_grad():
+                fake = g.synthesize(x, k)
+            self.d_optimizer.zero_grad(set_to_none=True)
+            src_real, cls_real = d(x, y, k)
+            src_fake, _ = d(x, fake, k)
+            d_real, d_fake = -critic_score(src_real, self.reduction), critic_score(src_fake, self.reduction)
+            d_cls = modality_classification_loss(cls_real, k) if cls_real is not None else torch.zeros_like(d_real)
+            d_gp = gradient_penalty(d, x, y, fake, k)
+            d_loss = d_real + d_fake + self.lambda_cls * d_cls + self.lambda_gp * d_gp
+            d_loss.backward()
+            self.d_optimizer.step()
+
+        # generator step
+        d.requires_grad_(False)
+        self.g_optimizer.zero_grad(set_to_none=True)
+        fake = g.synthesize(x, k)
+        src_fake, cls_fake = d(x, fake, k)
+        g_adv = -critic_score(src_fake, self.reduction)
+        g_cls = modality_classification_loss(cls_fake, k) if cls_fake is not None else torch.zeros_like(g_adv)
+        g_l1 = l1_loss(fake, y, self.reduction)
+        g_seg = self.seg_loss_function(s(fake, k), tumour) if s is not None else torch.zeros_like(g_adv)
+        g_loss = g_adv + self.lambda_cls * g_cls + self.lambda_l1 * g_l1 + self.lambda_seg * g_seg
+        g_loss.backward()
+        self.g_optimizer.step()
+        d.requires_grad_(True)
+
+        # joint segmenter step (TC-MGAN bw)
+        if self.train_segmenter:
+            self.s_optimizer.zero_grad(set_to_none=True)
+            s_loss = 0.7 * self.seg_loss_function(s(fake.detach(), k), tumour) + 0.3 * self.seg_loss_function(
+                s(y, k), tumour
+            )
+            s_loss.backward()
+            self.s_optimizer.step()
+            out["s_loss"] = s_loss.item()
+
+        out["fake"] = fake.detach()
+        terms = dict(d_loss=d_loss, d_real=d_real, d_fake=d_fake, d_cls=d_cls, d_gp=d_gp, g_loss=g_loss)
+        terms.update(g_adv=g_adv, g_cls=g_cls, g_l1=g_l1, g_seg=g_seg)
+        out.update({name: value.item() for name, value in terms.items()})
+        return out
+
+
+class StepSchedule:
+    """Multiplicative learning-rate factor for ``torch.optim.lr_scheduler.LambdaLR`` stepped once per epoch.
+
+    The paper's schedule: 2e-4, then 1e-4, 5e-5 and 1e-5 after 30 %, 60 % and 90 % of the epochs, i.e. factors
+    ``(1, 0.5, 0.25, 0.05)`` at ``milestones=(0.3, 0.6, 0.9)`` of ``max_epochs``.
+    """
+
+    def __init__(self, max_epochs: int, milestones=(0.3, 0.6, 0.9), factors=(1.0, 0.5, 0.25, 0.05)):
+        if len(factors) != len(milestones) + 1:
+            raise ValueError("factors must have one more entry than milestones")
+        self.boundaries = [round(m * max_epochs) for m in milestones]
+        self.factors = [float(f) for f in factors]
+
+    def __call__(self, epoch: int) -> float:
+        return self.factors[sum(epoch >= b for b in self.boundaries)]
