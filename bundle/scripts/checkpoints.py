@@ -28,7 +28,10 @@ def save_atomic(obj, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -127,9 +130,12 @@ class TrainingCheckpoint:
         missing = [k for k in self.save_dict if k not in state]
         if missing:
             raise ValueError(f"{self.path} cannot resume this run: it lacks {missing} (has {sorted(state)})")
+        max_epochs = engine.state.max_epochs if engine is not None else None
         for k, obj in self.save_dict.items():
             obj.load_state_dict(state[k])
         if engine is not None:
+            if max_epochs is not None and max_epochs > engine.state.max_epochs:
+                engine.state.max_epochs = max_epochs  # a resumed run may be asked to train longer
             logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
 

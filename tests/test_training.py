@@ -1,0 +1,216 @@
+"""Training: loss terms, networks, the GAN iteration for every variant, the segmenter, resume."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BUNDLE, REPO, TINY, run_workflow
+from ignite.engine import Events
+from torch import nn
+
+from scripts.checkpoints import load_checkpoint
+from scripts.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss
+from scripts.networks import ModalityCritic, SynthesisNet, TumourSegmenter
+from scripts.trainer import StepSchedule
+
+
+class LinearCritic(nn.Module):
+    """D_src(x, y) = Σ w·y: its gradient with respect to y is w everywhere."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, source, target, labels=None):
+        return (self.w * target).flatten(1).sum(1).view(-1, 1, 1, 1), None
+
+
+def test_gradient_penalty_equals_squared_norm_deviation():
+    w = torch.full((1, 1, 4, 4), 0.5)  # ||w||_2 = sqrt(16 * 0.25) = 2
+    critic = LinearCritic(w)
+    x, real, fake = torch.zeros(3, 1, 4, 4), torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    gp = gradient_penalty(critic, x, real, fake)
+    assert gp.item() == pytest.approx((2.0 - 1.0) ** 2)
+    gp.backward()  # differentiable with respect to the critic's parameters
+    assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
+
+
+def test_gradient_penalty_is_zero_for_unit_gradient():
+    critic = LinearCritic(torch.full((1, 1, 2, 2), 0.5))  # ||w|| = 1
+    assert gradient_penalty(critic, *torch.rand(3, 2, 1, 2, 2)).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_reductions_sum_per_image_or_mean_per_pixel():
+    fake, real = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    assert l1_loss(fake, real, "sum").item() == pytest.approx(64.0)  # the reference code's per-image sum
+    assert l1_loss(fake, real, "mean").item() == pytest.approx(1.0)
+    assert critic_score(torch.ones(2, 1, 4, 4), "sum").item() == pytest.approx(16.0)
+    with pytest.raises(ValueError, match="reduction"):
+        l1_loss(fake, real, "max")
+
+
+def test_classification_loss_is_cross_entropy_over_modalities():
+    logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]])
+    assert modality_classification_loss(logits, torch.tensor([0, 2])).item() < 1e-3
+    assert modality_classification_loss(logits, torch.tensor([1, 1])).item() > 5
+
+
+def test_generator_matches_pix2pix_unet128():
+    g = SynthesisNet("tcmgan", features=64)
+    assert sum(p.numel() for p in g.parameters()) == 41_822_593  # the reference unet_128 with 4 input channels
+    d = ModalityCritic(features=64)
+    assert sum(p.numel() for p in d.parameters()) == 11_203_520  # the reference StarGAN critic, repeat_num 5
+    x = torch.rand(2, 1, 128, 128) * 2 - 1
+    out = SynthesisNet("tcmgan", features=4)(x)
+    assert out.shape == (2, 3, 128, 128) and out.abs().max() <= 1
+
+
+def test_conditional_forward_equals_per_label_synthesis():
+    g = SynthesisNet("mgan", features=4).eval()
+    x = torch.rand(2, 1, 128, 128) * 2 - 1
+    all_targets = g(x)
+    for k in range(3):
+        torch.testing.assert_close(all_targets[:, k : k + 1], g.synthesize(x, torch.full((2,), k)))
+
+
+def test_step_schedule_follows_the_paper():
+    s = StepSchedule(100)
+    assert [s(e) * 2e-4 for e in (0, 29, 30, 59, 60, 89, 90, 99)] == pytest.approx(
+        [2e-4, 2e-4, 1e-4, 1e-4, 5e-5, 5e-5, 1e-5, 1e-5]
+    )
+
+
+def test_cls_head_learns_the_modality_on_real_pairs(phantom_dir):
+    """The critic's classification head, trained on real (T2, target) pairs only, tells the targets apart."""
+    wf = run_workflow("train.json", run=False, dataset_dir=str(phantom_dir), variant="mgan", **TINY)
+    data = wf.parser.get_parsed_content("train#dataset")
+    images = torch.stack([data[i]["image"] for i in range(0, len(data), max(1, len(data) // 48))])
+    torch.manual_seed(0)
+    critic = ModalityCritic(features=8, num_classes=3)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+
+    def pairs(imgs):
+        k = torch.arange(len(imgs)) % 3
+        return imgs[:, -1:], imgs[torch.arange(len(imgs)), k].unsqueeze(1), k
+
+    train, held_out = pairs(images[::2]), pairs(images[1::2])
+    for _ in range(200):
+        opt.zero_grad()
+        modality_classification_loss(critic(*train[:2])[1], train[2]).backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = (critic(*held_out[:2])[1].argmax(1) == held_out[2]).float().mean().item()
+    assert accuracy > 0.9
+
+
+def test_segmenter_pretraining_writes_a_rebuildable_model(segmenter_run):
+    state = load_checkpoint(str(segmenter_run / "segmenter" / "model.pt"))
+    assert state["arch"].tolist() == [TINY["features"], 3]
+    TumourSegmenter(features=TINY["features"]).load_state_dict(state)
+
+
+def _trained(variant, phantom_dir, out, **extra):
+    wf = run_workflow("train.json", dataset_dir=str(phantom_dir), output_dir=str(out), variant=variant, **{**TINY, **extra})
+    return wf, wf.parser.get_parsed_content("train#trainer")
+
+
+def test_tcmgan_keeps_the_segmenter_frozen(phantom_dir, segmenter_run):
+    before = load_checkpoint(str(segmenter_run / "segmenter" / "model.pt"))
+    wf, trainer = _trained("tcmgan", phantom_dir, segmenter_run)
+    s = wf.parser.get_parsed_content("seg_network")
+    assert not s.training and not any(p.requires_grad for p in s.parameters())
+    for k, v in s.state_dict().items():
+        torch.testing.assert_close(v, before[k], msg=f"S changed in {k}")
+    assert trainer.state.output["g_seg"] > 0  # the tumour-consistency term was computed
+    assert (segmenter_run / "tcmgan" / "model.pt").is_file()
+
+
+def test_tcmgan_bw_updates_the_segmenter(phantom_dir, segmenter_run):
+    before = load_checkpoint(str(segmenter_run / "segmenter" / "model.pt"))
+    wf, trainer = _trained("tcmgan_bw", phantom_dir, segmenter_run)
+    s = wf.parser.get_parsed_content("seg_network")
+    changed = [k for k, v in s.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed, "S was not updated"
+    assert "s_loss" in trainer.state.output
+    assert "segmenter" in load_checkpoint(str(segmenter_run / "tcmgan_bw" / "checkpoint.pt"))
+
+
+def test_pix2pix_trains_one_generator_per_target(phantom_dir, tmp_path):
+    torch.manual_seed(0)
+    init = SynthesisNet("pix2pix", features=TINY["features"]).state_dict()
+    wf, trainer = _trained("pix2pix", phantom_dir, tmp_path, epoch_length=6)
+    g = wf.parser.get_parsed_content("gnetwork")
+    assert len(g.generators) == 3 and not g.conditional
+    assert g.generators[0].down[0][0].in_channels == 1  # no label planes
+    for k in range(3):  # every target's generator was trained, each is its own module
+        w = g.generators[k].down[0][0].weight
+        assert not torch.equal(w.detach(), init[f"generators.{k}.down.0.0.weight"])
+    assert len({id(m) for m in g.generators}) == 3
+    assert trainer.state.output["g_cls"] == 0 and trainer.state.output["d_cls"] == 0  # no labels, no cls head
+    assert len(wf.parser.get_parsed_content("dnetwork").critics) == 3
+
+
+def test_mgan_has_no_segmenter(phantom_dir, tmp_path):
+    wf, trainer = _trained("mgan", phantom_dir, tmp_path)
+    assert wf.parser.get_parsed_content("seg_network") is None
+    assert trainer.state.output["g_seg"] == 0 and trainer.state.output["g_cls"] > 0
+
+
+def test_resume_restores_iteration_optimizer_and_schedule(phantom_dir, tmp_path):
+    _trained("mgan", phantom_dir, tmp_path, max_epochs=4)
+    saved = load_checkpoint(str(tmp_path / "mgan" / "checkpoint.pt"))
+    assert saved["trainer"]["iteration"] == 4 * TINY["epoch_length"]
+
+    wf = run_workflow(
+        "train.json", run=False, dataset_dir=str(phantom_dir), output_dir=str(tmp_path), variant="mgan",
+        resume=True, **{**TINY, "max_epochs": 5},
+    )
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    seen = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _capture(engine):  # the first iteration this run executes
+        if seen:
+            return
+        seen["iteration"] = engine.state.iteration
+        seen["g_opt"] = copy.deepcopy(wf.parser.get_parsed_content("goptimizer").state_dict())
+        seen["lr"] = wf.parser.get_parsed_content("goptimizer").param_groups[0]["lr"]
+
+    wf.run()
+    assert seen["iteration"] == saved["trainer"]["iteration"] + 1  # continued where it stopped
+    assert trainer.state.epoch == 5 and seen["g_opt"]["state"][0]["step"] == saved["g_optimizer"]["state"][0]["step"]
+    for k, st in saved["g_optimizer"]["state"].items():
+        torch.testing.assert_close(seen["g_opt"]["state"][k]["exp_avg"], st["exp_avg"])
+    # 4 of 5 epochs done: StepSchedule(5) has stepped 4 times -> factor for epoch 4 (>= 0.9 * 5 rounds to 4)
+    assert seen["lr"] == pytest.approx(2e-4 * StepSchedule(5)(4))
+    assert trainer.state.iteration == 5 * TINY["epoch_length"]
+
+
+def test_missing_datalist_says_how_to_make_data(tmp_path):
+    with pytest.raises(Exception) as err:
+        run_workflow("train.json", dataset_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path), **TINY)
+    assert "phantom.py" in "".join(str(e) for e in _chain(err.value))
+
+
+def _chain(e):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+@pytest.mark.parametrize("run_id", ["training", "run"])
+def test_cli_run_ids(phantom_dir, tmp_path, run_id):
+    """The design card's command line, from the repository root, for both run ids."""
+    args = [sys.executable, "-m", "monai.bundle", "run", run_id, "--bundle_root", "bundle"]
+    args += ["--config_file", "bundle/configs/train.json", "--dataset_dir", str(phantom_dir)]
+    args += ["--output_dir", str(tmp_path), "--variant", "mgan"]
+    for k, v in TINY.items():
+        args += [f"--{k}", str(v)]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "mgan" / "model.pt").is_file() and (tmp_path / "mgan" / "checkpoint.pt").is_file()
+    assert BUNDLE.exists()
