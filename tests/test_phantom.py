@@ -1,0 +1,245 @@
+"""Specification of the BraTS-like phantom generator (bundle/scripts/phantom.py) and its figure."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+if str(BUNDLE) not in sys.path:
+    sys.path.insert(0, str(BUNDLE))
+
+from scripts import phantom  # noqa: E402
+from scripts.figures import phantom_figure  # noqa: E402
+
+SMALL = (64, 64, 48)  # tiny grid for file-layout tests; the brain is scaled to fit
+MEDIUM = (96, 96, 64)
+
+
+def _load(path):
+    img = nib.load(str(path))
+    return img, np.asarray(img.dataobj)
+
+
+@pytest.fixture(scope="module")
+def full_case():
+    """One full-size 240x240x155 high-grade-like case (ring-enhancing tumour)."""
+    seed = next(s for s in range(50) if phantom.make_case(s, SMALL)["kind"] == "hgg")
+    return phantom.make_case(seed)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def test_full_case_arrays_have_brats_shape_and_dtypes(full_case):
+    for mod in phantom.MODALITIES:
+        assert full_case[mod].shape == (240, 240, 155)
+        assert full_case[mod].dtype == np.float32
+    assert full_case["label"].dtype == np.uint8
+    assert set(np.unique(full_case["label"])) == {0, 1, 2, 3}
+
+
+def test_background_is_exactly_zero_and_brain_positive(full_case):
+    brain = full_case["brain"]
+    assert 1.0e6 < brain.sum() < 2.0e6  # an adult brain is 1-2 litres
+    for mod in phantom.MODALITIES:
+        assert np.all(full_case[mod][~brain] == 0), mod
+        assert np.all(full_case[mod][brain] >= 1), mod
+    assert np.all(full_case["label"][~brain] == 0)
+
+
+def test_brain_fits_inside_the_grid_with_top_below_last_slice(full_case):
+    idx = np.argwhere(full_case["brain"])
+    lo, hi = idx.min(0), idx.max(0)
+    assert np.all(lo[:2] > 10) and np.all(hi[:2] < 230)
+    assert hi[2] < 154  # the vertex is not cut off
+
+
+def test_brats2021_layout_files_affine_and_labels(tmp_path):
+    ids = phantom.generate(tmp_path, num_cases=2, seed=0, layout="brats2021", shape=SMALL)
+    assert ids == ["BraTS2021_00000", "BraTS2021_00001"]
+    expected_affine = np.array([[-1, 0, 0, 0], [0, -1, 0, SMALL[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    for i, cid in enumerate(ids):
+        names = sorted(p.name for p in (tmp_path / cid).iterdir())
+        assert names == sorted(f"{cid}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg"))
+        case = phantom.make_case(phantom.case_seed(0, i), SMALL)
+        for m in phantom.MODALITIES:
+            img, data = _load(tmp_path / cid / f"{cid}_{m}.nii.gz")
+            assert data.shape == SMALL and data.dtype == np.int16
+            np.testing.assert_array_equal(img.affine, expected_affine)
+            assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+            np.testing.assert_array_equal(data, np.rint(case[m]).astype(np.int16))
+        img, seg = _load(tmp_path / cid / f"{cid}_seg.nii.gz")
+        assert seg.dtype == np.uint8
+        np.testing.assert_array_equal(seg, np.array([0, 1, 2, 4], np.uint8)[case["label"]])
+    _, seg1 = _load(tmp_path / ids[1] / f"{ids[1]}_seg.nii.gz")
+    assert set(np.unique(seg1)) == {0, 1, 2, 4}  # case 1 is high-grade-like: enhancing written as 4
+
+
+def test_brats2018_layout_splits_hgg_and_lgg(tmp_path):
+    ids = phantom.generate(tmp_path, num_cases=2, seed=0, layout="brats2018", shape=SMALL)
+    # with seed 0, case 0 is low-grade-like (no enhancing tumour) and case 1 high-grade-like
+    assert ids == ["LGG/Brats18_PH_00000_1", "HGG/Brats18_PH_00001_1"]
+    for cid in ids:
+        stem = Path(cid).name
+        names = sorted(p.name for p in (tmp_path / cid).iterdir())
+        assert names == sorted(f"{stem}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg"))
+    _, seg_lgg = _load(tmp_path / ids[0] / "Brats18_PH_00000_1_seg.nii.gz")
+    _, seg_hgg = _load(tmp_path / ids[1] / "Brats18_PH_00001_1_seg.nii.gz")
+    assert 4 not in seg_lgg and set(np.unique(seg_lgg)) <= {0, 1, 2}
+    assert set(np.unique(seg_hgg)) == {0, 1, 2, 4}
+
+
+def test_brats2023_layout_names_and_enhancing_is_3(tmp_path):
+    ids = phantom.generate(tmp_path, num_cases=2, seed=0, layout="brats2023", shape=SMALL)
+    assert ids == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000"]
+    cid = ids[1]
+    names = sorted(p.name for p in (tmp_path / cid).iterdir())
+    assert names == sorted(f"{cid}-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f", "seg"))
+    case = phantom.make_case(phantom.case_seed(0, 1), SMALL)
+    _, seg = _load(tmp_path / cid / f"{cid}-seg.nii.gz")
+    np.testing.assert_array_equal(seg, case["label"])  # BraTS 2023 uses the internal 0/1/2/3 values
+    assert set(np.unique(seg)) == {0, 1, 2, 3}
+    _, t1c = _load(tmp_path / cid / f"{cid}-t1c.nii.gz")
+    np.testing.assert_array_equal(t1c, np.rint(case["t1ce"]).astype(np.int16))
+
+
+def test_msd_layout_4d_channel_order_labels_and_dataset_json(tmp_path):
+    import json
+
+    ids = phantom.generate(tmp_path, num_cases=2, seed=0, layout="msd", shape=SMALL)
+    assert ids == ["BRATS_001", "BRATS_002"]
+    img, data = _load(tmp_path / "imagesTr" / "BRATS_002.nii.gz")
+    assert data.shape == (*SMALL, 4) and data.dtype == np.int16
+    np.testing.assert_array_equal(img.affine, phantom.brats_affine(SMALL))
+    case = phantom.make_case(phantom.case_seed(0, 1), SMALL)
+    for channel, mod in enumerate(("flair", "t1", "t1ce", "t2")):  # MSD order: FLAIR, T1w, T1gd, T2w
+        np.testing.assert_array_equal(data[..., channel], np.rint(case[mod]).astype(np.int16))
+    _, seg = _load(tmp_path / "labelsTr" / "BRATS_002.nii.gz")
+    # MSD: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour
+    np.testing.assert_array_equal(seg == 1, case["label"] == 2)
+    np.testing.assert_array_equal(seg == 2, case["label"] == 1)
+    np.testing.assert_array_equal(seg == 3, case["label"] == 3)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["modality"] == {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+    assert meta["labels"]["1"] == "edema" and meta["numTraining"] == 2
+    assert meta["training"][0] == {"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}
+
+
+# ------------------------------------------------------------------------------------------- determinism
+def test_same_seed_gives_identical_arrays_and_other_seed_differs():
+    a, b, c = phantom.make_case(3, SMALL), phantom.make_case(3, SMALL), phantom.make_case(4, SMALL)
+    for key in (*phantom.MODALITIES, "label"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["t2"], c["t2"])
+
+
+def test_case_does_not_depend_on_num_cases(tmp_path):
+    phantom.generate(tmp_path / "one", num_cases=1, seed=7, shape=SMALL)
+    phantom.generate(tmp_path / "two", num_cases=2, seed=7, shape=SMALL)
+    for m in ("t2", "seg"):
+        name = f"BraTS2021_00000/BraTS2021_00000_{m}.nii.gz"
+        np.testing.assert_array_equal(_load(tmp_path / "one" / name)[1], _load(tmp_path / "two" / name)[1])
+
+
+# ----------------------------------------------------------------------------------------------- contrast
+def test_healthy_tissue_contrast_orderings(full_case):
+    means = phantom.region_means(full_case)
+    csf, gm, wm = means["csf"], means["gm"], means["wm"]
+    assert wm["t1"] > gm["t1"] > csf["t1"]  # T1: WM > GM > CSF
+    assert csf["t2"] > gm["t2"] > wm["t2"]  # T2: CSF > GM > WM
+    assert csf["flair"] < gm["flair"] and csf["flair"] < wm["flair"]  # FLAIR suppresses CSF
+    assert csf["flair"] < 0.5 * wm["flair"]
+
+
+def test_tumour_contrasts(full_case):
+    means = phantom.region_means(full_case)
+    wm, oedema, enh, core = means["wm"], means["oedema"], means["enhancing"], means["necrosis_or_core"]
+    assert oedema["flair"] > 1.5 * wm["flair"]  # oedema bright in FLAIR
+    assert oedema["t2"] > 1.5 * wm["t2"]  # and in T2
+    # the enhancing rim is bright only after contrast: T1ce / WM well above T1 / WM
+    assert enh["t1ce"] / wm["t1ce"] > 1.2 * enh["t1"] / wm["t1"]
+    assert enh["t1ce"] > wm["t1ce"]
+    assert core["t1ce"] < 0.6 * wm["t1ce"]  # necrosis stays dark
+
+
+def test_tumour_compartments_are_nested(full_case):
+    from scipy import ndimage
+
+    label = full_case["label"]
+    necrosis, core = label == 1, np.isin(label, (1, 3))
+    # necrosis sits inside the enhancing rim: its neighbours are (almost) all tumour core
+    ring = ndimage.binary_dilation(necrosis) & ~necrosis
+    assert core[ring].mean() > 0.97
+    # the core sits inside oedema: brain voxels just outside the core are mostly oedema
+    shell = ndimage.binary_dilation(core, iterations=2) & ~core & full_case["brain"]
+    assert (label[shell] == 2).mean() > 0.6
+
+
+def test_contrast_varies_between_cases_so_no_fixed_lookup_table():
+    a, b = phantom.make_case(1, SMALL), phantom.make_case(2, SMALL)
+    ratio = lambda c: phantom.region_means(c)["gm"]["flair"] / phantom.region_means(c)["gm"]["t2"]  # noqa: E731
+    assert abs(ratio(a) - ratio(b)) / ratio(a) > 0.01
+    # within one case, voxels of equal (rounded) T2 map to many FLAIR values
+    t2, flair = np.rint(a["t2"][a["brain"]] / 20), a["flair"][a["brain"]]
+    common = np.bincount(t2.astype(int)).argmax()
+    assert flair[t2 == common].std() > 0.02 * flair.mean()
+
+
+def test_some_cases_have_little_or_no_tumour():
+    fractions, kinds = [], []
+    for seed in range(10):
+        case = phantom.make_case(seed, MEDIUM)
+        fractions.append((case["label"] > 0).sum() / case["brain"].sum())
+        kinds.append(case["kind"])
+    assert min(fractions) < 0.005  # a small or no tumour: absent from most slices
+    assert max(fractions) > 0.02  # but tumours are usually sizeable
+    assert {"small", "none"} & set(kinds)
+
+
+def test_about_a_quarter_of_cases_have_small_or_no_tumour():
+    kinds = [phantom.make_case(seed, (32, 32, 24))["kind"] for seed in range(40)]
+    share = sum(k in ("none", "small") for k in kinds) / len(kinds)
+    assert 0.1 <= share <= 0.45
+    assert "hgg" in kinds and "lgg" in kinds
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def test_unknown_layout_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="brats2021, brats2018, brats2023, msd"):
+        phantom.generate(tmp_path, num_cases=1, layout="brats2020", shape=SMALL)
+
+
+@pytest.mark.parametrize("num_cases", [0, -3, 1.5])
+def test_bad_num_cases_is_rejected(tmp_path, num_cases):
+    with pytest.raises(ValueError, match="num_cases"):
+        phantom.generate(tmp_path, num_cases=num_cases, shape=SMALL)
+
+
+def test_bad_shape_and_seed_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="shape"):
+        phantom.generate(tmp_path, num_cases=1, shape=(64, 64))
+    with pytest.raises(ValueError, match="seed"):
+        phantom.make_case(-1, SMALL)
+
+
+# --------------------------------------------------------------------------------------------- CLI, figure
+def test_runs_as_a_script_with_fire(tmp_path):
+    script = BUNDLE / "scripts" / "phantom.py"
+    cmd = [sys.executable, str(script), "--output_dir", str(tmp_path), "--num_cases", "1", "--seed", "0",
+           "--layout", "brats2023", "--shape", "[64,64,48]"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    _, data = _load(tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t2w.nii.gz")
+    assert data.shape == SMALL
+
+
+def test_phantom_figure_writes_png(tmp_path):
+    phantom.generate(tmp_path / "data", num_cases=2, seed=0, layout="brats2021", shape=MEDIUM)
+    out = phantom_figure(tmp_path / "data" / "BraTS2021_00001", tmp_path / "fig" / "case.png")
+    data = Path(out).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    # explicit slice and a brats2023 folder also work
+    phantom.generate(tmp_path / "d23", num_cases=1, seed=0, layout="brats2023", shape=SMALL)
+    out = phantom_figure(tmp_path / "d23" / "BraTS-GLI-00000-000", tmp_path / "b.png", slice_index=20)
+    assert Path(out).stat().st_size > 5_000
