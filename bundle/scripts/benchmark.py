@@ -91,7 +91,51 @@ def training(variants=",".join(VARIANTS), features=64, batch_size=64, iterations
     return None
 
 
+def inference(input, ckpt_path, repeats=2, sw_batch_size=64, device=None, output=None):
+    """Seconds per volume of the ``inference.json`` workflow (start-up excluded) vs the bare generator forward
+    on the same number of 128x128 slices; prints one Markdown row per run."""
+    import tempfile
+
+    from monai.bundle import ConfigWorkflow
+
+    bundle = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dev = _device(device)
+    with tempfile.TemporaryDirectory() as out:
+        wf = ConfigWorkflow(
+            config_file=os.path.join(bundle, "configs", "inference.json"),
+            workflow_type="infer",
+            bundle_root=bundle,
+            input=input,
+            ckpt_path=ckpt_path,
+            output_dir=out,
+            device=str(dev),
+            sw_batch_size=sw_batch_size,
+        )
+        wf.initialize()
+        evaluator = wf.parser.get_parsed_content("evaluator")
+        net = wf.parser.get_parsed_content("network")
+        rows = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            evaluator.run()
+            _sync(dev)
+            workflow_s = time.perf_counter() - t0
+            depth = evaluator.state.output[0]["pred"].shape[-1]
+            x = torch.rand(depth, 1, 128, 128, device=dev) * 2 - 1
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for i in range(0, depth, sw_batch_size):
+                    net(x[i : i + sw_batch_size])
+            _sync(dev)
+            bare_s = time.perf_counter() - t0
+            rows.append({"run": r, "workflow_s": workflow_s, "bare_forward_s": bare_s, "slices": depth})
+            print(f"| {r} | {depth} | {workflow_s:.2f} | {bare_s:.2f} | {workflow_s / bare_s:.2f} |", flush=True)
+    if output:
+        with open(output, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"training": training})
+    fire.Fire({"training": training, "inference": inference})

@@ -114,7 +114,155 @@ def phantom_figure(case, output_png, slice_index=None) -> str:
     return str(output_png)
 
 
+def _load_case_arrays(dataset_dir, entry) -> dict:
+    """Real FLAIR, T1, T1ce, T2 and label arrays of one datalist entry (BraTS file list or MSD 4D image)."""
+    import nibabel as nib
+
+    root = Path(dataset_dir)
+    image = entry["image"]
+    if isinstance(image, str):  # MSD: one 4D file, channels FLAIR, T1w, T1gd, T2w
+        data = np.asarray(nib.load(str(root / image)).dataobj, dtype=np.float32)
+        vols = {k: data[..., i] for i, k in enumerate(("flair", "t1", "t1ce", "t2"))}
+    else:
+        vols = {k: np.asarray(nib.load(str(root / f)).dataobj, dtype=np.float32) for k, f in zip(("flair", "t1", "t1ce", "t2"), image)}
+    vols["seg"] = np.asarray(nib.load(str(root / entry["label"])).dataobj) if entry.get("label") else None
+    return vols
+
+
+def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="test", slice_index=None) -> str:
+    """Compare the synthesis with the real images: T2 | synthesised FLAIR, T1, T1ce (top row) and the real
+    FLAIR, T1, T1ce with the whole-tumour contour (bottom row), on one axial slice.
+
+    Args:
+        dataset_dir: folder holding ``datalist.json`` (the real images).
+        inference_dir: output folder of ``inference.json`` (``<case>_{flair,t1,t1ce}.nii.gz``).
+        output_png: PNG to write.
+        case: case id (default: the first case of ``split`` that has outputs).
+        split: datalist split to look in.
+        slice_index: axial slice (default: the slice with the most tumour, else the middle of the brain).
+
+    Real images are windowed to their brain 0.5-99.5 percentiles; the synthesis is shown on its [0, 1] scale.
+    Returns the PNG path.
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    targets = ("flair", "t1", "t1ce")
+    with open(Path(dataset_dir) / "datalist.json") as f:
+        entries = json.load(f)[split]
+    out = Path(inference_dir)
+    ids = [Path(e["case"]).name for e in entries]
+    have = [i for i, c in enumerate(ids) if all((out / f"{c}_{t}.nii.gz").is_file() for t in targets)]
+    if case is not None:
+        have = [i for i in have if ids[i] == case]
+    if not have:
+        raise FileNotFoundError(f"no synthesised case {case or ''} of split {split!r} found in {out}")
+    entry, cid = entries[have[0]], ids[have[0]]
+    real = _load_case_arrays(dataset_dir, entry)
+    synth = {t: np.asarray(nib.load(str(out / f"{cid}_{t}.nii.gz")).dataobj, dtype=np.float32) for t in targets}
+    brain = real["t2"] > 0
+    tumour = real["seg"] > 0 if real["seg"] is not None else np.zeros_like(brain)
+    if slice_index is None:
+        per_slice = tumour.sum(axis=(0, 1))
+        zs = np.nonzero(brain.any(axis=(0, 1)))[0]
+        slice_index = int(per_slice.argmax()) if per_slice.max() > 0 else int((zs[0] + zs[-1]) // 2)
+    k = int(slice_index)
+
+    def view(a):  # radiological view of BraTS-stored arrays: rows anterior..posterior, columns right..left
+        return a[:, :, k].T
+
+    def window(a):
+        inside = a[brain]
+        return (0, np.percentile(inside, 99.5)) if inside.size else (0, 1)
+
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.8), facecolor="black")
+    axes[0, 0].imshow(view(real["t2"]), cmap="gray", vmin=0, vmax=window(real["t2"])[1])
+    axes[0, 0].set_title("input T2", color="white")
+    axes[1, 0].imshow(view(tumour.astype(np.float32)), cmap="gray", vmin=0, vmax=1)
+    axes[1, 0].set_title("whole tumour (label)", color="white")
+    for j, t in enumerate(targets, start=1):
+        axes[0, j].imshow(view(synth[t]), cmap="gray", vmin=0, vmax=1)
+        axes[0, j].set_title(f"synthesised {t.upper()}", color="white")
+        axes[1, j].imshow(view(real[t]), cmap="gray", vmin=0, vmax=window(real[t])[1])
+        axes[1, j].set_title(f"real {t.upper()}", color="white")
+        if tumour[:, :, k].any():
+            for row in (0, 1):
+                axes[row, j].contour(view(tumour.astype(np.float32)), levels=[0.5], colors="yellow", linewidths=0.7)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(f"{cid}  axial slice {k}", color="white")
+    fig.tight_layout()
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_png, dpi=90, facecolor="black")
+    plt.close(fig)
+    print(f"wrote {output_png}")
+    return str(output_png)
+
+
+def training_figure(run_dir, output_png, smooth: int = 10) -> str:
+    """Loss terms per iteration and validation PSNR/SSIM per epoch, read from ``run_dir/tensorboard``.
+
+    Args:
+        run_dir: a training output folder (``<output_dir>/<variant>``).
+        output_png: PNG to write.
+        smooth: moving-average window (iterations) for the loss curves.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    if not tags:
+        raise FileNotFoundError(f"no TensorBoard scalars under {Path(run_dir) / 'tensorboard'}")
+    groups = {
+        "critic": ["d_loss", "d_real", "d_fake"],
+        "generator": ["g_loss", "g_adv"],
+        "weighted terms of L_G": ["g_l1", "g_cls", "g_seg"],
+        "validation": ["val_psnr", "val_ssim"],
+    }
+    weights = {"g_l1": 0.1, "g_cls": 10.0, "g_seg": 50.0}
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4))
+    for ax, (title, names) in zip(axes, groups.items()):
+        for name in names:
+            tag = next((t for t in tags if t.split("/")[-1] == name or t.endswith(name)), None)
+            if tag is None:
+                continue
+            steps = np.array([e.step for e in acc.Scalars(tag)])
+            vals = np.array([e.value for e in acc.Scalars(tag)]) * weights.get(name, 1.0)
+            if title != "validation" and len(vals) > smooth:
+                vals = np.convolve(vals, np.ones(smooth) / smooth, mode="valid")
+                steps = steps[smooth - 1 :]
+            label = f"{weights[name]:g}·{name}" if name in weights else name
+            if name == "val_ssim":
+                ax2 = ax.twinx()
+                ax2.plot(steps, vals, "o-", color="tab:orange", label=label)
+                ax2.set_ylabel("SSIM")
+                ax2.legend(loc="lower right", fontsize=8)
+            else:
+                ax.plot(steps, vals, "o-" if title == "validation" else "-", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch" if title == "validation" else "iteration")
+        ax.legend(fontsize=8, loc="upper left" if title == "validation" else "best")
+    fig.tight_layout()
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_png, dpi=90)
+    plt.close(fig)
+    print(f"wrote {output_png}")
+    return str(output_png)
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"phantom_figure": phantom_figure})
+    fire.Fire({"phantom_figure": phantom_figure, "synthesis_figure": synthesis_figure, "training_figure": training_figure})

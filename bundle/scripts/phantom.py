@@ -57,23 +57,26 @@ LAYOUTS = ("brats2021", "brats2018", "brats2023", "msd")
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 # Mean signal per tissue (rows) and modality (columns t1, t1ce, t2, flair) before the per-case jitter.
-# Built from the spin-echo signal-model sketch in the project notes (BrainWeb T1/T2/PD for CSF/GM/WM, assumed
-# values for the tumour tissues), scaled so WM = 1 in T1 and T1ce, CSF = 1 in T2 and oedema = 1 in FLAIR.
-# Following the notes, CSF and necrosis are made darker in T1 (about 0.3 of WM) than the plain equation gives,
-# as in real scans. Only the enhancing tumour differs between T1 and T1ce (gadolinium shortens its T1).
+# T1, T2 and FLAIR come from the spin-echo signal-model sketch in the project notes (BrainWeb T1/T2/PD for
+# CSF/GM/WM, assumed values for the tumour tissues), scaled so WM = 1 in T1 and T1ce, CSF = 1 in T2 and
+# oedema = 1 in FLAIR. Following the notes, CSF and necrosis are made darker in T1 (about 0.3 of WM) than the
+# plain equation gives, as in real scans. T1ce is modelled as the 3D gradient-echo (MPRAGE/SPGR-like)
+# acquisition most BraTS sites use after contrast: stronger GM/WM contrast, darker CSF, necrosis and oedema
+# than the 2D spin-echo T1, and gadolinium shortens the enhancing tumour's T1 (brightest tissue in T1ce).
 BASE_CONTRAST = {
     #                 t1    t1ce  t2    flair
-    "csf":          (0.30, 0.31, 1.00, 0.08),
-    "gm":           (0.75, 0.76, 0.46, 0.58),
+    "csf":          (0.30, 0.17, 1.00, 0.08),
+    "gm":           (0.78, 0.65, 0.46, 0.58),
     "wm":           (1.00, 1.00, 0.33, 0.45),
-    "oedema":       (0.66, 0.67, 0.84, 1.00),
-    "necrosis":     (0.30, 0.32, 0.93, 0.38),
-    "nonenhancing": (0.56, 0.57, 0.78, 0.84),
+    "oedema":       (0.66, 0.58, 0.84, 1.00),
+    "necrosis":     (0.30, 0.20, 0.93, 0.38),
+    "nonenhancing": (0.56, 0.50, 0.78, 0.84),
     "enhancing":    (0.70, 1.45, 0.62, 0.76),
 }
 TISSUES = tuple(BASE_CONTRAST)
 CONTRAST_JITTER = 0.04  # standard deviation of the per-case, per-tissue, per-modality multiplicative jitter
 CONTRAST_JITTER_CLIP = 0.10  # the jitter is clipped to +-10 %, which keeps the radiological orderings intact
+T1CE_JITTER_MIX = (0.7, 0.5)  # T1ce jitter = 0.7 x T1 jitter + 0.5 x its own (healthy and non-enhancing tissue)
 
 # Per-case share of tumour types: no tumour, a small tumour (a few slices), low-grade-like, high-grade-like.
 TUMOUR_KINDS = ("none", "small", "lgg", "hgg")
@@ -123,6 +126,39 @@ def _template() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     idx = np.argwhere(brain)
     lo, hi = idx.min(0), idx.max(0)
     return maps, (lo + hi) / 2.0, (hi - lo + 1).astype(np.float64)
+
+
+# Choroid plexus of the right lateral ventricle in MNI world mm (x, y, z) with a radius in mm, from the glomus
+# in the atrium forward along the floor of the body towards the foramen of Monro; the left one is mirrored.
+CHOROID_PATH = ((26.0, -43.0, 11.0, 4.5), (17.0, -31.0, 18.0, 2.5), (11.0, -16.0, 20.0, 2.0), (8.0, -4.0, 15.0, 1.5))
+_MNI_ORIGIN = np.array([98.0, 134.0, 72.0])  # template voxel of MNI world (0, 0, 0); the template is 1 mm RAS
+
+
+@functools.lru_cache(maxsize=1)
+def _template_aux() -> torch.Tensor:
+    """Template-space helper maps at 2 mm: (1, 2, 99, 117, 95) float32, channels
+
+    0. depth: distance in mm from the brain surface (0 at the edge);
+    1. ventricle: 1 in the lateral ventricles (dilated by 2 mm), 0 elsewhere, used to keep vessels out of
+       them. Found as the deep (> 10 mm) CSF component that fills the ventricles' bodies.
+    """
+    maps = _template()[0][0, :, ::2, ::2, ::2].numpy()
+    brain = maps.sum(0) > 0.5
+    depth = np.maximum(ndimage.distance_transform_edt(brain) * 2.0 - 1.0, 0.0)
+    deep_csf = (maps[2] > 0.5) & (depth > 10.0)
+    parts, n = ndimage.label(deep_csf)
+    # the component with the most voxels where the ventricles' bodies are (|x| 5-20, y -30..-5, z 17-28 mm)
+    lo = (_MNI_ORIGIN + np.array([5.0, -30.0, 17.0])) / 2
+    hi = (_MNI_ORIGIN + np.array([20.0, -5.0, 28.0])) / 2
+    body = parts[int(lo[0]) : int(hi[0]) + 1, int(lo[1]) : int(hi[1]) + 1, int(lo[2]) : int(hi[2]) + 1]
+    mirror = parts[int(2 * _MNI_ORIGIN[0] / 2 - hi[0]) : int(2 * _MNI_ORIGIN[0] / 2 - lo[0]) + 1,
+                   int(lo[1]) : int(hi[1]) + 1, int(lo[2]) : int(hi[2]) + 1]
+    counts = np.bincount(np.concatenate([body.ravel(), mirror.ravel()]), minlength=n + 1)
+    counts[0] = 0
+    ventricle = np.isin(parts, np.nonzero(counts > 0.2 * counts.max())[0]) if n else deep_csf
+    ventricle = ndimage.binary_dilation(ventricle)
+    aux = np.stack([depth, ventricle]).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(aux[None]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,6 +254,13 @@ def _draw_appearance(rng: np.random.Generator) -> dict:
     """Per-case contrast table and per-modality imaging parameters; independent of the grid shape."""
     jitter = np.clip(rng.normal(0.0, CONTRAST_JITTER, (len(TISSUES), len(MODALITIES))),
                      -CONTRAST_JITTER_CLIP, CONTRAST_JITTER_CLIP)
+    # a tissue's T1 varies between patients the same way in both T1-weighted scans: the T1ce jitter is mostly
+    # the T1 jitter (correlation 0.8), so the GM/WM and CSF/WM differences between T1 and T1ce outlast the
+    # jitter; the enhancing tumour's T1ce (the gadolinium uptake) keeps its own
+    t1, t1ce = MODALITIES.index("t1"), MODALITIES.index("t1ce")
+    shared = [i for i, t in enumerate(TISSUES) if t != "enhancing"]
+    mixed = T1CE_JITTER_MIX[0] * jitter[shared, t1] + T1CE_JITTER_MIX[1] * jitter[shared, t1ce]
+    jitter[shared, t1ce] = np.clip(mixed, -CONTRAST_JITTER_CLIP, CONTRAST_JITTER_CLIP)
     contrast = {t: {mod: float(BASE_CONTRAST[t][j] * (1 + jitter[i, j])) for j, mod in enumerate(MODALITIES)}
                 for i, t in enumerate(TISSUES)}
     n = len(MODALITIES)
@@ -232,6 +275,107 @@ def _draw_appearance(rng: np.random.Generator) -> dict:
         noise_sd=rng.uniform(0.012, 0.03, n),  # Rician noise, relative to WM in T1
         gain=rng.uniform(1000.0, 2500.0, n),  # scanner units per contrast unit
     )
+
+
+def _draw_t1_pair(rng: np.random.Generator) -> dict:
+    """Per-case parameters that make T1 and T1ce differ outside the tumour; independent of the grid shape.
+
+    T1 is a 2D spin echo with thick axial slices (through-plane blur, more noise); T1ce is a high-resolution
+    3D gradient echo (little blur, less noise) in which contrast agent also shows in vessels, the choroid
+    plexus and, in some cases, the dura.
+    """
+    return dict(
+        t1_slice_mm=rng.uniform(3.0, 6.0),  # T1 slice thickness: through-plane blur FWHM, mm
+        t1_noise_sd=rng.uniform(0.025, 0.04),  # Rician noise relative to WM
+        t1ce_noise_sd=rng.uniform(0.012, 0.022),
+        t1ce_blur=rng.uniform(0.3, 0.5),  # voxels, isotropic
+        vessel_value=rng.uniform(1.15, 1.45),  # enhancing vessel lumen, relative to WM in T1ce
+        vessel_radius_mm=rng.uniform(0.7, 1.1),
+        vessel_density=rng.uniform(0.55, 0.85),  # share of the vessel network that is present
+        choroid_value=rng.uniform(1.0, 1.3),
+        choroid_scale=rng.uniform(0.8, 1.25),  # radius scale of the choroid plexus
+        choroid_shift=rng.normal(0.0, 1.5, (2, 3)),  # per hemisphere, mm
+        dura_value=rng.uniform(0.9, 1.2),
+        dura_fraction=rng.uniform(0.3, 0.7) if rng.random() < 0.7 else 0.0,  # share of the edge voxel
+    )
+
+
+def _choroid(pair: dict, full_t: np.ndarray, coarse_t: np.ndarray, csf: np.ndarray, step: int):
+    """Choroid plexus partial volume inside the lateral ventricles, computed in a box around it only.
+
+    ``full_t``: template voxel coordinates of every crop voxel (3, *crop); ``coarse_t`` the same on the
+    coarse nodes that ``full_t`` was upsampled from. Returns (fraction over the box, box slices) or None.
+    """
+    path = np.array(CHOROID_PATH)
+    radius = path[:, 3] * pair["choroid_scale"]
+    hemispheres = []
+    for side, shift in zip((1.0, -1.0), pair["choroid_shift"]):
+        hemispheres.append(_MNI_ORIGIN + path[:, :3] * [side, 1.0, 1.0] + shift)  # template voxels
+    points = np.concatenate(hemispheres)
+    margin = radius.max() + 3.0
+    near = np.all((coarse_t >= (points.min(0) - margin)[:, None, None, None] - step) &
+                  (coarse_t <= (points.max(0) + margin)[:, None, None, None] + step), axis=0)
+    if not near.any():
+        return None
+    idx = np.argwhere(near)
+    lo, hi = idx.min(0) * step, np.minimum((idx.max(0) + 1) * step + 1, full_t.shape[1:])
+    box = tuple(slice(int(a), int(z)) for a, z in zip(lo, hi))
+    p = full_t[(slice(None), *box)]
+    frac = np.zeros(p.shape[1:], np.float32)
+    for pts in hemispheres:
+        for a, b, ra, rb in zip(pts[:-1], pts[1:], radius[:-1], radius[1:]):
+            ab = (b - a).astype(np.float32)
+            rel = p - a.astype(np.float32)[:, None, None, None]
+            t = np.clip(np.einsum("i,i...->...", ab, rel) / float(ab @ ab), 0.0, 1.0)
+            dist = np.sqrt(((rel - t * ab[:, None, None, None]) ** 2).sum(0))
+            np.maximum(frac, _sigmoid((ra + t * (rb - ra) - dist) / 0.5), out=frac)  # template mm
+    # the plexus floats in ventricular CSF: keep it where the voxel is mostly CSF
+    frac *= np.clip((csf[box] - 0.4) / 0.4, 0.0, 1.0)
+    return frac, box
+
+
+def _uptake(rng, pair, brain, csf, aux, healthy, choroid, mm_per_template_mm, fit):
+    """Partial volume of contrast-enhancing non-tumour tissue in each crop voxel and its T1ce signal / WM.
+
+    - Vessels: thin tubes where two smooth random fields are both near zero (the intersection of two random
+      surfaces is a random network of curves), gated by a third field into separate segments, kept to the
+      CSF spaces outside the ventricles (sulci, fissures, cisterns) and a thin band at the brain surface.
+    - Choroid plexus: from ``_choroid`` (glomus in the atrium and a strand along the ventricle body).
+    - Dura: patches of the outermost brain voxel, in some cases.
+    Nothing is added where the tumour replaced the tissue. Returns two float32 arrays over the crop.
+    """
+    from scipy.special import ndtri
+
+    # where vessels may run: CSF spaces outside the lateral ventricles and a ~3.5 mm band under the surface
+    depth = aux[0][brain] * mm_per_template_mm  # mm below the brain surface
+    csf_space = np.clip((csf[brain] - 0.1) / 0.3, 0.0, 1.0) * (1.0 - np.clip(aux[1][brain], 0.0, 1.0))
+    region = np.zeros(brain.shape, np.float32)
+    region[brain] = np.maximum(_sigmoid((3.5 - depth) / 0.7), csf_space)
+    edge = brain & ~ndimage.binary_erosion(brain, border_value=0)  # the outermost brain voxels
+    where = (region > 0.01) | edge  # only these voxels can take up contrast (besides the choroid plexus)
+
+    corr = max(2.8 * fit, 2.0)  # correlation length of the vessel fields, voxels
+    radius = max(pair["vessel_radius_mm"] * fit, 0.45)  # tube radius, voxels (at least about half a voxel)
+    fields = _smooth_noise(rng, brain.shape, sigma=corr, channels=3, points_per_sigma=2)[:, where]
+    # near a zero crossing a unit field changes by about 1 / corr per voxel, so |f| < radius / corr on the tube:
+    # rho is roughly the distance from the tube's axis in radii; the lumen is full up to rho = 1, with a soft wall
+    rho = np.sqrt(fields[0] ** 2 + fields[1] ** 2) * (corr / radius)
+    vessel = _sigmoid((1.0 - rho) * radius / 0.35)
+    vessel *= _sigmoid((fields[2] - ndtri(1.0 - pair["vessel_density"])) / 0.15)  # segments, not a network
+    vessel *= region[where]
+    dura = edge[where] * pair["dura_fraction"] * _sigmoid((fields[1] - 0.3) / 0.3)  # in patches
+
+    uptake = np.zeros(brain.shape, np.float32)
+    value = np.zeros(brain.shape, np.float32)
+    uptake[where] = vessel + dura
+    value[where] = vessel * pair["vessel_value"] + dura * pair["dura_value"]
+    if choroid is not None:
+        frac, box = choroid
+        frac = frac * brain[box]
+        uptake[box] += frac
+        value[box] += frac * pair["choroid_value"]
+    scale = np.where(uptake > 1.0, 1.0 / np.maximum(uptake, 1e-6), 1.0) * np.clip(healthy, 0.0, 1.0)
+    return (uptake * scale).astype(np.float32), (value * scale).astype(np.float32)
 
 
 def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
@@ -262,10 +406,13 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     shape = _check_shape(shape)
-    # three independent random streams, so that e.g. the grid size does not change the tumour type
-    rng_geo, rng_tum, rng_img = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3))
+    # four independent random streams, so that e.g. the grid size does not change the tumour type (the fourth,
+    # for what makes T1 and T1ce differ, leaves the first three, and so T2 and FLAIR, as they were before it)
+    rng_geo, rng_tum, rng_img, rng_pair = (np.random.default_rng(s)
+                                           for s in np.random.SeedSequence(int(seed)).spawn(4))
     tumour = _draw_tumour(rng_tum)
     look = _draw_appearance(rng_img)
+    pair = _draw_t1_pair(rng_pair)
     contrast = look["contrast"]
     maps, t_center, t_extent = _template()
     fit = min(s / b for s, b in zip(shape, BRATS_SHAPE))  # output voxels per BraTS millimetre
@@ -318,15 +465,19 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
     crop = tuple(slice(int(a), int(z) + 1) for a, z in zip(lo, hi))
     coarse_t = to_template(disp)[:, lo_node[0] : hi_node[0] + 1, lo_node[1] : hi_node[1] + 1,
                                  lo_node[2] : hi_node[2] + 1]
-    full_t = _upsample(coarse_t, (hi_node - lo_node) * step + 1)  # exact for the affine part
+    # the depth / ventricle helper maps are smooth: sampled on the nodes and upsampled with the coordinates
+    coarse_aux = _sample(_template_aux(), coarse_t / 2.0)
+    full_t = _upsample(np.concatenate([coarse_t, coarse_aux]), (hi_node - lo_node) * step + 1)
     crop_size = hi - lo + 1
-    full_t = full_t[:, : crop_size[0], : crop_size[1], : crop_size[2]]
+    full_t = full_t[:, : crop_size[0], : crop_size[1], : crop_size[2]]  # exact for the affine part
+    full_t, full_aux = full_t[:3], full_t[3:]
     gm, wm, csf = _sample(maps, full_t)
-    del full_t
     total = gm + wm + csf
     brain = total > 0.5
     norm = np.where(brain, 1.0 / np.maximum(total, 1e-6), 0.0).astype(np.float32)
     gm, wm, csf = gm * norm, wm * norm, csf * norm
+    choroid = _choroid(pair, full_t, coarse_t, csf, step)
+    del full_t
 
     # --- tumour compartments as partial volumes (fractions of each voxel, inside a box around it) -----------
     frac, tumour_noise, box = {}, None, None
@@ -335,6 +486,12 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
     healthy = np.ones_like(gm)  # fraction of each voxel still holding healthy tissue
     for f in frac.values():
         healthy[box] -= f
+
+    # --- contrast uptake outside the tumour, shown in T1ce only: vessels, choroid plexus, dura -------------
+    uptake, uptake_signal = _uptake(rng_pair, pair, brain, csf, full_aux, healthy, choroid,
+                                    zoom.mean() / fit, fit)
+    del full_aux
+    uptake_signal *= contrast["wm"]["t1ce"]
 
     # --- signal per modality: tissue mix, blur, texture, bias, Rician noise, gain ----------------------------
     # the texture and bias fields are smooth, so they are applied after the blur and only to brain voxels
@@ -352,7 +509,14 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
                                                          np.sin(angle) * tumour_noise[1])
             signal[box] *= healthy[box]  # healthy == 1 outside the box
             signal[box] += tum
-        signal = ndimage.gaussian_filter(signal, look["blur_sigma"][j], truncate=3.0)
+        blur = look["blur_sigma"][j]
+        if mod == "t1":  # thick axial slices: the slice profile (FWHM = thickness) blurs along z
+            blur = (blur, blur, max(blur, pair["t1_slice_mm"] * fit / 2.355))
+        elif mod == "t1ce":  # high-resolution 3D acquisition with enhancing vessels, choroid plexus, dura
+            blur = pair["t1ce_blur"]
+            signal *= 1.0 - uptake
+            signal += uptake_signal
+        signal = ndimage.gaussian_filter(signal, blur, truncate=3.0)
         vals = signal[brain]
         angle = look["bias_angle"][j]
         vals *= 1.0 + look["texture_amp"][j] * texture
@@ -360,7 +524,7 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
         # Rician noise: magnitude of the signal plus complex Gaussian noise, drawn for brain voxels only
         n1 = rng_img.standard_normal(vals.shape, dtype=np.float32)
         n2 = rng_img.standard_normal(vals.shape, dtype=np.float32)
-        sd = look["noise_sd"][j]
+        sd = {"t1": pair["t1_noise_sd"], "t1ce": pair["t1ce_noise_sd"]}.get(mod, look["noise_sd"][j])
         vals = np.sqrt((vals + sd * n1) ** 2 + (sd * n2) ** 2)
         image = np.zeros(shape, np.float32)
         image[crop][brain] = np.maximum(vals * look["gain"][j], 1.0)  # brain >= 1, background exactly 0
@@ -376,7 +540,7 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
         lab[~brain[box]] = 0
         label[crop][box] = lab
 
-    for name, arr in (("gm", gm), ("wm", wm), ("csf", csf), ("brain", brain)):
+    for name, arr in (("gm", gm), ("wm", wm), ("csf", csf), ("brain", brain), ("uptake", uptake)):
         full = np.zeros(shape, arr.dtype)
         full[crop] = arr
         out[name] = full
@@ -576,12 +740,16 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
 def region_means(case: dict, purity: float = 0.9) -> dict:
     """Mean of each modality per region of a ``make_case`` result, for checking and documenting contrasts.
 
-    Regions: "csf", "gm", "wm" are healthy voxels (label 0) with that tissue's partial volume >= ``purity``;
+    Regions: "csf", "gm", "wm" are healthy voxels (label 0, and ``uptake`` < 0.01 so no vessel, choroid plexus
+    or dura) with that tissue's partial volume >= ``purity``;
     "oedema", "necrosis_or_core", "enhancing" are the label values 2, 1, 3. Returns {region: {modality: mean}};
     regions without voxels are left out.
     """
     label = case["label"]
-    regions = {t: (label == 0) & (case[t] >= purity) for t in ("csf", "gm", "wm")}
+    healthy = label == 0
+    if "uptake" in case:  # leave out the enhancing vessels, choroid plexus and dura
+        healthy = healthy & (case["uptake"] < 0.01)
+    regions = {t: healthy & (case[t] >= purity) for t in ("csf", "gm", "wm")}
     regions.update({"oedema": label == LABEL_OEDEMA, "necrosis_or_core": label == LABEL_NECROSIS,
                     "enhancing": label == LABEL_ENHANCING})
     return {name: {mod: float(case[mod][mask].mean()) for mod in MODALITIES}

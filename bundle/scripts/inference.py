@@ -1,0 +1,278 @@
+"""Inference pieces MONAI lacks, used by ``configs/inference.json``.
+
+- :func:`inference_cases`: the cases to synthesise (one ``--input`` file, or a split of a datalist), with every
+  file checked to exist before anything runs.
+- :func:`checkpoint_arch`: the generator's variant and width as recorded in ``model.pt``.
+- :class:`LoadT2d`: ``LoadImaged`` for the T2 source whose every failure (unreadable file, not 3D, NaN/Inf,
+  constant, negative intensities) is one error naming the file, raised before anything is written.
+- :class:`SaveTargetsd`: one NIfTI per target, written atomically (temporary name, then rename).
+- :class:`UnwrapTransformErrors`: an engine handler that re-raises the input error itself instead of MONAI's
+  ``RuntimeError("applying transform ...")`` wrappers around it.
+
+Intensity convention of the written volumes: float32 in [0, 1] (``(pred + 1) / 2``), 0 wherever the input T2 is
+<= 0 (background), on exactly the input's voxel grid (shape and affine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Hashable, Mapping
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.config import KeysCollection
+from monai.transforms import LoadImaged
+
+from .checkpoints import synthesis_arch
+from .data import _read_datalist, load_split
+from .networks import TARGETS
+
+logger = logging.getLogger(__name__)
+
+#: NIfTI ``descrip`` of each written volume (at most 80 characters).
+DESCRIP = "brainsynth synthetic {target}, intensity [0,1]"
+#: Extensions stripped from a file name to make a case id (longest first).
+_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".gz")
+#: A trailing T2 tag in a file name (``_t2``, ``-t2w``, ``_T2``), dropped from the case id.
+_T2_TAG = re.compile(r"[_\-.]t2w?$", re.IGNORECASE)
+#: Share of non-zero voxels that may be negative before the T2 is rejected as not raw MR intensities.
+MAX_NEGATIVE_FRACTION = 0.01
+
+
+def case_id(path: str) -> str:
+    """Case id of an input file: its name without extension and without a trailing T2 tag.
+
+    ``/d/BraTS2021_00000_t2.nii.gz`` -> ``BraTS2021_00000``; ``/d/sub-01_T2w.nrrd`` -> ``sub-01``;
+    a DICOM series folder ``/d/series7/`` -> ``series7``.
+    """
+    name = os.path.basename(os.path.normpath(path))
+    for ext in _EXTENSIONS:
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    stripped = _T2_TAG.sub("", name)
+    return stripped or name
+
+
+def _t2_index(datalist: str, channels) -> int:
+    """Index of T2 in the datalist's channel order (``"channels"`` key; absent: the last channel)."""
+    if channels is None:
+        return -1
+    lowered = [str(c).lower() for c in channels]
+    if "t2" not in lowered:
+        raise ValueError(f"{datalist}: its channels {list(channels)} have no 't2'")
+    return lowered.index("t2")
+
+
+def inference_cases(input: str = "", datalist: str = "", split: str = "test") -> list[dict]:
+    """The cases to synthesise, each ``{"image": T2 path, "case": case id}`` (plus ``"t2_channel"`` for a 4D
+    multi-channel file of a datalist).
+
+    Args:
+        input: one T2 volume (a file, or a DICOM series folder). When given, ``datalist`` is ignored.
+        datalist: a JSON written by ``prepare_datalist.py``: entries ``{"case", "image", "label"}`` where
+            ``image`` is a list of files in the datalist's ``"channels"`` order (FLAIR, T1, T1ce, T2) or one
+            4D file holding those channels (MSD); paths are relative to the JSON's folder.
+        split: the datalist key to read (``gan``, ``seg`` or ``test``).
+
+    Raises:
+        FileNotFoundError: the input, the datalist or a listed T2 file does not exist (the message names it).
+        ValueError: the split is missing or empty, an entry has no T2, or two cases share an id.
+    """
+    if input:
+        if not os.path.exists(input):
+            raise FileNotFoundError(f"{input}: no such file or folder (the --input T2 volume)")
+        return [{"image": os.path.abspath(input), "case": case_id(input)}]
+    if not datalist:
+        raise ValueError("nothing to do: give --input <T2 volume>, --datalist <json> or --dataset_dir <folder>")
+    entries = load_split(datalist, split)  # raises with a how-to message when the datalist is missing
+    content = _read_datalist(datalist)
+    channels = content.get("channels")
+    t2 = _t2_index(datalist, channels)
+    cases = []
+    # case ids come from the raw JSON: load_split turns any value naming an existing path (a case folder) into
+    # an absolute path
+    for i, (raw, entry) in enumerate(zip(content[split], entries)):
+        name = str(raw["case"]) if isinstance(raw, Mapping) and "case" in raw else None
+        where = f"{datalist}: case {name or f'#{i}'} in {split!r}"
+        image, item = entry.get("image"), {}
+        if isinstance(image, (list, tuple)) and image:
+            if channels is not None and len(image) != len(channels):
+                raise ValueError(f"{where} lists {len(image)} image files; expected {list(channels)}")
+            image = image[t2]
+        elif isinstance(image, str) and image:
+            item["t2_channel"] = t2  # one file: a 4D multi-channel volume (MSD), or a 3D T2
+        if not image or not isinstance(image, str):
+            raise ValueError(f"{where} has no T2 image (its 'image' is {entry.get('image')!r})")
+        if not os.path.exists(image):
+            raise FileNotFoundError(f"{image}: no such file (the T2 of {where})")
+        item.update(image=image, case=name or case_id(image))
+        cases.append(item)
+    ids = [c["case"] for c in cases]
+    duplicates = sorted({c for c in ids if ids.count(c) > 1})
+    if duplicates:
+        raise ValueError(f"{datalist}: case ids appear more than once in {split!r}: {duplicates}")
+    return cases
+
+
+def checkpoint_arch(path: str, variant: str = "tcmgan", features: int = 64) -> dict:
+    """``{"variant", "features", ...}`` recorded in the generator checkpoint at ``path``.
+
+    When no file exists there, the defaults are returned (with a warning) so that ``network_def`` can still be
+    built, e.g. by ``verify_net_in_out``; loading the weights then fails with a clear ``FileNotFoundError``.
+
+    Raises:
+        ValueError: the file exists but is not a generator checkpoint of this bundle.
+    """
+    if os.path.isfile(path):
+        return synthesis_arch(path)
+    logger.warning(f"{path} does not exist; network_def gets the defaults variant {variant!r}, features {features}")
+    return {"variant": variant, "features": features}
+
+
+class LoadT2d(LoadImaged):
+    """``LoadImaged`` for the T2 source volume, with its checks.
+
+    Reads any format MONAI's readers open (NIfTI with nibabel; NRRD, MHA, DICOM series folders and others with
+    ITK) into a ``(H, W, D)`` MetaTensor (no channel dimension; add one with ``EnsureChannelFirstd(channel_dim=
+    "no_channel")``). When the item has ``channel_key`` (a 4D multi-channel file listed in a datalist), that
+    channel of the last axis is kept. Trailing singleton dimensions are dropped.
+
+    Raises (each message starts with the file name):
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be read as an image (not an image, corrupt or truncated), it is not a 3D
+            volume (2D, or 4D given as a single input), it holds NaN or Inf, it is constant, or more than
+            :data:`MAX_NEGATIVE_FRACTION` of its non-zero voxels are negative (not raw MR intensities with
+            background 0, e.g. z-scored).
+    """
+
+    def __init__(self, keys: KeysCollection = "image", channel_key: str = "t2_channel", **kwargs):
+        kwargs.setdefault("image_only", True)
+        super().__init__(keys, **kwargs)
+        self.channel_key = channel_key
+
+    def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
+        d = dict(data)
+        channel = d.pop(self.channel_key, None)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: no such file or folder")
+            try:
+                img = super().__call__({key: path}, reader)[key]
+            except Exception as e:  # every reader error becomes one message naming the file (with the reason)
+                raise ValueError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+            d[key] = _checked_volume(img, path, channel)
+        return d
+
+
+def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.Tensor:
+    """The 3D T2 volume of a loaded image (see :class:`LoadT2d` for what is checked)."""
+    if channel is not None and img.ndim == 4:
+        img = img[..., channel]
+    while img.ndim > 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim != 3:
+        hint = " (one multi-channel volume: list it in a datalist to use its T2 channel)" if img.ndim == 4 else ""
+        raise ValueError(f"{path}: image has shape {tuple(img.shape)}; a 3D T2 volume is needed{hint}")
+    bad = int((~torch.isfinite(img)).sum()) if img.is_floating_point() else 0
+    if bad:
+        raise ValueError(f"{path}: {bad} voxels are NaN or Inf")
+    low, high = img.min().item(), img.max().item()
+    if low == high:
+        raise ValueError(f"{path}: constant image (every voxel is {low}); there is no brain to synthesise from")
+    nonzero, negative = int((img != 0).sum()), int((img < 0).sum())
+    if negative > MAX_NEGATIVE_FRACTION * nonzero:
+        raise ValueError(
+            f"{path}: {negative} of {nonzero} non-zero voxels are negative; expected raw MR intensities with "
+            "background 0 (not z-scored or otherwise shifted)"
+        )
+    return img
+
+
+class SaveTargetsd:
+    """Write each channel of ``d[key]`` as ``output_dir/<case>_<target>.nii.gz``, all of a case or none.
+
+    Args:
+        key: the prediction, ``(len(targets), H, W, D)`` on the input's voxel grid (after ``Invertd``), float.
+        output_dir: destination folder (created if needed).
+        ref_key: a MetaTensor ``(1, H, W, D)`` on the input's grid that was never resampled; its affine is
+            written, so the outputs have exactly the input's shape and affine.
+        case_key: the case id, used in the file names.
+        targets: channel names, in channel order.
+        descrip: NIfTI ``descrip`` template (``{target}`` is filled in; at most 80 characters).
+
+    Each volume is saved as float32 to a hidden temporary name in ``output_dir``; only when all targets of the
+    case are saved are they renamed into place, so a failure leaves no partial output.
+
+    Raises:
+        RuntimeError: the prediction is not on the reference grid (a bug, not an input error).
+    """
+
+    def __init__(
+        self,
+        key: str = "pred",
+        output_dir: str = ".",
+        ref_key: str = "mask",
+        case_key: str = "case",
+        targets=TARGETS,
+        descrip: str = DESCRIP,
+    ):
+        self.key, self.output_dir, self.ref_key, self.case_key = key, output_dir, ref_key, case_key
+        self.targets, self.descrip = tuple(targets), descrip
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        pred, ref, case = d[self.key], d[self.ref_key], str(d[self.case_key])
+        if pred.shape[0] != len(self.targets) or tuple(pred.shape[1:]) != tuple(ref.shape[1:]):
+            raise RuntimeError(
+                f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(self.targets)} channels on "
+                f"the input grid {tuple(ref.shape[1:])}"
+            )
+        volumes = pred.detach().cpu().numpy().astype(np.float32)
+        affine = np.asarray(ref.affine, dtype=np.float64)
+        os.makedirs(self.output_dir, exist_ok=True)
+        renames = []
+        try:
+            for volume, target in zip(volumes, self.targets):
+                final = os.path.join(self.output_dir, f"{case}_{target}.nii.gz")
+                tmp = os.path.join(self.output_dir, f".{case}_{target}.{os.getpid()}.tmp.nii.gz")
+                renames.append((tmp, final))
+                nib.save(self._nifti(volume, affine, target), tmp)
+            for tmp, final in renames:
+                os.replace(tmp, final)
+        finally:
+            for tmp, _ in renames:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        logger.debug(f"case {case}: wrote {', '.join(final for _, final in renames)}")
+        return d
+
+    def _nifti(self, volume: np.ndarray, affine: np.ndarray, target: str) -> nib.Nifti1Image:
+        img = nib.Nifti1Image(volume, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        img.header["descrip"] = self.descrip.format(target=target)[:80].encode()
+        return img
+
+
+class UnwrapTransformErrors:
+    """Engine handler: re-raise the error a transform raised (e.g. :class:`LoadT2d`'s message naming the file),
+    not MONAI's ``RuntimeError("applying transform ...")`` wrappers around it. Other errors pass unchanged.
+
+    Needs ``num_workers=0`` in the data loader (a worker process re-raises a copy without the chain).
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def __call__(self, engine: Engine, e: BaseException) -> None:
+        root = e
+        while isinstance(root, RuntimeError) and str(root).startswith("applying transform") and root.__cause__:
+            root = root.__cause__
+        raise root.with_traceback(root.__traceback__) from root.__cause__
