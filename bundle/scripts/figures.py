@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+TITLES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}
+
 # file-name endings of each modality in the BraTS 2018/2021 ("_t1ce") and 2023 ("-t1c") layouts
 _SUFFIXES = {
     "t1": ("_t1", "-t1n"),
@@ -187,9 +189,9 @@ def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="t
     axes[1, 0].set_title("whole tumour (label)", color="white")
     for j, t in enumerate(targets, start=1):
         axes[0, j].imshow(view(synth[t]), cmap="gray", vmin=0, vmax=1)
-        axes[0, j].set_title(f"synthesised {t.upper()}", color="white")
+        axes[0, j].set_title(f"synthesised {TITLES[t]}", color="white")
         axes[1, j].imshow(view(real[t]), cmap="gray", vmin=0, vmax=window(real[t])[1])
-        axes[1, j].set_title(f"real {t.upper()}", color="white")
+        axes[1, j].set_title(f"real {TITLES[t]}", color="white")
         if tumour[:, :, k].any():
             for row in (0, 1):
                 axes[row, j].contour(view(tumour.astype(np.float32)), levels=[0.5], colors="yellow", linewidths=0.7)
