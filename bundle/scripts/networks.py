@@ -19,6 +19,7 @@ Every module keeps its architecture in a persistent ``arch`` buffer, so a checkp
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from monai.networks.nets import UNet
@@ -126,8 +127,14 @@ class SynthesisNet(nn.Module):
                 out = out.index_put((idx,), gen(x.index_select(0, idx)))
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """All targets at once: ``(B, 1, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order."""
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All targets at once: ``(B, 1, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order.
+
+        With ``labels`` ``(B,)``, one target per sample instead: ``(B, 1, H, W)``, as :meth:`synthesize` (the
+        trainer calls this form, so that a ``DistributedDataParallel`` wrapper sees the forward pass).
+        """
+        if labels is not None:
+            return self.synthesize(x, labels)
         b = x.shape[0]
         if self.conditional:  # one batched forward over (target, sample) pairs
             labels = torch.arange(self.num_targets, device=x.device).repeat_interleave(b)

@@ -47,7 +47,7 @@ class TCMGANTrainer(Trainer):
         device: device of the networks and batches.
         max_epochs: epochs to run.
         train_data_loader: loader yielding dicts with ``image`` ``(B, 4, H, W)`` and ``label`` ``(B, 1, H, W)``.
-        g_network: a :class:`scripts.networks.SynthesisNet` (``synthesize(x, labels)``).
+        g_network: a :class:`scripts.networks.SynthesisNet` (``g(x, labels)`` synthesises one target per sample).
         g_optimizer, d_optimizer: optimizers of G and D.
         d_network: critic ``d(source, target, labels) -> (src, cls or None)``.
         seg_network: tumour segmenter ``s(y, labels) -> logits``, or None (pix2pix, MGAN).
@@ -136,7 +136,7 @@ class TCMGANTrainer(Trainer):
         # critic step(s)
         for _ in range(self.d_train_steps):
             with torch.no_grad():
-                fake = g.synthesize(x, k)
+                fake = g(x, k)
             self.d_optimizer.zero_grad(set_to_none=True)
             src_real, cls_real = d(x, y, k)
             src_fake, _ = d(x, fake, k)
@@ -150,7 +150,7 @@ class TCMGANTrainer(Trainer):
         # generator step
         d.requires_grad_(False)
         self.g_optimizer.zero_grad(set_to_none=True)
-        fake = g.synthesize(x, k)
+        fake = g(x, k)
         src_fake, cls_fake = d(x, fake, k)
         g_adv = -critic_score(src_fake, self.reduction)
         g_cls = modality_classification_loss(cls_fake, k) if cls_fake is not None else torch.zeros_like(g_adv)
