@@ -16,6 +16,11 @@ How one case is made (see ``bundle/docs/phantom.md`` for the contrast table):
    signal-model table, jittered per case. Then a small blur (partial volume / point spread), tissue texture,
    a smooth multiplicative bias field and Rician noise are applied per modality, so no fixed lookup table maps
    T2 to the other modalities. Outside the brain every modality is exactly 0 (skull-stripped).
+4. T1 versus T1ce: as in BraTS, they differ everywhere, not only in the tumour. T1ce is a high-resolution 3D
+   gradient echo (stronger GM/WM contrast, darker CSF, sharp, less noise) in which contrast agent also shows
+   outside the tumour: enhancing vessels in the CSF spaces and at the brain surface, the choroid plexus in
+   the lateral ventricles and, in some cases, patches of dura at the brain's edge (``uptake``; not part of the
+   label map). T1 is a 2D spin echo with thick axial slices (blurred along z) and more noise.
 
 Run as a script::
 
@@ -130,7 +135,8 @@ def _template() -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
 
 # Choroid plexus of the right lateral ventricle in MNI world mm (x, y, z) with a radius in mm, from the glomus
 # in the atrium forward along the floor of the body towards the foramen of Monro; the left one is mirrored.
-CHOROID_PATH = ((26.0, -43.0, 11.0, 4.5), (17.0, -31.0, 18.0, 2.5), (11.0, -16.0, 20.0, 2.0), (8.0, -4.0, 15.0, 1.5))
+CHOROID_PATH = ((26.0, -43.0, 11.0, 4.5), (17.0, -31.0, 18.0, 2.5), (11.0, -16.0, 20.0, 2.0),
+                (8.0, -4.0, 15.0, 1.5))
 _MNI_ORIGIN = np.array([98.0, 134.0, 72.0])  # template voxel of MNI world (0, 0, 0); the template is 1 mm RAS
 
 
@@ -151,7 +157,8 @@ def _template_aux() -> torch.Tensor:
     lo = (_MNI_ORIGIN + np.array([5.0, -30.0, 17.0])) / 2
     hi = (_MNI_ORIGIN + np.array([20.0, -5.0, 28.0])) / 2
     body = parts[int(lo[0]) : int(hi[0]) + 1, int(lo[1]) : int(hi[1]) + 1, int(lo[2]) : int(hi[2]) + 1]
-    mirror = parts[int(2 * _MNI_ORIGIN[0] / 2 - hi[0]) : int(2 * _MNI_ORIGIN[0] / 2 - lo[0]) + 1,
+    # the same box in the left hemisphere: x -> -x is template voxel 98 - x, index (98 - x) / 2 = 98 - index
+    mirror = parts[int(_MNI_ORIGIN[0] - hi[0]) : int(_MNI_ORIGIN[0] - lo[0]) + 1,
                    int(lo[1]) : int(hi[1]) + 1, int(lo[2]) : int(hi[2]) + 1]
     counts = np.bincount(np.concatenate([body.ravel(), mirror.ravel()]), minlength=n + 1)
     counts[0] = 0
@@ -397,6 +404,8 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
         - ``gm``, ``wm``, ``csf``: float32 (X, Y, Z) healthy-tissue partial volumes (sum 1 inside the brain,
           0 outside), before the tumour replaced tissue.
         - ``brain``: bool (X, Y, Z) brain mask (where the images are non-zero).
+        - ``uptake``: float32 (X, Y, Z) fraction of each voxel holding contrast-enhancing non-tumour tissue
+          (vessels, choroid plexus, dura), shown in T1ce only; 0 outside the brain and where tumour is.
         - ``kind``: "none", "small", "lgg" or "hgg"; ``contrast``: the jittered tissue x modality means used
           (dict tissue -> dict modality -> float, WM in T1 = 1 before the per-modality gain).
 
