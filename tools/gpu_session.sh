@@ -11,9 +11,9 @@ fi
 export PYTHONPATH=$PWD/bundle:${PYTHONPATH:-}
 PY=${PY:-python3}
 Q=${QUICK:-0}
-N=$([ "$Q" = 1 ] && echo 6 || echo 60)               # phantom cases
-SEG_EP=$([ "$Q" = 1 ] && echo 1 || echo 8)            # segmenter epochs
-GAN_EP=$([ "$Q" = 1 ] && echo 1 || echo 80)           # GAN epochs at the shipped width
+N=$([ "$Q" = 1 ] && echo 6 || echo ${NCASES:-60})               # phantom cases
+SEG_EP=$([ "$Q" = 1 ] && echo 1 || echo ${SEG_EPOCHS:-8})            # segmenter epochs
+GAN_EP=$([ "$Q" = 1 ] && echo 1 || echo ${GAN_EPOCHS:-80})           # GAN epochs at the shipped width
 EPLEN=$([ "$Q" = 1 ] && echo "--epoch_length 2" || echo "")  # empty: whole epochs
 BENCH_IT=$([ "$Q" = 1 ] && echo 1 || echo 5)
 BENCH_F=$([ "$Q" = 1 ] && echo 8 || echo 64)
