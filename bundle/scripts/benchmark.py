@@ -1,141 +1,715 @@
-"""Timing of the bundle's training iteration (and, later, inference) on this machine.
+"""How much the bundle costs on top of bare PyTorch, measured on this machine: ratios, not absolute times.
 
-    python bundle/scripts/benchmark.py training --features 64 --batch_size 64 --iterations 5
+    python bundle/scripts/benchmark.py inference   # inference.json on one 240x240x155 case vs the bare forward
+    python bundle/scripts/benchmark.py training    # the bundle's GAN trainer (train.json) vs a plain loop
+    python bundle/scripts/benchmark.py data        # slice loader vs one training step; memory vs number of cases
+    python bundle/scripts/benchmark.py all --output report.json
 
-prints seconds per GAN iteration for each variant, run through :class:`scripts.trainer.TCMGANTrainer` on
-random 128x128 slices (timing does not depend on the pixel values), after ``warmup`` untimed iterations.
+Every sub-command prints Markdown tables (and writes them as JSON with ``--output``), with the machine and its
+load average before and after: on a shared machine only the ratios of measurements interleaved in one run mean
+something. Each comparison alternates its two sides ``repeats`` times and reports the median of the per-repeat
+ratios. Phantom data (``scripts.phantom``) is made in a temporary folder when no data is given.
+
+- ``inference``: for each device (CPU, and the GPU when there is one) and generator width (16: the shipped
+  ``models/model.pt``; 64: the paper's width, random weights, as speed does not depend on them): the whole
+  ``inference.json`` workflow on one 240x240x155 case (read, preprocess, network, invert, write 3 NIfTI files;
+  start-up excluded) vs the bare eager forward of the same network on exactly the slices the workflow ran, and on
+  all slices; slices/s and volumes/min; where the workflow's time goes.
+- ``training``: per variant, iterations/s of ``TCMGANTrainer`` built from ``train.json`` with its handlers and data
+  loader vs a plain PyTorch loop (:func:`plain_gan_step`) doing the same forward/backward/optimizer steps on the
+  same batches (tests check that one step of each gives the same weights).
+- ``data``: slices/s that ``train.json``'s slice loader delivers (default ``num_workers``) vs slices/s one
+  training step consumes; peak and final resident memory after caching N cases, in memory vs ``cache_dir``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
+BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script: make the bundle folder importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, BUNDLE)
 
-from ignite.engine import Events  # noqa: E402
-from monai.data import DataLoader  # noqa: E402
-from monai.losses import DiceLoss  # noqa: E402
+from scripts.checkpoints import synthesis_arch  # noqa: E402
+from scripts.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss  # noqa: E402
+from scripts.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
 
-from scripts.networks import VARIANTS, SynthesisNet, TumourSegmenter, make_critic  # noqa: E402
-from scripts.trainer import TCMGANTrainer  # noqa: E402
-
-
-def _device(device):
-    return torch.device(device) if device else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+CONFIGS = os.path.join(BUNDLE, "configs")
+SHIPPED_MODEL = os.path.join(BUNDLE, "models", "model.pt")
+#: small phantom volumes for the training benchmark (resized to 128x128 like any input), as in the tests
+SMALL_SHAPE, SMALL_MIN_PIXELS = (96, 96, 40), 400
 
 
-def _sync(device):
-    if device.type == "cuda":
+# --- machine, timing ----------------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device | str | None = None) -> str:
+    """One line naming the CPU (model, cores, torch threads), the GPU when ``device`` is CUDA, and torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if device is not None and torch.device(device).type == "cuda":
+        text += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return text
+
+
+def load() -> str:
+    """The 1-, 5- and 15-minute load averages (how busy the machine was)."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def devices(device=None) -> list[torch.device]:
+    """``device`` (a name or a comma-separated list), else the CPU plus the first GPU when there is one."""
+    if device:
+        return [torch.device(d) for d in str(device).split(",")]
+    return [torch.device("cpu")] + ([torch.device("cuda:0")] if torch.cuda.is_available() else [])
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_training(variant: str, features=64, batch_size=64, iterations=5, warmup=2, seg_features=16, device=None):
-    """Seconds per iteration (mean over ``iterations`` after ``warmup``) of one variant's GAN iteration."""
-    device = _device(device)
-    torch.manual_seed(0)
-    n = iterations + warmup
-    data = [
-        {"image": torch.rand(4, 128, 128) * 2 - 1, "label": (torch.rand(1, 128, 128) > 0.9).float()}
-        for _ in range(batch_size)
-    ]
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    g = SynthesisNet(variant, features).to(device)
-    d = make_critic(variant, features).to(device)
-    s = TumourSegmenter(seg_features).to(device) if variant in ("tcmgan", "tcmgan_bw") else None
-    bw = variant == "tcmgan_bw"
-    trainer = TCMGANTrainer(
-        device=device,
-        max_epochs=n,
-        train_data_loader=loader,
-        g_network=g,
-        g_optimizer=torch.optim.Adam(g.parameters(), 2e-4),
-        d_network=d,
-        d_optimizer=torch.optim.Adam(d.parameters(), 2e-4),
-        seg_network=s,
-        s_optimizer=torch.optim.Adam(s.parameters(), 2e-4) if bw else None,
-        seg_loss_function=DiceLoss(sigmoid=True, smooth_nr=1, smooth_dr=1),
-        train_segmenter=bw,
-        lambda_cls=0.0 if variant == "pix2pix" else 10.0,
-    )
-    stamps = []
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _stamp(engine):
-        _sync(device)
-        stamps.append(time.perf_counter())
-
-    trainer.run()
-    return (stamps[-1] - stamps[warmup - 1]) / iterations
+def timed(fn: Callable, device) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds ``fn()`` takes, the device synchronised before and after; ``cpu`` is this process's
+    CPU time (all its threads), which other processes on the machine barely change when torch runs 1 thread."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def training(variants=",".join(VARIANTS), features=64, batch_size=64, iterations=5, warmup=2, device=None, output=None):
-    """Print (and optionally save as JSON) seconds per GAN iteration for each variant."""
-    variants = variants.split(",") if isinstance(variants, str) else list(variants)
-    dev = _device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    rows = []
-    print(f"| variant | features | batch | s / iteration | slices / s | device |\n|---|---|---|---|---|---|")
-    for v in variants:
-        sec = time_training(v, features, batch_size, iterations, warmup, device=dev)
-        rows.append({"variant": v, "features": features, "batch_size": batch_size, "seconds": sec, "device": name})
-        print(f"| {v} | {features} | {batch_size} | {sec:.3f} | {batch_size / sec:.1f} | {name} |", flush=True)
+def set_threads(threads) -> None:
+    """``torch.set_num_threads(threads)`` when given (1 makes CPU times comparable on a loaded machine)."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """Median of the per-repeat ratios (each pair measured back to back, so load changes mostly cancel)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def table(rows: list[dict], columns: dict[str, str]) -> str:
+    """Markdown table of ``rows`` with ``columns`` ``{key: header}`` (floats with 3 significant digits)."""
+
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _report(name: str, rows: list[dict], columns: dict[str, str], meta: dict, output: str | None) -> dict:
+    print(f"\n### {name}\n\nmachine: {meta['machine']}; load average before: {meta['load_before']}, "
+          f"after: {meta['load_after']}\n")
+    print(table(rows, columns), flush=True)
+    result = {"benchmark": name, **meta, "rows": rows}
     if output:
         with open(output, "w") as f:
-            json.dump(rows, f, indent=2)
-    return None
+            json.dump(result, f, indent=2, default=str)
+    return result
 
 
-def inference(input, ckpt_path, repeats=2, sw_batch_size=64, device=None, output=None):
-    """Seconds per volume of the ``inference.json`` workflow (start-up excluded) vs the bare generator forward
-    on the same number of 128x128 slices; prints one Markdown row per run."""
-    import tempfile
+# --- data made on the fly -----------------------------------------------------------------------------------------
 
+
+def phantom_dataset(folder: str, num_cases: int, shape=None, seed: int = 0) -> str:
+    """``num_cases`` phantom cases (BraTS 2021 layout) and their datalist in ``folder``; returns ``folder``."""
+    from scripts.phantom import BRATS_SHAPE, generate
+    from scripts.prepare_datalist import prepare_datalist
+
+    generate(folder, num_cases=num_cases, seed=seed, layout="brats2021", shape=shape or BRATS_SHAPE)
+    prepare_datalist(folder, seed=seed)
+    return folder
+
+
+def replicated_datalist(folder: str, num_cases: int, split: str = "gan") -> str:
+    """A datalist listing ``num_cases`` cases, cycling through the cases of ``folder/datalist.json`` (all splits)
+    under distinct case names: memory per cached case depends on the grid, not on the content."""
+    with open(os.path.join(folder, "datalist.json")) as f:
+        content = json.load(f)
+    source = [c for s in ("gan", "seg", "test") for c in content.get(s, [])]
+    cases = [{**source[i % len(source)], "case": f"copy{i:04d}"} for i in range(num_cases)]
+    path = os.path.join(folder, f"datalist_{num_cases}.json")
+    with open(path, "w") as f:
+        json.dump({**content, "gan": cases, "seg": cases[:1], "test": cases[:1]}, f)
+    return path
+
+
+def random_generator_ckpt(path: str, features: int, variant: str = "tcmgan") -> str:
+    torch.manual_seed(0)
+    torch.save(SynthesisNet(variant, features).state_dict(), path)
+    return path
+
+
+# --- inference ----------------------------------------------------------------------------------------------------
+
+
+class _TimedInferer:
+    """Wraps the workflow's inferer to time the network part of an iteration."""
+
+    def __init__(self, inferer, device):
+        self.inferer, self.device, self.seconds = inferer, device, []
+
+    def __call__(self, *args, **kwargs):
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.inferer(*args, **kwargs)
+        sync(self.device)
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+
+def _inference_workflow(input: str, ckpt_path: str, output_dir: str, device, sw_batch_size: int, compile: bool):
     from monai.bundle import ConfigWorkflow
 
-    bundle = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    dev = _device(device)
+    wf = ConfigWorkflow(
+        config_file=os.path.join(CONFIGS, "inference.json"),
+        workflow_type="infer",
+        bundle_root=BUNDLE,
+        input=input,
+        ckpt_path=ckpt_path,
+        output_dir=output_dir,
+        device=str(device),
+        sw_batch_size=sw_batch_size,
+        compile=compile,
+    )
+    wf.initialize()
+    return wf
+
+
+def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, sw_batch_size: int = 64, compile=False):
+    """One row: the inference.json workflow on ``input`` vs the bare forward on the same slices (see module doc)."""
+    from ignite.engine import Events
+
+    device = torch.device(device)
     with tempfile.TemporaryDirectory() as out:
-        wf = ConfigWorkflow(
-            config_file=os.path.join(bundle, "configs", "inference.json"),
-            workflow_type="infer",
-            bundle_root=bundle,
-            input=input,
-            ckpt_path=ckpt_path,
-            output_dir=out,
-            device=str(dev),
-            sw_batch_size=sw_batch_size,
-        )
-        wf.initialize()
+        wf = _inference_workflow(input, ckpt_path, out, device, sw_batch_size, compile)
         evaluator = wf.parser.get_parsed_content("evaluator")
-        net = wf.parser.get_parsed_content("network")
-        rows = []
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            evaluator.run()
-            _sync(dev)
-            workflow_s = time.perf_counter() - t0
-            depth = evaluator.state.output[0]["pred"].shape[-1]
-            x = torch.rand(depth, 1, 128, 128, device=dev) * 2 - 1
-            t0 = time.perf_counter()
+        network = wf.parser.get_parsed_content("network")
+        inferer = wf.parser.get_parsed_content("inferer")
+        timer = _TimedInferer(inferer, device)
+        evaluator.inferer = timer
+        stamps: dict[str, list[float]] = {"load": [], "post": []}
+        marks: dict[str, float] = {}
+        evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda e: marks.__setitem__("get", time.perf_counter()))
+        evaluator.add_event_handler(
+            Events.GET_BATCH_COMPLETED, lambda e: stamps["load"].append(time.perf_counter() - marks["get"])
+        )
+        evaluator.add_event_handler(Events.ITERATION_STARTED, lambda e: marks.__setitem__("it", time.perf_counter()))
+
+        @evaluator.on(Events.ITERATION_COMPLETED)
+        def _post(engine):  # registered after the workflow's postprocessing: its time is what the iteration had left
+            stamps["post"].append(time.perf_counter() - marks["it"] - timer.seconds[-1])
+
+        evaluator.run()  # warm-up (and compilation); not timed
+        image = evaluator.state.output[0]["image"]
+        volume = torch.as_tensor(image).to(device)  # (1, 128, 128, D) preprocessed T2
+        depth = volume.shape[-1]
+        brain = inferer.brain_slices(volume)
+        empty = [z for z in range(depth) if z not in set(brain.tolist())][:1]
+        run = torch.cat([brain, torch.tensor(empty, dtype=brain.dtype, device=brain.device)])
+        same = volume[..., run].permute(3, 0, 1, 2).contiguous()
+        every = volume.permute(3, 0, 1, 2).contiguous()
+
+        def bare(slices, even_split):
+            n = slices.shape[0]
+            size = -(-n // -(-n // sw_batch_size)) if even_split else sw_batch_size
             with torch.inference_mode():
-                for i in range(0, depth, sw_batch_size):
-                    net(x[i : i + sw_batch_size])
-            _sync(dev)
-            bare_s = time.perf_counter() - t0
-            rows.append({"run": r, "workflow_s": workflow_s, "bare_forward_s": bare_s, "slices": depth})
-            print(f"| {r} | {depth} | {workflow_s:.2f} | {bare_s:.2f} | {workflow_s / bare_s:.2f} |", flush=True)
+                for start in range(0, n, size):
+                    network(slices[start : start + size])
+
+        bare(same, True)  # warm-up of the eager path
+        runs: dict[str, list[tuple[float, float]]] = {"workflow": [], "same": [], "all": []}
+        del timer.seconds[:], stamps["load"][:], stamps["post"][:]
+        for _ in range(repeats):
+            runs["workflow"].append(timed(evaluator.run, device))
+            runs["same"].append(timed(lambda: bare(same, True), device))
+            runs["all"].append(timed(lambda: bare(every, False), device))
+    wall = {k: [w for w, _ in v] for k, v in runs.items()}
+    cpu = {k: [c for _, c in v] for k, v in runs.items()}
+    workflow_s = statistics.median(wall["workflow"])
+    return {
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "features": int(network.arch[1]),
+        "compile": bool(compile),
+        "slices": depth,
+        "slices_run": f"{int(run.numel())} / {depth}",
+        "workflow_s": workflow_s,
+        "bare_same_s": statistics.median(wall["same"]),
+        "workflow_over_bare": median_ratio(wall["workflow"], wall["same"]),
+        "workflow_over_bare_cpu": median_ratio(cpu["workflow"], cpu["same"]),
+        "bare_all_s": statistics.median(wall["all"]),
+        "workflow_over_bare_all": median_ratio(wall["workflow"], wall["all"]),
+        "workflow_cpu_s": statistics.median(cpu["workflow"]),
+        "slices_per_s": depth / workflow_s,
+        "volumes_per_min": 60.0 / workflow_s,
+        "load_s": statistics.median(stamps["load"]),
+        "network_s": statistics.median(timer.seconds),
+        "post_s": statistics.median(stamps["post"]),
+        "repeats": repeats,
+    }
+
+
+INFERENCE_COLUMNS = {
+    "device": "device",
+    "threads": "threads",
+    "features": "width",
+    "compile": "compiled",
+    "slices_run": "slices run",
+    "workflow_s": "workflow s",
+    "bare_same_s": "bare forward, same slices, s",
+    "workflow_over_bare": "workflow / bare (wall)",
+    "workflow_over_bare_cpu": "workflow / bare (CPU time)",
+    "bare_all_s": "bare forward, all slices, s",
+    "workflow_over_bare_all": "workflow / bare all slices (wall)",
+    "workflow_cpu_s": "workflow CPU s",
+    "slices_per_s": "slices/s",
+    "volumes_per_min": "volumes/min",
+    "load_s": "read + preprocess s",
+    "network_s": "network s",
+    "post_s": "invert + write s",
+}
+
+
+def inference(
+    input: str | None = None,
+    widths="16,64",
+    device=None,
+    repeats: int = 3,
+    sw_batch_size: int = 64,
+    compile=False,
+    threads=None,
+    output: str | None = None,
+):
+    """Inference workflow vs bare forward (module doc). ``input``: a 240x240x155 T2 volume (default: one phantom
+    case made here). ``widths``: generator widths; the shipped model.pt is used for its own width, random weights
+    for the others. ``compile``: False, True, or "both" (a row for each). ``threads``: torch CPU threads."""
+    set_threads(threads)
+    widths = [int(w) for w in (str(widths).split(",") if not isinstance(widths, (list, tuple)) else widths)]
+    modes = [False, True] if str(compile).lower() == "both" else [str(compile).lower() in ("true", "1")]
+    shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
+    meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not input:
+            phantom_dataset(os.path.join(tmp, "data"), 1)
+            input = os.path.join(tmp, "data", "BraTS2021_00000", "BraTS2021_00000_t2.nii.gz")
+        for dev in devices(device):
+            for width in widths:
+                ckpt = SHIPPED_MODEL if shipped == width else None
+                ckpt = ckpt or random_generator_ckpt(os.path.join(tmp, f"model_f{width}.pt"), width)
+                for mode in modes:
+                    rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size, mode))
+                    print(table(rows[-1:], INFERENCE_COLUMNS).splitlines()[-1], flush=True)
+    meta["load_after"] = load()
+    meta["input"] = input
+    return _report("inference", rows, INFERENCE_COLUMNS, meta, output)
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+def plain_gan_step(
+    g,
+    d,
+    s,
+    g_opt,
+    d_opt,
+    s_opt,
+    seg_loss,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    lambda_l1=0.1,
+    lambda_cls=10.0,
+    lambda_seg=50.0,
+    lambda_gp=100.0,
+    d_train_steps=1,
+    reduction="sum",
+    train_segmenter=False,
+    num_targets=3,
+) -> None:
+    """One TC-MGAN iteration written as a plain PyTorch loop body: the same forward, backward and optimizer steps
+    as :meth:`scripts.trainer.TCMGANTrainer._iteration`, in the same order (so the same random draws), without the
+    engine, the output dict or the ``.item()`` calls. ``image`` ``(B, 4, H, W)``, ``label`` ``(B, 1, H, W)``."""
+    b = image.shape[0]
+    x = image[:, -1:]
+    k = torch.randint(0, num_targets, (b,), device=x.device)
+    y = image[torch.arange(b, device=x.device), k].unsqueeze(1)
+    tumour = (label > 0).to(x.dtype)
+    g.train()
+    d.train()
+    if s is not None:
+        s.train(train_segmenter)
+    for _ in range(d_train_steps):
+        with torch.no_grad():
+            fake = g(x, k)
+        d_opt.zero_grad(set_to_none=True)
+        src_real, cls_real = d(x, y, k)
+        src_fake, _ = d(x, fake, k)
+        d_loss = -critic_score(src_real, reduction) + critic_score(src_fake, reduction)
+        if cls_real is not None:
+            d_loss = d_loss + lambda_cls * modality_classification_loss(cls_real, k)
+        d_loss = d_loss + lambda_gp * gradient_penalty(d, x, y, fake, k)
+        d_loss.backward()
+        d_opt.step()
+    d.requires_grad_(False)
+    g_opt.zero_grad(set_to_none=True)
+    fake = g(x, k)
+    src_fake, cls_fake = d(x, fake, k)
+    g_loss = -critic_score(src_fake, reduction) + lambda_l1 * l1_loss(fake, y, reduction)
+    if cls_fake is not None:
+        g_loss = g_loss + lambda_cls * modality_classification_loss(cls_fake, k)
+    if s is not None:
+        g_loss = g_loss + lambda_seg * seg_loss(s(fake, k), tumour)
+    g_loss.backward()
+    g_opt.step()
+    d.requires_grad_(True)
+    if train_segmenter:
+        s_opt.zero_grad(set_to_none=True)
+        s_loss = 0.7 * seg_loss(s(fake.detach(), k), tumour) + 0.3 * seg_loss(s(y, k), tumour)
+        s_loss.backward()
+        s_opt.step()
+
+
+def plain_step_for(trainer) -> Callable[[dict], None]:
+    """:func:`plain_gan_step` bound to a ``TCMGANTrainer``'s networks, optimizers and settings: ``step(batch)``."""
+    t = trainer
+
+    def step(batch: dict) -> None:
+        image = batch["image"].to(t.state.device)
+        label = batch["label"].to(t.state.device)
+        g = getattr(t.g_network, "module", t.g_network)
+        plain_gan_step(
+            g, t.d_network, t.seg_network, t.g_optimizer, t.d_optimizer, t.s_optimizer, t.seg_loss_function,
+            image, label, t.lambda_l1, t.lambda_cls, t.lambda_seg, t.lambda_gp, t.d_train_steps, t.reduction,
+            t.train_segmenter, t.num_targets,
+        )  # fmt: skip
+
+    return step
+
+
+def training_workflow(dataset_dir: str, output_dir: str, variant: str, **override):
+    """``train.json`` initialised for a benchmark: no validation, checkpoints only at the epoch end, a random
+    segmenter for the TC-MGAN variants (speed does not depend on its weights)."""
+    from monai.bundle import ConfigWorkflow
+
+    seg = os.path.join(output_dir, "segmenter_random.pt")
+    if not os.path.isfile(seg):
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(TumourSegmenter(features=16).state_dict(), seg)
+    settings = dict(
+        dataset_dir=dataset_dir, output_dir=output_dir, variant=variant, segmenter_ckpt=seg, max_epochs=1,
+        val_interval=10**9, checkpoint_every=0, cache_num_workers=0,
+    )  # fmt: skip
+    settings.update(override)
+    wf = ConfigWorkflow(
+        config_file=os.path.join(CONFIGS, "train.json"),
+        logging_file=os.path.join(CONFIGS, "logging.conf"),
+        workflow_type="train",
+        bundle_root=BUNDLE,
+        **settings,
+    )
+    wf.initialize()
+    return wf
+
+
+def time_training(
+    dataset_dir: str,
+    variant: str,
+    features=16,
+    batch_size=16,
+    iterations=3,
+    repeats=3,
+    device=None,
+    plain=True,
+    **override,
+):
+    """One row: per-iteration seconds of the bundle's trainer (``train.json``: its loader, handlers, ``.item()``
+    calls) and of :func:`plain_gan_step` on the same batches, alternating blocks of ``iterations`` (after one
+    untimed warm-up iteration). ``plain=False``: the trainer alone. ``override``: more train.json ids."""
+    from ignite.engine import Events
+
+    device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as out:
+        wf = training_workflow(
+            dataset_dir, out, variant, features=features, batch_size=batch_size, device=str(device),
+            epoch_length=1 + repeats * iterations, **override,
+        )  # fmt: skip
+        trainer = wf.parser.get_parsed_content("train#trainer")
+        step = plain_step_for(trainer)
+        batches, trainer_s, plain_s = [], [], []
+        clock = {"last": None}
+
+        @trainer.on(Events.ITERATION_COMPLETED)
+        def _measure(engine):  # runs after the config's handlers, so their cost is in the trainer's time
+            sync(device)
+            now = (time.perf_counter(), time.process_time())
+            if clock["last"] is not None:
+                trainer_s.append((now[0] - clock["last"][0], now[1] - clock["last"][1]))
+                batches.append(engine.state.batch)
+            if engine.state.iteration > 1 and len(batches) == iterations:  # a block done: the plain loop's turn
+                wall, cpu = timed(lambda: [step(batch) for batch in (batches if plain else [])], device)
+                plain_s.append((wall / iterations, cpu / iterations))
+                batches.clear()
+            clock["last"] = (time.perf_counter(), time.process_time())
+
+        trainer.run()
+    blocks = [trainer_s[i * iterations : (i + 1) * iterations] for i in range(len(plain_s))]
+    t_wall = [statistics.mean(w for w, _ in b) for b in blocks]
+    t_cpu = [statistics.mean(c for _, c in b) for b in blocks]
+    p_wall, p_cpu = [w for w, _ in plain_s], [c for _, c in plain_s]
+    t = statistics.median(t_wall)
+    return {
+        "variant": variant,
+        "features": features,
+        "batch_size": batch_size,
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "trainer_it_per_s": 1 / t,
+        "plain_it_per_s": 1 / statistics.median(p_wall) if plain else None,
+        "trainer_over_plain": median_ratio(t_wall, p_wall) if plain else None,
+        "trainer_over_plain_cpu": median_ratio(t_cpu, p_cpu) if plain else None,
+        "trainer_slices_per_s": batch_size / t,
+        "blocks": f"{len(plain_s)} x {iterations}",
+    }
+
+
+TRAINING_COLUMNS = {
+    "variant": "variant",
+    "device": "device",
+    "features": "width",
+    "batch_size": "batch",
+    "trainer_it_per_s": "trainer it/s",
+    "plain_it_per_s": "plain loop it/s",
+    "threads": "threads",
+    "trainer_over_plain": "trainer / plain (wall)",
+    "trainer_over_plain_cpu": "trainer / plain (CPU time)",
+    "trainer_slices_per_s": "slices/s consumed",
+    "blocks": "blocks x iterations",
+}
+
+
+def training(
+    variants=",".join(VARIANTS),
+    features=None,
+    batch_size=None,
+    iterations: int = 3,
+    repeats: int = 3,
+    device=None,
+    dataset_dir: str | None = None,
+    threads=None,
+    output: str | None = None,
+):
+    """Trainer vs plain loop for each variant (module doc). ``features``/``batch_size`` default to 64/64 on a GPU
+    and 16/16 on a CPU (the paper's size takes ~10+ s per iteration on 2 cores; the ratio is what matters).
+    ``threads``: torch CPU threads."""
+    set_threads(threads)
+    variants = variants.split(",") if isinstance(variants, str) else list(variants)
+    dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    features = features or (64 if dev.type == "cuda" else 16)
+    batch_size = batch_size or (64 if dev.type == "cuda" else 16)
+    meta = {"machine": machine(dev), "load_before": load()}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        small = {} if dataset_dir else {"min_brain_pixels": SMALL_MIN_PIXELS}
+        data = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), 6, shape=SMALL_SHAPE)
+        for v in variants:
+            rows.append(time_training(data, v, features, batch_size, iterations, repeats, dev, **small))
+            print(table(rows[-1:], TRAINING_COLUMNS).splitlines()[-1], flush=True)
+    meta["load_after"] = load()
+    return _report("training", rows, TRAINING_COLUMNS, meta, output)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def _memory_status() -> dict:
+    """Resident memory of this process in MB: peak (VmHWM), now (VmRSS), anonymous and file-backed parts."""
+    fields = {"VmHWM": "peak_rss_mb", "VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in fields:
+                out[fields[key]] = int(line.split()[1]) / 1024
+    return out
+
+
+def memory_probe(datalist: str, cache_dir: str = "", touch: bool = True, **override) -> dict:
+    """Build ``train.json``'s training cache over every case of ``datalist`` (split ``gan``) in this process and
+    report its memory (MB) before, after caching and after reading every slice once (``touch``). Run it in a fresh
+    process (``python benchmark.py memory_probe ...``) so that the peak is this cache's. ``override``: more
+    train.json ids."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(CONFIGS, "train.json"))
+    parser.update({
+        "bundle_root": BUNDLE, "data_list_file_path": datalist, "dataset_dir": os.path.dirname(datalist),
+        "cache_dir": cache_dir or None, "cache_num_workers": 2, **override,
+    })  # fmt: skip
+    before = _memory_status()
+    start = time.perf_counter()
+    volumes = parser.get_parsed_content("train#volumes")
+    fill_s = time.perf_counter() - start
+    cached = _memory_status()
+    slices = 0
+    if touch:
+        dataset = parser.get_parsed_content("train#dataset")
+        for i in range(len(dataset)):
+            dataset[i]
+        slices = len(dataset)
+    after = _memory_status()
+    return {
+        "cases": len(volumes), "slices": slices, "fill_s": fill_s, "base_mb": before["rss_mb"],
+        "filled_mb": cached["rss_mb"], "peak_mb": after["peak_rss_mb"], "anon_mb": after["anon_mb"],
+        "file_mb": after["file_mb"],
+        "cache": "disk (cache_dir)" if cache_dir else "memory",
+    }  # fmt: skip
+
+
+def loader_rate(dataset_dir: str, batches: int = 20, num_workers=None, batch_size: int = 64) -> dict:
+    """Slices/s ``train.json``'s training data loader delivers from its filled cache (default ``num_workers``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(CONFIGS, "train.json"))
+    settings = {"bundle_root": BUNDLE, "dataset_dir": dataset_dir, "batch_size": batch_size}
+    if num_workers is not None:
+        settings["num_workers"] = num_workers
+    parser.update(settings)
+    start = time.perf_counter()
+    loader = parser.get_parsed_content("train#dataloader")
+    fill_s = time.perf_counter() - start
+    n, start = 0, time.perf_counter()
+    while n < batches:
+        for batch in loader:
+            n += 1
+            if n >= batches:
+                break
+    seconds = time.perf_counter() - start
+    cases = len(parser.get_parsed_content("train#volumes"))
+    return {
+        "num_workers": parser.get_parsed_content("num_workers"), "loader_slices_per_s": batches * batch_size / seconds,
+        "cache_fill_cases_per_s": cases / fill_s, "cases": cases,
+    }  # fmt: skip
+
+
+DATA_COLUMNS = {
+    "device": "device",
+    "features": "width",
+    "num_workers": "loader workers",
+    "loader_slices_per_s": "loader slices/s",
+    "step_slices_per_s": "one training step consumes, slices/s",
+    "loader_over_step": "loader / consumption",
+    "cache_fill_cases_per_s": "cache fill, cases/s",
+}
+MEMORY_COLUMNS = {
+    "cache": "cache",
+    "cases": "cases",
+    "slices": "slices",
+    "fill_s": "fill s",
+    "base_mb": "before, MB",
+    "filled_mb": "RSS after filling, MB",
+    "peak_mb": "peak RSS, MB",
+    "anon_mb": "anonymous, MB",
+    "file_mb": "file-backed (page cache), MB",
+    "mb_per_case": "peak MB per case",
+}
+
+
+def data(
+    cases="10,25,50,100",
+    unique_cases: int = 5,
+    features=None,
+    batch_size: int = 64,
+    device=None,
+    step_iterations: int = 2,
+    dataset_dir: str | None = None,
+    threads=None,
+    output: str | None = None,
+):
+    """Loader vs training consumption, and memory vs number of cases (module doc).
+
+    The loader runs on ``unique_cases`` full-size phantom cases; a training step is timed with the bundle's
+    trainer at ``features`` (default 64, the paper's) and ``batch_size``, after one warm-up iteration. Memory is
+    measured in a fresh process per point, for datalists of ``cases`` cases that cycle through the unique ones.
+    ``threads``: torch CPU threads."""
+    set_threads(threads)
+    counts = [int(c) for c in (str(cases).split(",") if not isinstance(cases, (list, tuple)) else cases)]
+    dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    features = features or 64
+    meta = {"machine": machine(dev), "load_before": load()}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), unique_cases)
+        rate = loader_rate(folder, batch_size=batch_size)
+        step = time_training(folder, "tcmgan", features, batch_size, step_iterations, 1, dev, plain=False)
+        rows = [{
+            "device": dev.type, "features": features, **rate, "step_slices_per_s": step["trainer_slices_per_s"],
+            "loader_over_step": rate["loader_slices_per_s"] / step["trainer_slices_per_s"],
+        }]  # fmt: skip
+        _report("data: loader vs training step", rows, DATA_COLUMNS, {**meta, "load_after": load()}, None)
+        memory = []
+        for cache_dir in ("", os.path.join(tmp, "cache")):
+            for n in counts:
+                datalist = replicated_datalist(folder, n)
+                command = [sys.executable, os.path.abspath(__file__), "memory_probe", "--datalist", datalist]
+                command += ["--cache_dir", cache_dir] if cache_dir else []
+                res = subprocess.run(command, capture_output=True, text=True, check=True)
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                row["mb_per_case"] = (row["peak_mb"] - row["base_mb"]) / n
+                memory.append(row)
+                print(table(memory[-1:], MEMORY_COLUMNS).splitlines()[-1], flush=True)
+                if cache_dir:  # the next count starts from an empty cache too
+                    for name in os.listdir(cache_dir):
+                        os.remove(os.path.join(cache_dir, name))
+    meta["load_after"] = load()
+    _report("data: memory vs cases", memory, MEMORY_COLUMNS, meta, None)
+    result = {"benchmark": "data", **meta, "loader": rows, "memory": memory}
     if output:
         with open(output, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(result, f, indent=2, default=str)
+    return result
+
+
+def _memory_probe_cli(datalist: str, cache_dir: str = "", touch: bool = True) -> None:
+    print(json.dumps(memory_probe(datalist, cache_dir, touch)))
+
+
+def run_all(device=None, threads=None, output: str | None = None):
+    """``all``: ``inference``, ``training`` and ``data`` with their defaults; ``output``: one JSON with the three."""
+    results = {
+        "inference": inference(device=device, threads=threads),
+        "training": training(device=device, threads=threads),
+        "data": data(device=device, threads=threads),
+    }
+    if output:
+        with open(output, "w") as f:
+            json.dump(results, f, indent=2, default=str)
 
 
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"training": training, "inference": inference})
+    commands = {"inference": inference, "training": training, "data": data, "all": run_all}
+    # the tables are printed as they are measured; the returned dicts are for callers in Python
+    fire.Fire({**commands, "memory_probe": _memory_probe_cli}, serialize=lambda result: None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 
@@ -23,11 +24,47 @@ from .networks import VARIANTS, SynthesisNet, TumourSegmenter
 logger = logging.getLogger(__name__)
 
 
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}."
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that :func:`save_atomic` left next to ``path`` in processes that were killed
+    mid-write (``.<name>.<pid>.<random>.tmp`` whose pid no longer runs). Returns the removed paths."""
+    folder, prefix = os.path.dirname(os.path.abspath(path)), _temp_prefix(path)
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _pid_running(int(pid)):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves a truncated file."""
+    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves a truncated file.
+
+    The temporary file is ``.<name>.<pid>.<random>.tmp``; ones left by killed processes are removed first.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -44,21 +81,82 @@ def save_atomic(obj, path: str) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary pickle code runs).
+    """Load a checkpoint with ``weights_only=True``: only tensors and plain containers are unpickled, so a file
+    cannot run code when it is loaded (a pickled object with a malicious ``__reduce__`` is refused).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable PyTorch checkpoint of tensors and plain values.
+        ValueError: the file holds other pickled objects (refused, with the offending global named), is corrupt or
+            truncated, or is not a dict.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt zip, truncated file, or pickled objects other than tensors/containers
-        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:
+        lines = str(e).strip().splitlines()
+        detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)
+        detail = detail.split(". Please use")[0].removeprefix("WeightsUnpickler error: ")
+        raise ValueError(
+            f"{path}: refused to load: it holds pickled Python objects besides tensors and plain containers "
+            f"({detail}), and loading those could run code from the file. Only weights-only checkpoints are "
+            "accepted (torch.load(weights_only=True)); if you trust the file, re-save its state dict "
+            "(torch.save(model.state_dict(), path))."
+        ) from None
+    except Exception as e:  # not a zip/pickle at all, truncated, bad CRC
+        reason = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path}: corrupt or truncated, not a readable PyTorch checkpoint ({reason})") from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return dict(state)
+
+
+def checkpoint_kind(state: Mapping) -> str:
+    """What a loaded checkpoint holds: ``"generator"`` (SynthesisNet), ``"critic"``, ``"segmenter"``
+    (TumourSegmenter), ``"training checkpoint"`` (a ``checkpoint.pt`` written for ``--resume``) or ``"unknown"``."""
+    keys = [str(k) for k in state]
+    if "trainer" in state:
+        return "training checkpoint"
+    if any(k.startswith("generators.") for k in keys):
+        return "generator"
+    if any(k.startswith(("trunk.", "critics.")) for k in keys):
+        return "critic"
+    if any(k.startswith("unet.") for k in keys):
+        return "segmenter"
+    return "unknown"
+
+
+def describe(state: Mapping) -> str:
+    """Human description of a network state dict's architecture, e.g. ``generator variant 'mgan', features 16``."""
+    kind = checkpoint_kind(state)
+    arch = state.get("arch")
+    if arch is None:
+        arch = next((v for k, v in state.items() if str(k).endswith(".arch")), None)
+    values = [int(v) for v in arch.tolist()] if isinstance(arch, torch.Tensor) else []
+    if kind == "generator" and len(values) == 4 and 0 <= values[0] < len(VARIANTS):
+        return f"generator variant {VARIANTS[values[0]]!r}, features {values[1]}"
+    if kind == "critic" and values:
+        per_target = any(str(k).startswith("critics.") for k in state)
+        return f"critic ({'one per target, pix2pix' if per_target else 'with modality head'}), features {values[0]}"
+    if kind == "segmenter" and values:
+        return f"segmenter, features {values[0]}"
+    return kind
+
+
+_EXPECTED = {
+    "generator": "a generator model.pt (SynthesisNet state dict, as training writes to "
+    "<output_dir>/<variant>/model.pt)",
+    "segmenter": "a segmenter model.pt (TumourSegmenter state dict, as train_segmenter.json writes)",
+}
+_HINTS = {
+    "training checkpoint": " (a training checkpoint.pt: give the model.pt next to it)",
+}
+
+
+def _require_kind(state: Mapping, path: str, kind: str) -> None:
+    found = checkpoint_kind(state)
+    if found != kind:
+        raise ValueError(f"{path} is not {_EXPECTED[kind]}: it holds a {describe(state)}{_HINTS.get(found, '')}")
 
 
 def _arch(state: Mapping, path: str, what: str) -> list[int]:
@@ -68,10 +166,26 @@ def _arch(state: Mapping, path: str, what: str) -> list[int]:
 
 
 def synthesis_arch(path: str) -> dict:
-    """``{"variant", "features", "num_targets", "num_downs"}`` recorded in a generator checkpoint (model.pt)."""
+    """``{"variant", "features", "num_targets", "num_downs"}`` recorded in a generator checkpoint (model.pt).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds something else than a
+            generator (a segmenter, a critic, a training checkpoint), said in the message.
+    """
     state = load_checkpoint(path)
-    variant, features, num_targets, num_downs = _arch(state, path, "generator (SynthesisNet)")
+    _require_kind(state, path, "generator")
+    values = _arch(state, path, "generator (SynthesisNet)")
+    if len(values) != 4 or not 0 <= values[0] < len(VARIANTS):
+        raise ValueError(f"{path}: its 'arch' entry {values} is not [variant, features, num_targets, num_downs]")
+    variant, features, num_targets, num_downs = values
     return {"variant": VARIANTS[variant], "features": features, "num_targets": num_targets, "num_downs": num_downs}
+
+
+def _load_state(network: torch.nn.Module, state: Mapping, path: str, what: str) -> None:
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:  # tensors of other shapes or names than the arch entry promises: a damaged file
+        raise ValueError(f"{path}: its weights do not fit the {what} its 'arch' entry describes ({e})") from None
 
 
 def load_synthesis_weights(network: SynthesisNet, path: str) -> SynthesisNet:
@@ -82,18 +196,31 @@ def load_synthesis_weights(network: SynthesisNet, path: str) -> SynthesisNet:
     wrong = [f"{k} {found[k]!r} (config asks {v!r})" for k, v in want.items() if found[k] != v]
     if wrong:
         raise ValueError(f"{path} does not match the configured generator: checkpoint has " + ", ".join(wrong))
-    network.load_state_dict(state)
+    _load_state(network, state, path, "generator")
     return network
 
 
 def load_segmenter(path: str, device="cpu") -> TumourSegmenter:
-    """Rebuild S at the width it was trained with (read from the checkpoint) and load its weights."""
+    """Rebuild S at the width it was trained with (read from the checkpoint) and load its weights.
+
+    Accepts the segmenter's ``model.pt`` (a state dict) or its training ``checkpoint.pt`` (entry ``network``).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds another network (e.g. a
+            generator model.pt given as ``segmenter_ckpt``), said in the message.
+    """
     state = load_checkpoint(path, map_location=device)
-    if "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    features, num_targets = _arch(state, path, "segmenter (TumourSegmenter)")
+    for entry in ("model", "network"):
+        if entry in state and isinstance(state[entry], Mapping):
+            state = state[entry]
+            break
+    _require_kind(state, path, "segmenter")
+    values = _arch(state, path, "segmenter (TumourSegmenter)")
+    if len(values) != 2:
+        raise ValueError(f"{path}: its 'arch' entry {values} is not [features, num_targets]")
+    features, num_targets = values
     net = TumourSegmenter(features=features, num_targets=num_targets)
-    net.load_state_dict(state)
+    _load_state(net, state, path, f"segmenter of features {features}")
     return net.to(device)
 
 
@@ -126,17 +253,55 @@ class TrainingCheckpoint:
         save_atomic({k: v.state_dict() for k, v in self.save_dict.items()}, self.path)
 
     def load(self, engine: Engine | None = None) -> None:
+        """Restore every entry of ``save_dict`` from ``path``.
+
+        Raises:
+            FileNotFoundError, ValueError: as :func:`load_checkpoint` (missing, refused, corrupt or truncated); the
+                file is not a training checkpoint (e.g. a model.pt); it lacks an entry this run needs or a network
+                in it has another architecture than this run's (the message says which entry and both
+                architectures, e.g. ``generator: checkpoint has generator variant 'mgan', features 16; this run has
+                generator variant 'tcmgan', features 64``).
+        """
         state = load_checkpoint(self.path)
+        if "trainer" not in state:
+            raise ValueError(
+                f"{self.path} is not a training checkpoint (it holds a {describe(state)}; --resume needs the "
+                "checkpoint.pt written during training)"
+            )
         missing = [k for k in self.save_dict if k not in state]
         if missing:
-            raise ValueError(f"{self.path} cannot resume this run: it lacks {missing} (has {sorted(state)})")
+            raise ValueError(
+                f"{self.path} cannot resume this run: it lacks {missing} (has {sorted(state)}); it was written by a "
+                f"run with other settings ({self._saved_networks(state)})"
+            )
+        wrong = []
+        for k, obj in self.save_dict.items():
+            if isinstance(obj, torch.nn.Module) and isinstance(state[k], Mapping):
+                ours, theirs = describe(obj.state_dict()), describe(state[k])
+                if ours != theirs or set(obj.state_dict()) != set(state[k]):
+                    wrong.append(f"{k}: checkpoint has {theirs}; this run has {ours}")
+        if wrong:
+            raise ValueError(f"{self.path} was written by a run with another architecture: " + "; ".join(wrong))
         max_epochs = engine.state.max_epochs if engine is not None else None
         for k, obj in self.save_dict.items():
-            obj.load_state_dict(state[k])
+            try:
+                obj.load_state_dict(state[k])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                reason = f"{type(e).__name__}: {e}"
+                raise ValueError(f"{self.path}: its entry {k!r} does not fit this run ({reason})") from None
         if engine is not None:
             if max_epochs is not None and max_epochs > engine.state.max_epochs:
                 engine.state.max_epochs = max_epochs  # a resumed run may be asked to train longer
             logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+    @staticmethod
+    def _saved_networks(state: Mapping) -> str:
+        nets = [
+            f"{k}: {describe(v)}"
+            for k, v in state.items()
+            if isinstance(v, Mapping) and checkpoint_kind(v) != "unknown"
+        ]
+        return "; ".join(nets) or "no network entries"
 
 
 class ModelSaver:

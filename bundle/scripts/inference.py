@@ -18,13 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.inferers import Inferer
 from monai.transforms import LoadImaged
 
 from .checkpoints import synthesis_arch
@@ -179,19 +183,51 @@ def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.
     if img.ndim != 3:
         hint = " (one multi-channel volume: list it in a datalist to use its T2 channel)" if img.ndim == 4 else ""
         raise ValueError(f"{path}: image has shape {tuple(img.shape)}; a 3D T2 volume is needed{hint}")
-    bad = int((~torch.isfinite(img)).sum()) if img.is_floating_point() else 0
+    t = img.as_tensor() if isinstance(img, MetaTensor) else img  # plain tensor: no metadata work per check
+    bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
     if bad:
         raise ValueError(f"{path}: {bad} voxels are NaN or Inf")
-    low, high = img.min().item(), img.max().item()
+    low, high = (v.item() for v in torch.aminmax(t))
     if low == high:
         raise ValueError(f"{path}: constant image (every voxel is {low}); there is no brain to synthesise from")
-    nonzero, negative = int((img != 0).sum()), int((img < 0).sum())
+    negative = int((t < 0).sum()) if low < 0 else 0
+    nonzero = int((t != 0).sum()) if negative else 0
     if negative > MAX_NEGATIVE_FRACTION * nonzero:
         raise ValueError(
             f"{path}: {negative} of {nonzero} non-zero voxels are negative; expected raw MR intensities with "
             "background 0 (not z-scored or otherwise shifted)"
         )
     return img
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str, stems) -> list[str]:
+    """Remove ``.<stem>.<pid>.tmp.nii.gz`` files in ``folder`` left by processes that no longer run (a killed
+    inference); a running writer's files are kept. Returns the removed paths."""
+    removed = []
+    for stem in stems:
+        pattern = re.compile(rf"^\.{re.escape(stem)}\.(\d+)\.tmp\.nii\.gz$")
+        for name in os.listdir(folder):
+            match = pattern.match(name)
+            if match and not _pid_running(int(match.group(1))):
+                path = os.path.join(folder, name)
+                try:
+                    os.remove(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+    if removed:
+        logger.warning(f"removed temporary files of an interrupted run: {removed}")
+    return removed
 
 
 class SaveTargetsd:
@@ -206,8 +242,10 @@ class SaveTargetsd:
         targets: channel names, in channel order.
         descrip: NIfTI ``descrip`` template (``{target}`` is filled in; at most 80 characters).
 
-    Each volume is saved as float32 to a hidden temporary name in ``output_dir``; only when all targets of the
-    case are saved are they renamed into place, so a failure leaves no partial output.
+    Each volume is saved as float32 to a hidden temporary name in ``output_dir`` (``.<case>_<target>.<pid>.tmp.nii.gz``;
+    the targets in parallel threads: gzip releases the GIL); only when all targets of the case are saved are they
+    renamed into place, so a failure or a kill leaves no partial output under a final name. Temporary files of the
+    case left by a killed process (whose pid no longer runs) are removed the next time the case is written.
 
     Raises:
         RuntimeError: the prediction is not on the reference grid (a bug, not an input error).
@@ -233,16 +271,25 @@ class SaveTargetsd:
                 f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(self.targets)} channels on "
                 f"the input grid {tuple(ref.shape[1:])}"
             )
-        volumes = pred.detach().cpu().numpy().astype(np.float32)
+        volumes = torch.as_tensor(pred).detach().to("cpu", torch.float32).numpy()
         affine = np.asarray(ref.affine, dtype=np.float64)
         os.makedirs(self.output_dir, exist_ok=True)
-        renames = []
+        remove_stale_temporaries(self.output_dir, [f"{case}_{target}" for target in self.targets])
+        renames = [
+            (
+                os.path.join(self.output_dir, f".{case}_{target}.{os.getpid()}.tmp.nii.gz"),
+                os.path.join(self.output_dir, f"{case}_{target}.nii.gz"),
+            )
+            for target in self.targets
+        ]
         try:
-            for volume, target in zip(volumes, self.targets):
-                final = os.path.join(self.output_dir, f"{case}_{target}.nii.gz")
-                tmp = os.path.join(self.output_dir, f".{case}_{target}.{os.getpid()}.tmp.nii.gz")
-                renames.append((tmp, final))
-                nib.save(self._nifti(volume, affine, target), tmp)
+            with ThreadPoolExecutor(max_workers=len(self.targets)) as pool:  # waits for every write, failed or not
+                jobs = [
+                    pool.submit(nib.save, self._nifti(volume, affine, target), tmp)
+                    for volume, target, (tmp, _) in zip(volumes, self.targets, renames)
+                ]
+            for job in jobs:
+                job.result()  # re-raise the first failure
             for tmp, final in renames:
                 os.replace(tmp, final)
         finally:
@@ -259,6 +306,97 @@ class SaveTargetsd:
         img.header.set_xyzt_units("mm", "sec")
         img.header["descrip"] = self.descrip.format(target=target)[:80].encode()
         return img
+
+
+class BrainSliceInferer(Inferer):
+    """Run a 2D network over the axial slices of a volume, sending only the slices that hold brain.
+
+    ``inputs`` ``(B, 1, H, W, D)`` in [-1, 1] with background exactly ``background`` (what
+    :class:`scripts.data.ScaleBrainIntensityd` gives voxels <= 0) -> ``(B, C_out, H, W, D)``, where the network maps
+    ``(N, 1, H, W)`` to ``(N, C_out, H, W)`` (all targets of a slice in one batched call).
+
+    A slice whose every voxel equals ``background`` is not sent through the network: the network's output for one
+    all-background slice is computed once (as one more sample of the first batch) and copied to every such slice. The
+    network is per-sample (InstanceNorm, no batch statistics), so the result equals running every slice, up to
+    float rounding (max abs difference ~1e-6), while a BraTS volume costs ~135 instead of 155 slices. The slices are
+    split into equal batches of at most ``sw_batch_size`` (e.g. 137 slices at 64 -> 46, 46, 45, not 64, 64, 9).
+
+    Args:
+        sw_batch_size: most slices per network call.
+        background: the value of a voxel without brain.
+        compile: run the network through ``torch.compile`` (inductor, frozen weights, static shapes; batches padded
+            to one size). The first call compiles (~35 s on 2 CPU cores for the U-Net; cached on disk for later
+            processes); each later forward is ~15-25 % faster on CPU, with outputs equal up to float rounding. Worth
+            it for many volumes, not one.
+
+    Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
+    with the input's metadata when the input is one), so the inverse transforms may modify it.
+    """
+
+    def __init__(self, sw_batch_size: int = 64, background: float = -1.0, compile: bool = False):
+        super().__init__()
+        if sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        self.sw_batch_size = int(sw_batch_size)
+        self.background = float(background)
+        self.compile = bool(compile)
+        self._compiled: dict[int, Callable] = {}
+        #: slices the network ran on / slices of the volumes, over every call (for logs and the benchmark)
+        self.slices_run, self.slices_total = 0, 0
+
+    def brain_slices(self, volume: torch.Tensor) -> torch.Tensor:
+        """Indices of the slices (last axis) of ``volume`` ``(C, H, W, D)`` with a voxel other than background."""
+        return torch.nonzero((volume != self.background).flatten(0, 2).any(dim=0)).flatten()
+
+    def _network(self, network: Callable) -> Callable:
+        if not self.compile:
+            return network
+        if id(network) not in self._compiled:
+            self._compiled[id(network)] = torch.compile(network, dynamic=False, options={"freezing": True})
+        return self._compiled[id(network)]
+
+    def forward_slices(self, slices: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
+        """``network`` over ``(N, 1, H, W)`` slices, in equal batches of at most ``sw_batch_size``, ->
+        ``(N, C_out, H, W)``."""
+        n = slices.shape[0]
+        n_batches = -(-n // self.sw_batch_size)
+        size = -(-n // n_batches)
+        net = self._network(network)
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, n, size):
+                batch = slices[start : start + size]
+                if self.compile and batch.shape[0] < size:  # one input shape: no recompilation
+                    pad = batch[-1:].expand(size - batch.shape[0], *batch.shape[1:])
+                    outs.append(net(torch.cat([batch, pad]), *args, **kwargs)[: batch.shape[0]])
+                else:
+                    outs.append(net(batch, *args, **kwargs))
+        return torch.cat(outs)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if inputs.ndim != 5:
+            raise ValueError(f"expected a (B, C, H, W, D) volume batch, got shape {tuple(inputs.shape)}")
+        x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        results = []
+        for volume in x:
+            depth = volume.shape[-1]
+            brain = self.brain_slices(volume)
+            empty = torch.ones(depth, dtype=torch.bool, device=volume.device)
+            empty[brain] = False
+            first_empty = torch.nonzero(empty).flatten()[:1]
+            run = torch.cat([brain, first_empty])
+            pred = self.forward_slices(volume[..., run].permute(3, 0, 1, 2).contiguous(), network, *args, **kwargs)
+            out = torch.empty((pred.shape[1], *volume.shape[1:]), dtype=pred.dtype, device=pred.device)
+            out[..., brain] = pred[: brain.numel()].permute(1, 2, 3, 0)
+            if first_empty.numel():
+                out[..., empty] = pred[brain.numel() :].permute(1, 2, 3, 0)
+            results.append(out)
+            self.slices_run += run.numel()
+            self.slices_total += depth
+        output = torch.stack(results)
+        if isinstance(inputs, MetaTensor):
+            output = MetaTensor(output).copy_meta_from(inputs, copy_attr=False)
+        return output
 
 
 class UnwrapTransformErrors:

@@ -1,0 +1,195 @@
+"""MONAI Label bundles: one per synthesised target (FLAIR, T1, T1ce), made from this bundle.
+
+    python bundle/scripts/monailabel_bundles.py --output_dir monailabel_models
+
+MONAI Label (``monaibundle`` app, ``BundleInferTask``) builds ``network_def`` from ``configs/inference.json``,
+loads ``models/model.pt`` into it (``strict=False``), runs the config's ``preprocessing``, calls
+``inferer(image[None], network)`` with no other argument, runs ``postprocessing`` (less ``SaveImaged``), and
+writes the result as a label: a multi-channel result becomes a segmentation, and the 3D Slicer and OHIF
+clients ask for ``uint8``. So each bundle written here synthesises *one* target as *one* channel scaled to
+[0, 255] on the input's voxel grid:
+
+- ``configs/inference.json``: ``configs/inference.json`` of this bundle overlaid with
+  ``configs/monailabel.json`` (``network_def`` = :class:`SingleTargetSynthesisNet` for ``target``;
+  ``postprocessing`` = ``Invertd`` back to the input grid, [-1, 1] -> [0, 255], 0 outside the brain, rounded
+  to whole grey levels so that the ``uint8`` cast is exact), without the batch-inference items (data list,
+  evaluator, writer) that MONAI Label does not use;
+- ``configs/metadata.json``: this bundle's, with a one-channel ``pred`` named after the target;
+- ``models/model.pt``, ``scripts/``, ``LICENSE``, ``docs/``, ``configs/logging.conf`` copied. No training
+  config is copied: MONAI Label's training task expects image/label pairs, not synthesis.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the bundle folder importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from monai.bundle import ConfigParser  # noqa: E402
+
+from scripts.checkpoints import synthesis_arch  # noqa: E402
+from scripts.networks import TARGETS, SynthesisNet  # noqa: E402
+
+BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Display names of the targets (metadata ``channel_def``; MONAI Label shows them as the label name).
+TARGET_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce"}
+#: Items of configs/inference.json for batch inference from a data list, which MONAI Label does not use.
+BATCH_ITEMS = (
+    "input",
+    "dataset_dir",
+    "datalist",
+    "datalist_split",
+    "output_dir",
+    "num_workers",
+    "dataset",
+    "dataloader",
+    "handlers",
+    "evaluator",
+    "initialize",
+    "run",
+    "inference",
+    "finalize",
+)
+#: Intensity range of the synthesised image MONAI Label receives.
+VALUE_RANGE = (0, 255)
+
+
+class SingleTargetSynthesisNet(SynthesisNet):
+    """A :class:`scripts.networks.SynthesisNet` that synthesises one fixed target.
+
+    ``forward(x)``: ``(B, 1, H, W)`` T2 slices in [-1, 1] -> ``(B, 1, H, W)`` slices of ``target`` in [-1, 1].
+    It has exactly SynthesisNet's parameters, buffers and state-dict keys, so the bundle's ``model.pt`` loads
+    into it unchanged (MONAI Label loads with ``strict=False``, which would silently skip mismatched keys).
+
+    Args:
+        variant, features, num_targets, num_downs: as :class:`SynthesisNet` (they must match the checkpoint).
+        target: one of :data:`scripts.networks.TARGETS` (case-insensitive).
+
+    Raises:
+        ValueError: unknown target.
+    """
+
+    def __init__(
+        self,
+        variant: str = "tcmgan",
+        features: int = 64,
+        target: str = "flair",
+        num_targets: int = 3,
+        num_downs: int = 7,
+    ):
+        super().__init__(variant, features, num_targets, num_downs)
+        if str(target).lower() not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+        self.target = str(target).lower()
+        self.target_index = TARGETS.index(self.target)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            labels = torch.full((x.shape[0],), self.target_index, dtype=torch.long, device=x.device)
+        return self.synthesize(x, labels)
+
+
+def target_config(target: str, bundle_dir: str = BUNDLE_DIR) -> dict:
+    """The ``configs/inference.json`` of the MONAI Label bundle of ``target`` (see the module docstring)."""
+    configs = os.path.join(bundle_dir, "configs")
+    files = [os.path.join(configs, "inference.json"), os.path.join(configs, "monailabel.json")]
+    config = ConfigParser.load_config_files(files)
+    for key in BATCH_ITEMS:
+        config.pop(key, None)
+    config["target"] = target
+    return config
+
+
+def target_metadata(target: str, bundle_dir: str = BUNDLE_DIR) -> dict:
+    """This bundle's metadata with a one-channel output named after ``target``."""
+    with open(os.path.join(bundle_dir, "configs", "metadata.json")) as f:
+        meta = json.load(f)
+    name = TARGET_NAMES[target]
+    meta["name"] = f"brainsynth {name} (MONAI Label)"
+    meta["task"] = f"Brain MR image synthesis: T2 -> {name}"
+    meta["description"] = (
+        f"TC-MGAN synthesis of {name} from a T2 volume, slice by slice on 128x128 RAS axial slices, returned on "
+        f"the input's voxel grid as one channel in [{VALUE_RANGE[0]}, {VALUE_RANGE[1]}] (0 outside the brain). "
+        "Research only, not for clinical use."
+    )
+    pred = copy.deepcopy(meta["network_data_format"]["outputs"]["pred"])
+    pred.update(num_channels=1, channel_def={"0": name}, modality=f"MR {name}")
+    meta["network_data_format"]["outputs"] = {"pred": pred}
+    meta["pred_classes"] = (
+        f"one channel: synthetic {name} slices in [-1, 1] (-1 = background); MONAI Label receives the volume "
+        f"scaled to [{VALUE_RANGE[0]}, {VALUE_RANGE[1]}]"
+    )
+    return meta
+
+
+def export(
+    output_dir: str,
+    ckpt_path: str | None = None,
+    targets: str | tuple | list = TARGETS,
+    bundle_dir: str = BUNDLE_DIR,
+    prefix: str = "brainsynth",
+) -> list[str]:
+    """Write one MONAI-Label-ready bundle per target to ``output_dir/<prefix>_<target>``.
+
+    Args:
+        output_dir: folder to write the bundles to (created if needed); an existing bundle of the same name is
+            replaced. Point MONAI Label's ``--conf models`` at these names after linking or copying them into the
+            app's ``model/`` folder (docs/monailabel.md).
+        ckpt_path: generator weights (any ``model.pt`` written by training; default: ``models/model.pt``).
+        targets: targets to export, e.g. ``flair,t1`` (default: all three).
+        bundle_dir: the brainsynth bundle to copy.
+        prefix: bundle folder names start with it.
+
+    Returns:
+        the paths of the written bundles.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``ckpt_path``.
+        ValueError: the checkpoint is not a generator of this bundle, or an unknown target is asked for.
+    """
+    ckpt_path = ckpt_path or os.path.join(bundle_dir, "models", "model.pt")
+    arch = synthesis_arch(ckpt_path)  # raises with a clear message for a missing or foreign file
+    targets = [t.strip().lower() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown targets {unknown}; expected some of {TARGETS}")
+    written = []
+    for target in targets:
+        dest = os.path.join(output_dir, f"{prefix}_{target}")
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.makedirs(os.path.join(dest, "configs"))
+        os.makedirs(os.path.join(dest, "models"))
+        shutil.copy(ckpt_path, os.path.join(dest, "models", "model.pt"))
+        skip_cache = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(os.path.join(bundle_dir, "scripts"), os.path.join(dest, "scripts"), ignore=skip_cache)
+        shutil.copytree(os.path.join(bundle_dir, "docs"), os.path.join(dest, "docs"))
+        shutil.copy(os.path.join(bundle_dir, "LICENSE"), dest)
+        shutil.copy(os.path.join(bundle_dir, "configs", "logging.conf"), os.path.join(dest, "configs"))
+        for name, content in (
+            ("inference.json", target_config(target, bundle_dir)),
+            ("metadata.json", target_metadata(target, bundle_dir)),
+        ):
+            with open(os.path.join(dest, "configs", name), "w") as f:
+                f.write(json.dumps(content, indent=4) + "\n")
+        print(f"{dest}: {TARGET_NAMES[target]} from T2 ({arch['variant']}, features {arch['features']})")
+        written.append(dest)
+    return written
+
+
+def main(output_dir: str, ckpt_path: str | None = None, targets: str = ",".join(TARGETS), bundle_dir: str = BUNDLE_DIR):
+    """Command line: :func:`export` (prints one line per bundle written)."""
+    export(output_dir, ckpt_path, targets, bundle_dir)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

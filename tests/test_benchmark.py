@@ -1,0 +1,227 @@
+"""The speed and memory work keeps the results: the brain-slice inferer equals MONAI's ``SliceInferer``, the disk
+cache gives the same slices as the memory cache without holding them, and the benchmark's plain loop does exactly
+what the trainer's iteration does (so its ratios compare like with like).
+
+Speed itself is measured by ``bundle/scripts/benchmark.py`` (``bundle/docs/performance.md``), never asserted here;
+the benchmark's functions are only run on tiny settings to check what they compare.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_MIN_PIXELS, TINY, run_workflow
+from monai.data import MetaTensor
+from monai.inferers import SliceInferer
+from monai.losses import DiceLoss
+from torch import nn
+
+from scripts import benchmark
+from scripts.data import VolumeCache
+from scripts.inference import BrainSliceInferer
+from scripts.networks import SynthesisNet, TumourSegmenter, make_critic
+from scripts.trainer import TCMGANTrainer
+
+
+class CountingNet(nn.Module):
+    """Wraps a network and counts the slices it is given."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.slices, self.calls = net, 0, []
+
+    def forward(self, x):
+        self.slices += x.shape[0]
+        self.calls.append(x.shape[0])
+        return self.net(x)
+
+
+def volume_with_empty_slices(depth=12, empty=(0, 1, 7, 11), seed=0) -> torch.Tensor:
+    """``(1, 1, 128, 128, depth)`` in [-1, 1]; the slices in ``empty`` are all background (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    vol = torch.rand(1, 1, 128, 128, depth, generator=g) * 2 - 1
+    vol[..., list(empty)] = -1.0
+    return vol
+
+
+def test_brain_slice_inferer_equals_slice_inferer_and_runs_only_brain_slices():
+    torch.manual_seed(0)
+    net = SynthesisNet("tcmgan", features=4).eval()
+    vol = volume_with_empty_slices()
+    with torch.no_grad():
+        expected = SliceInferer(roi_size=(128, 128), spatial_dim=2, sw_batch_size=5)(vol, net)
+        counting = CountingNet(net)
+        got = BrainSliceInferer(sw_batch_size=5)(MetaTensor(vol), counting)
+    assert got.shape == (1, 3, 128, 128, 12) and isinstance(got, MetaTensor)
+    torch.testing.assert_close(got.as_tensor(), torch.as_tensor(expected), atol=1e-5, rtol=0)
+    assert counting.slices == 8 + 1  # 8 brain slices and one all-background slice for the 4 empty ones
+    assert counting.calls == [5, 4]  # 9 slices in ceil(9 / 5) = 2 batches as equal as can be
+
+
+def test_brain_slice_inferer_on_a_volume_without_brain_runs_one_slice():
+    torch.manual_seed(0)
+    net = CountingNet(SynthesisNet("mgan", features=4).eval())
+    vol = -torch.ones(1, 1, 128, 128, 6)
+    with torch.no_grad():
+        got = BrainSliceInferer(sw_batch_size=64)(vol, net)
+        one = net.net(-torch.ones(1, 1, 128, 128))
+    assert net.slices == 1  # one all-background slice stands for all six
+    torch.testing.assert_close(got, one[..., None].expand(-1, -1, -1, -1, 6), atol=1e-6, rtol=0)
+
+
+class PerSampleNet(nn.Module):
+    """A small per-sample (N, 1, H, W) -> (N, 3, H, W) network: compiles in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(3)
+
+    def forward(self, x):
+        return torch.tanh(self.norm(self.conv(x)))
+
+
+def test_compiled_inferer_pads_to_one_batch_shape_and_gives_the_same_output():
+    torch.manual_seed(0)
+    net = PerSampleNet().eval()
+    vol = volume_with_empty_slices(depth=10, empty=(0, 9))
+    with torch.no_grad():
+        eager = BrainSliceInferer(sw_batch_size=4)(vol, net)
+        compiled = BrainSliceInferer(sw_batch_size=4, compile=True)
+        counting = CountingNet(net)
+        compiled._compiled[id(counting)] = counting  # see the padded batches (compilation itself still runs below)
+        compiled(vol, counting)
+        got = BrainSliceInferer(sw_batch_size=4, compile=True)(vol, net)
+    assert counting.calls == [3, 3, 3]  # 8 brain slices + 1 background = 9 -> three batches of 3, none padded
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=0)
+    padded = CountingNet(net)
+    odd = BrainSliceInferer(sw_batch_size=4, compile=True)
+    odd._compiled[id(padded)] = padded
+    with torch.no_grad():
+        odd(volume_with_empty_slices(depth=8, empty=(0,)), padded)  # 7 + 1 = 8 -> 4, 4
+        odd(volume_with_empty_slices(depth=9, empty=(0, 1)), padded)  # 7 + 1 = 8 again
+        odd(volume_with_empty_slices(depth=7, empty=()), padded)  # 7 -> 4 and 3, the 3 padded to 4
+    assert padded.calls == [4, 4, 4, 4, 4, 4]
+
+
+# --- the benchmark's plain loop is the trainer's iteration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["pix2pix", "mgan", "tcmgan", "tcmgan_bw"])
+def test_plain_gan_step_matches_the_trainer_iteration(variant):
+    """From the same weights, batch and random state, one trainer iteration and one plain step give the same
+    weights and optimizer moments: the benchmark compares the same work."""
+    torch.manual_seed(0)
+    g, d = SynthesisNet(variant, 4), make_critic(variant, 4)
+    s = TumourSegmenter(4) if variant.startswith("tcmgan") else None
+    bw = variant == "tcmgan_bw"
+    batch = {"image": torch.rand(6, 4, 128, 128) * 2 - 1, "label": (torch.rand(6, 1, 128, 128) > 0.9).float()}
+
+    def parts():
+        nets = [copy.deepcopy(n) for n in (g, d, s)]
+        opts = [torch.optim.Adam(n.parameters(), 2e-4) if n is not None else None for n in nets]
+        return nets, opts
+
+    (tg, td, ts), (tgo, tdo, tso) = parts()
+    trainer = TCMGANTrainer(
+        device="cpu", max_epochs=1, train_data_loader=[batch], g_network=tg, g_optimizer=tgo, d_network=td,
+        d_optimizer=tdo, seg_network=ts, s_optimizer=tso if bw else None,
+        seg_loss_function=DiceLoss(sigmoid=True, smooth_nr=1, smooth_dr=1), train_segmenter=bw,
+        lambda_cls=0.0 if variant == "pix2pix" else 10.0,
+    )  # fmt: skip
+    (pg, pd, ps), (pgo, pdo, pso) = parts()
+    if ps is not None and not bw:
+        ps.eval().requires_grad_(False)  # as the trainer freezes S
+    torch.manual_seed(1)
+    trainer.run()
+    torch.manual_seed(1)
+    step = benchmark.plain_gan_step
+    step(pg, pd, ps, pgo, pdo, pso, DiceLoss(sigmoid=True, smooth_nr=1, smooth_dr=1), batch["image"], batch["label"],
+         lambda_cls=0.0 if variant == "pix2pix" else 10.0, train_segmenter=bw)  # fmt: skip
+    for ours, theirs in ((pg, tg), (pd, td), (ps, ts)):
+        if ours is None:
+            continue
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"{variant}: {name} differs")
+    for a, b in ((pgo, tgo), (pdo, tdo)):
+        torch.testing.assert_close(a.state_dict()["state"], b.state_dict()["state"], atol=0, rtol=0)
+
+
+# --- the volume cache on disk ------------------------------------------------------------------------------------
+
+
+def _volumes(phantom_dir, out, **override):
+    wf = run_workflow("train.json", run=False, dataset_dir=str(phantom_dir), output_dir=str(out), variant="mgan",
+                      **{**TINY, **override})  # fmt: skip
+    return wf.parser.get_parsed_content("train#volumes"), wf.parser.get_parsed_content("train#dataset")
+
+
+def test_disk_cache_gives_the_same_slices_as_the_memory_cache_and_holds_none(phantom_dir, tmp_path):
+    memory, memory_slices = _volumes(phantom_dir, tmp_path / "a")
+    disk, disk_slices = _volumes(phantom_dir, tmp_path / "b", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(disk, VolumeCache) and len(disk) == len(memory) and len(disk_slices) == len(memory_slices)
+    for i in range(len(disk)):
+        for key in ("image", "label"):
+            assert isinstance(disk[i][key], np.memmap)  # file-backed: the process holds no copy
+            np.testing.assert_array_equal(np.asarray(disk[i][key]), memory[i][key].numpy())
+    for i in (0, len(disk_slices) // 2, len(disk_slices) - 1):
+        for key in ("image", "label"):
+            torch.testing.assert_close(disk_slices[i][key], memory_slices[i][key], atol=0, rtol=0)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 2 * len(disk) and all(f.endswith((".image.npy", ".label.npy")) for f in files)
+
+
+def test_disk_cache_is_reused_without_reading_the_sources_and_not_across_preprocessing(phantom_dir, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    cache = tmp_path / "cache"
+    _volumes(phantom_dir, tmp_path / "a", cache_dir=str(cache))
+    first = sorted(p.name for p in cache.iterdir())
+    loads = []
+    real = nib.load
+    monkeypatch.setattr(nib, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))  # MONAI's reader too
+    again, _ = _volumes(phantom_dir, tmp_path / "b", cache_dir=str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == first
+    decoded = [f for f in loads if "datalist" not in str(f)]
+    # only the cheap header checks open the sources (nibabel reads no voxel data for them)
+    assert all(isinstance(again[i]["image"], np.memmap) for i in range(len(again)))
+    assert len(decoded) == sum(len(c["image"]) + 1 for c in again.data)  # one header read per file, no decoding
+    _volumes(phantom_dir, tmp_path / "c", cache_dir=str(cache), min_brain_pixels=SMALL_MIN_PIXELS + 100)
+    assert len(list(cache.iterdir())) == 2 * len(first)  # other preprocessing: new files, the old ones untouched
+
+
+# --- the benchmark's measurements, on tiny settings ---------------------------------------------------------------
+
+
+def test_inference_benchmark_times_the_workflow_against_the_same_slices(tmp_path):
+    torch.manual_seed(0)
+    ckpt = benchmark.random_generator_ckpt(str(tmp_path / "model.pt"), features=4)
+    t2 = np.zeros((48, 40, 20), np.float32)
+    t2[8:40, 8:32, 3:17] = 300 + 100 * np.random.default_rng(0).random((32, 24, 14))  # brain on 14 of 20 slices
+    nib.save(nib.Nifti1Image(t2, np.eye(4)), str(tmp_path / "c_t2.nii.gz"))
+    row = benchmark.time_inference(str(tmp_path / "c_t2.nii.gz"), ckpt, "cpu", repeats=1, sw_batch_size=8)
+    assert row["slices"] == 20 and row["slices_run"] == "15 / 20"  # the bare forward runs the same 14 + 1 slices
+    assert row["features"] == 4 and row["workflow_s"] > row["network_s"] > 0
+    assert row["workflow_over_bare"] == pytest.approx(row["workflow_s"] / row["bare_same_s"])
+
+
+def test_training_benchmark_compares_trainer_and_plain_loop_on_the_same_batches(phantom_dir):
+    row = benchmark.time_training(str(phantom_dir), "mgan", features=4, batch_size=8, iterations=2, repeats=1,
+                                  device="cpu", min_brain_pixels=SMALL_MIN_PIXELS, val_num_cases=1)  # fmt: skip
+    assert row["blocks"] == "1 x 2"
+    assert row["trainer_it_per_s"] > 0 and row["plain_it_per_s"] > 0 and row["trainer_over_plain"] > 0
+
+
+def test_memory_probe_caches_every_listed_case(phantom_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    datalist = benchmark.replicated_datalist(str(data), 3)
+    assert [c["case"] for c in json.loads(open(datalist).read())["gan"]] == ["copy0000", "copy0001", "copy0002"]
+    row = benchmark.memory_probe(datalist, str(tmp_path / "cache"), True, min_brain_pixels=SMALL_MIN_PIXELS)
+    assert row["cases"] == 3 and row["slices"] > 0 and row["cache"] == "disk (cache_dir)"
+    assert len(list((tmp_path / "cache").iterdir())) == 2 * 3  # one image and one label file per listed case

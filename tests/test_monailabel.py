@@ -1,0 +1,204 @@
+"""MONAI Label path: bundle/scripts/monailabel_bundles.py and configs/monailabel.json.
+
+MONAI Label itself is not installed; :func:`monailabel_infer` does what its ``BundleInferTask`` (monailabel 0.8.5,
+``tasks/infer/bundle.py`` and ``basic_infer.py``) does with a local bundle, step by step, and :func:`restored` what
+its appended ``Restored`` transform and writer read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, REPO
+from monai.bundle import ConfigItem, ConfigParser, ConfigWorkflow
+from monai.transforms import Compose, LoadImaged, SaveImaged
+
+from scripts.monailabel_bundles import SingleTargetSynthesisNet, export
+from scripts.networks import TARGETS, SynthesisNet
+
+SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
+#: a non-RAS, anisotropic, off-origin grid (axis codes L, P, S), not a multiple of 128 in-plane
+AFFINE = np.array([[-1.1, 0, 0, 50.0], [0, -0.9, 0, 60.0], [0, 0, 2.0, -10.0], [0, 0, 0, 1]])
+SHAPE = (50, 60, 14)
+NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save(SynthesisNet("tcmgan", features=4).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("monailabel")
+    export(str(out), ckpt_path=str(ckpt))
+    return out
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    """A T2-like ellipsoid with one octant cut away (so a flip or axis swap shows) in a zero background."""
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    inside = ((x / 0.85) ** 2 + (y / 0.8) ** 2 + (z / 0.9) ** 2 < 1) & ~((x > 0.3) & (y > 0.3))
+    t2 = np.where(inside, 300 + 200 * x + 100 * y**2 + 50 * rng.random(SHAPE), 0).astype(np.float32)
+    t2[..., :2] = 0
+    path = tmp_path_factory.mktemp("t2") / "case_t2.nii.gz"
+    nib.save(nib.Nifti1Image(t2, AFFINE), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle_outputs(ckpt, volume, tmp_path_factory) -> dict:
+    """The three targets as the bundle's own inference.json writes them ([0, 1] NIfTI on the input grid)."""
+    out = tmp_path_factory.mktemp("inference")
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "inference.json"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        input=str(volume),
+        output_dir=str(out),
+        ckpt_path=str(ckpt),
+        device="cpu",
+    )
+    workflow.initialize()
+    workflow.run()
+    return {t: np.asarray(nib.load(str(out / f"case_{t}.nii.gz")).dataobj) for t in TARGETS}
+
+
+@contextlib.contextmanager
+def bundle_on_path(bundle: Path):
+    """MONAI Label's ``sys.path.insert(0, bundle)`` + ``unload_module("scripts")``, undone afterwards."""
+    saved = {name: mod for name, mod in sys.modules.items() if name == "scripts" or name.startswith("scripts.")}
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, str(bundle))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(bundle))
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def monailabel_infer(bundle: Path, image: Path, device: str = "cpu") -> dict:
+    """One inference request of MONAI Label's ``BundleInferTask`` on a local bundle; returns its data dict."""
+    with bundle_on_path(bundle):
+        config = ConfigParser()
+        config.read_config(str(bundle / "configs" / "inference.json"))
+        config.config.update({"bundle_root": str(bundle)})  # type: ignore[union-attr]
+        network = config.get_parsed_content("network_def", instantiate=True)
+        # BasicInferTask._get_network
+        checkpoint = torch.load(str(bundle / "models" / "model.pt"), map_location=device)
+        loaded = network.load_state_dict(checkpoint.get("model", checkpoint), strict=False)
+        assert not loaded.missing_keys and not loaded.unexpected_keys  # strict=False would hide a mismatch
+        network.to(device).eval()
+        # BundleInferTask._update_device: "device" becomes the request's device name
+        config.config.update({"device": device})  # type: ignore[union-attr]
+        config.ref_resolver.items["device"] = ConfigItem(config=device, id="device")
+        pre = config.get_parsed_content("preprocessing", instantiate=True)
+        pre = list(pre.transforms) if isinstance(pre, Compose) else pre
+        assert isinstance(pre[0], LoadImaged)  # wrapped in LoadImageTensord, which calls it on the image path
+        data = {"image": str(image), "image_path": str(image), "device": device, "result_dtype": "uint8"}
+        for t in pre:
+            data = t(data)
+        inferer = config.get_parsed_content("inferer", instantiate=True)
+        with torch.no_grad():
+            outputs = inferer(data["image"][None].to(torch.device(device)), network)
+        data["pred"] = outputs[0]
+        post = config.get_parsed_content("postprocessing", instantiate=True)
+        post = list(post.transforms) if isinstance(post, Compose) else post
+        for t in [t for t in post if not isinstance(t, SaveImaged)]:
+            data = t(data)
+    return data
+
+
+def restored(data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """What MONAI Label's ``Restored(keys="pred", ref_image="image")`` and writer produce: the volume and affine.
+
+    ``Restored`` resizes with nearest neighbour when the prediction is not at the loaded image's
+    ``spatial_shape``; here the bundle's own ``Invertd`` must already have restored it, so that is an error.
+    """
+    meta = data["image"].meta
+    pred = data["pred"]
+    assert tuple(pred.shape[1:]) == tuple(meta["spatial_shape"]), "MONAI Label would resize (nearest neighbour)"
+    assert pred.shape[0] == 1, "a multi-channel result is written as a segmentation"
+    return np.asarray(pred[0]), np.asarray(meta["original_affine"])
+
+
+def test_single_target_net_is_the_generator_with_one_output():
+    x = torch.rand(2, 1, 128, 128) * 2 - 1
+    for variant in ("tcmgan", "pix2pix"):
+        full = SynthesisNet(variant, features=4).eval()
+        with torch.no_grad():
+            expected = full(x)
+        for k, target in enumerate(TARGETS):
+            single = SingleTargetSynthesisNet(variant, features=4, target=target.upper()).eval()
+            assert single.state_dict().keys() == full.state_dict().keys()
+            single.load_state_dict(full.state_dict())
+            with torch.no_grad():
+                torch.testing.assert_close(single(x), expected[:, k : k + 1])
+    with pytest.raises(ValueError, match="unknown target"):
+        SingleTargetSynthesisNet(target="t2")
+
+
+def test_export_writes_one_inference_bundle_per_target(exported, ckpt):
+    schema = json.loads(SCHEMA.read_text())
+    for target in TARGETS:
+        bundle = exported / f"brainsynth_{target}"
+        assert {p.name for p in (bundle / "configs").iterdir()} == {"inference.json", "metadata.json", "logging.conf"}
+        assert (bundle / "models" / "model.pt").read_bytes() == ckpt.read_bytes()
+        assert (bundle / "scripts" / "monailabel_bundles.py").is_file() and (bundle / "LICENSE").is_file()
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        jsonschema.validate(meta, schema)
+        pred = meta["network_data_format"]["outputs"]["pred"]
+        assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": NAMES[target]}  # MONAI Label's label name
+        config = json.loads((bundle / "configs" / "inference.json").read_text())
+        assert config["target"] == target and "evaluator" not in config and "dataset" not in config
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_monailabel_gets_one_channel_in_0_255_on_the_input_grid(exported, volume, bundle_outputs, target):
+    data = monailabel_infer(exported / f"brainsynth_{target}", volume)
+    image, affine = restored(data)
+    t2 = np.asarray(nib.load(str(volume)).dataobj)
+
+    assert image.shape == SHAPE and image.dtype == np.float32
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-6)
+    assert image.min() >= 0 and image.max() <= 255
+    assert np.all(image[t2 <= 0] == 0) and image[t2 > 0].max() > 0
+    np.testing.assert_array_equal(image, np.round(image))  # whole grey levels: the clients' uint8 cast is exact
+    np.testing.assert_array_equal(image.astype(np.uint8), image)
+    # the same synthesis as the bundle's own inference, only scaled: geometry and intensities agree voxel by voxel
+    np.testing.assert_allclose(image, bundle_outputs[target] * 255, atol=0.5 + 1e-3)
+
+
+def test_command_line_exports_the_shipped_model(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "bundle/scripts/monailabel_bundles.py", "--output_dir", str(tmp_path), "--targets", "t1ce"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == f"{tmp_path}/brainsynth_t1ce: T1ce from T2 (tcmgan, features 16)"
+    assert [p.name for p in tmp_path.iterdir()] == ["brainsynth_t1ce"]
+
+
+def test_export_refuses_an_unknown_target(tmp_path, ckpt):
+    with pytest.raises(ValueError, match="unknown targets"):
+        export(str(tmp_path), ckpt_path=str(ckpt), targets="flair,t2")
