@@ -319,4 +319,5 @@ class ModelSaver:
         if self.evaluator is not None and getattr(self.evaluator.state, "best_metric_epoch", -1) != engine.state.epoch:
             return
         net = getattr(self.network, "module", self.network)  # unwrap DDP
-        save_atomic(net.state_dict(), self.path)
+        # CPU tensors: the file loads on a machine without the training GPU (ckpt_export, MONAI Label, CPU inference)
+        save_atomic({k: v.detach().cpu() for k, v in net.state_dict().items()}, self.path)
