@@ -408,3 +408,30 @@ def test_skip_bad_cases_also_skips_a_case_that_fails_in_preprocessing(copied_dat
     volumes = wf.parser.get_parsed_content("train#volumes")
     assert volumes.skipped == [case]
     assert all(case not in str(item.get("case")) for item in volumes.data)
+
+
+def test_header_check_decompresses_only_a_gzip_whose_trailer_disagrees(tmp_path, monkeypatch):
+    """The cheap check compares the gzip trailer with the header's length: a complete file is not decompressed; a
+    valid file whose trailer disagrees (two gzip members, as parallel compressors write) is read in full and
+    accepted; a truncated uncompressed file is refused."""
+    import gzip
+    import types
+
+    import scripts.data
+
+    full_reads = []
+    monkeypatch.setattr(scripts.data, "gzip", types.SimpleNamespace(open=lambda p, m: full_reads.append(p) or
+                                                                      gzip.open(p, m)))  # fmt: skip
+    check_case_files = scripts.data.check_case_files
+    nib.save(nib.Nifti1Image(np.arange(4000, dtype=np.float32).reshape(20, 20, 10), np.eye(4)), str(tmp_path / "a.nii"))
+    raw = (tmp_path / "a.nii").read_bytes()
+    (tmp_path / "one.nii.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    check_case_files({"case": "c", "image": [str(tmp_path / "one.nii.gz")]}, keys=("image",))
+    assert full_reads == []
+    check_case_files({"case": "c", "image": [str(tmp_path / "two.nii.gz")]}, keys=("image",))
+    assert full_reads == [str(tmp_path / "two.nii.gz")]
+    assert np.asarray(nib.load(str(tmp_path / "two.nii.gz")).dataobj).sum() == np.arange(4000).sum()
+    (tmp_path / "short.nii").write_bytes(raw[:-100])
+    with pytest.raises(ValueError, match=r"^case c: .*short.nii: holds \d+ bytes; its header needs \d+ \(truncated\)"):
+        check_case_files({"case": "c", "image": [str(tmp_path / "short.nii")]}, keys=("image",))

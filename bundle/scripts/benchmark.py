@@ -652,10 +652,10 @@ def data(
 
     The loader runs on ``unique_cases`` full-size phantom cases; a training step is timed with the bundle's
     trainer at ``features`` (default 64, the paper's) and ``batch_size``, after one warm-up iteration. Memory is
-    measured in a fresh process per point, for datalists of ``cases`` cases that cycle through the unique ones.
-    ``threads``: torch CPU threads."""
+    measured in a fresh process per point, for datalists of ``cases`` cases that cycle through the unique ones
+    (``--cases ""``: no memory part). ``threads``: torch CPU threads."""
     set_threads(threads)
-    counts = [int(c) for c in (str(cases).split(",") if not isinstance(cases, (list, tuple)) else cases)]
+    counts = [int(c) for c in (str(cases).split(",") if not isinstance(cases, (list, tuple)) else cases) if c]
     dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     features = features or 64
     meta = {"machine": machine(dev), "load_before": load()}

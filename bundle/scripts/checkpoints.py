@@ -1,5 +1,9 @@
 """Checkpoints: atomic writes, safe loads (``weights_only=True``) with clear errors, and two Ignite handlers.
 
+- :func:`save_atomic` writes to a temporary file next to the target and renames it (a kill never truncates a
+  checkpoint); :func:`load_checkpoint` refuses pickled code and names a corrupt or truncated file;
+  :func:`checkpoint_kind` / :func:`describe` say what a file holds, so that a generator, segmenter, critic or
+  training checkpoint given in the wrong place, or one of another variant or width, gets an error saying which.
 - :class:`TrainingCheckpoint` saves everything needed to resume (networks, optimizers, LR schedulers, the
   trainer's epoch/iteration) to one file, atomically (temp file + rename), every epoch and optionally every
   N iterations; with ``resume=True`` it restores that file before training starts.
