@@ -328,8 +328,8 @@ class BrainSliceInferer(Inferer):
         sw_batch_size: most slices per network call.
         background: the value of a voxel without brain.
         compile: run the network through ``torch.compile`` (inductor, frozen weights, a dynamic batch size so that
-            volumes with other numbers of brain slices reuse the compiled code). The first call compiles (~35 s on
-            2 CPU cores for the U-Net, less when inductor's on-disk cache already holds it); each later forward
+            volumes with other numbers of brain slices reuse the compiled code). The first call compiles (~40 s on
+            2 CPU cores for the U-Net, ~16 s when inductor's on-disk cache already holds it); each later forward
             costs ~15-30 % less CPU, with outputs equal up to float rounding. Worth it for many volumes, not one.
 
     Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
