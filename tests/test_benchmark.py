@@ -103,6 +103,30 @@ def test_compiled_inferer_gives_the_same_output_for_any_number_of_brain_slices()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation for other batch sizes
 
 
+def test_inferer_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken_compile(network, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = PerSampleNet().eval()
+    vol = volume_with_empty_slices(depth=6, empty=(0,))
+    inferer = BrainSliceInferer(sw_batch_size=4, compile=True)
+    with caplog.at_level("WARNING"):
+        got = inferer(vol, net)
+    torch.testing.assert_close(got, BrainSliceInferer(sw_batch_size=4)(vol, net))
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); running eagerly" in caplog.text
+    assert inferer.compile is False
+
+
+def test_inference_compiles_only_for_many_volumes(phantom_dir):
+    wf = run_workflow("inference.json", workflow_type="inference", run=False, dataset_dir=str(phantom_dir))
+    assert wf.parser.get_parsed_content("compile") is False  # 2 test cases: eager
+    assert wf.parser.get_parsed_content("inferer").compile is False
+
+
 # --- the benchmark's plain loop is the trainer's iteration ---------------------------------------------------------
 
 
@@ -208,6 +232,12 @@ def test_training_benchmark_compares_trainer_and_plain_loop_on_the_same_batches(
                                   device="cpu", min_brain_pixels=SMALL_MIN_PIXELS, val_num_cases=1)  # fmt: skip
     assert row["blocks"] == "1 x 2"
     assert row["trainer_it_per_s"] > 0 and row["plain_it_per_s"] > 0 and row["trainer_over_plain"] > 0
+
+
+def test_training_benchmark_refuses_a_batch_larger_than_the_data(phantom_dir):
+    with pytest.raises(ValueError, match="fewer than one batch of 512"):
+        benchmark.time_training(str(phantom_dir), "mgan", features=4, batch_size=512, iterations=1, repeats=1,
+                                device="cpu", min_brain_pixels=SMALL_MIN_PIXELS, val_num_cases=1)  # fmt: skip
 
 
 def test_memory_probe_caches_every_listed_case(phantom_dir, tmp_path):

@@ -74,11 +74,11 @@ def test_inference_run_is_tracked(phantom_dir, tmp_path):
 
 
 def test_evaluation_run_logs_the_validation_metrics(phantom_dir, tmp_path):
-    """train.json + evaluate.json: the shipped (here: a features-4) generator on the validation cases."""
+    """train.json + validate.json: the shipped (here: a features-4) generator on the validation cases."""
     ckpt = tmp_path / "model.pt"
     torch.save(SynthesisNet("mgan", features=4).state_dict(), ckpt)
     run_workflow(
-        ["train.json", "evaluate.json"], dataset_dir=str(phantom_dir), output_dir=str(tmp_path), ckpt_path=str(ckpt),
+        ["train.json", "validate.json"], dataset_dir=str(phantom_dir), output_dir=str(tmp_path), ckpt_path=str(ckpt),
         tracking="mlflow", min_brain_pixels=TINY["min_brain_pixels"], val_num_cases=1, cache_num_workers=0,
     )
     _, run = only_run(f"sqlite:///{tmp_path}/mlruns.db")

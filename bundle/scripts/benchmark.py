@@ -454,6 +454,12 @@ def time_training(
             dataset_dir, out, variant, features=features, batch_size=batch_size, device=str(device),
             epoch_length=1 + repeats * iterations, **override,
         )  # fmt: skip
+        slices = len(wf.parser.get_parsed_content("train#dataset"))
+        if slices < batch_size:  # drop_last: not one batch per epoch, nothing to time
+            raise ValueError(
+                f"the 'gan' split of {dataset_dir} holds {slices} slices, fewer than one batch of {batch_size}: "
+                "pass --dataset_dir with more cases or a smaller --batch_size"
+            )
         trainer = wf.parser.get_parsed_content("train#trainer")
         step = plain_step_for(trainer)
         batches, trainer_s, plain_s = [], [], []
@@ -531,7 +537,9 @@ def training(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         small = {} if dataset_dir else {"min_brain_pixels": SMALL_MIN_PIXELS}
-        data = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), 6, shape=SMALL_SHAPE)
+        # ~25 kept slices per small case, 35 % of the cases in the 'gan' split: enough for a few batches
+        cases = max(6, -(-4 * batch_size // 25))
+        data = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), cases, shape=SMALL_SHAPE)
         for v in variants:
             rows.append(time_training(data, v, features, batch_size, iterations, repeats, dev, **small))
             print(table(rows[-1:], TRAINING_COLUMNS).splitlines()[-1], flush=True)

@@ -264,7 +264,70 @@ def training_figure(run_dir, output_png, smooth: int = 10) -> str:
     return str(output_png)
 
 
+def comparison_figure(examples, output_png, names=None) -> str:
+    """A figure like the paper's Fig. 3: for one slice, the input T2, each method's synthesis and the real image,
+    one row per target (FLAIR, T1, T1ce), with the whole-tumour contour in yellow.
+
+    Args:
+        examples: method -> ``examples.npz`` written by ``evaluate.json`` (``scripts.evaluation``); all must hold
+            the same case and slice (they do when the runs scored the same split: the slice is chosen from the
+            label alone).
+        output_png: PNG to write.
+        names: method -> display name (default: the method keys).
+
+    Every image is on the [0, 1] scale of the paper-convention metrics (each slice divided by its own maximum).
+    Returns the PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = ("flair", "t1", "t1ce")
+    loaded = {m: np.load(p) for m, p in examples.items()}
+    if not loaded:
+        raise ValueError("no examples to draw")
+    first = next(iter(loaded.values()))
+    where = {(str(e["case"]), int(e["slice"])) for e in loaded.values()}
+    if len(where) > 1:
+        raise ValueError(f"the examples show different slices: {sorted(where)}")
+    names = names or {}
+
+    def unit(a):
+        a = np.clip(np.asarray(a, dtype=np.float32), 0, None)
+        return a / max(float(a.max()), 1e-8)
+
+    def view(a):  # arrays (x, y) as stored (RAS after Orientationd): rows anterior..posterior, columns right..left
+        return np.flipud(np.fliplr(a.T))
+
+    tumour = view((first["label"] > 0).astype(np.float32))
+    methods = list(loaded)
+    cols = 2 + len(methods)
+    fig, axes = plt.subplots(3, cols, figsize=(2.2 * cols, 7), facecolor="black", squeeze=False)
+    for row, t in enumerate(targets):
+        panels = [("input T2", first["t2"])]
+        panels += [(names.get(m, m), loaded[m][f"pred_{m}"][row]) for m in methods]
+        panels += [(f"real {TITLES[t]}", first["real"][row])]
+        for col, (title, image) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(view(unit(image)), cmap="gray", vmin=0, vmax=1)
+            if tumour.any():
+                ax.contour(tumour, levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.set_title(title, color="white", fontsize=8)
+            ax.axis("off")
+        axes[row, 0].text(-8, 64, TITLES[t], color="white", rotation=90, va="center", ha="right", fontsize=10)
+    fig.suptitle(f"{first['case']}  kept slice {int(first['slice'])} (128x128)", color="white", fontsize=9)
+    fig.tight_layout()
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_png, dpi=90, facecolor="black")
+    plt.close(fig)
+    print(f"wrote {output_png}")
+    return str(output_png)
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"phantom_figure": phantom_figure, "synthesis_figure": synthesis_figure, "training_figure": training_figure})
+    fire.Fire({"phantom_figure": phantom_figure, "synthesis_figure": synthesis_figure, "training_figure": training_figure,
+               "comparison_figure": comparison_figure})

@@ -330,7 +330,9 @@ class BrainSliceInferer(Inferer):
         compile: run the network through ``torch.compile`` (inductor, frozen weights, a dynamic batch size so that
             volumes with other numbers of brain slices reuse the compiled code). The first call compiles (~40 s on
             2 CPU cores for the U-Net, ~16 s when inductor's on-disk cache already holds it); each later forward
-            costs ~15-30 % less CPU, with outputs equal up to float rounding. Worth it for many volumes, not one.
+            costs ~15-30 % less CPU, with outputs equal up to float rounding. Worth it for many volumes, not one
+            (``inference.json`` turns it on from 16 volumes). If compiling fails (e.g. no C++ compiler), a warning
+            says so and the network runs eagerly.
 
     Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
     with the input's metadata when the input is one), so the inverse transforms may modify it.
@@ -366,7 +368,16 @@ class BrainSliceInferer(Inferer):
         outs = []
         with torch.inference_mode():
             for start in range(0, n, size):
-                outs.append(net(slices[start : start + size], *args, **kwargs))
+                batch = slices[start : start + size]
+                try:
+                    outs.append(net(batch, *args, **kwargs))
+                except Exception as e:
+                    if net is network:
+                        raise
+                    # compilation needs a working C++ toolchain; without one, say so and run eagerly
+                    logger.warning(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
+                    self.compile, net = False, network
+                    outs.append(net(batch, *args, **kwargs))
         return torch.cat(outs)
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

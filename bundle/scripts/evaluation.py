@@ -1,0 +1,319 @@
+"""Table 1: synthesis quality of a generator checkpoint (and of two trivial baselines) on a datalist split.
+
+Driven by ``configs/evaluate.json``, which declares the network, the MONAI transforms and the inferer; this module
+runs them case by case and writes the tables:
+
+- per case: the four real modalities and the label are loaded once at full resolution (``load_transform``);
+- **paper convention**: the slices kept by the brain filter, resized to 128x128 (``slice_transform``, the training
+  preprocessing), go through G; each synthesised and real slice is scaled by its own maximum
+  (:func:`scripts.metrics.paper_slice_scores`);
+- **volume convention**: G runs over the whole T2 volume exactly as ``inference.json`` does (``volume_transform`` =
+  resize + scaling, the inferer, back to the input grid with the inverse resize, background 0), and the result is
+  scored against the real volume inside the brain, the tumour and the healthy brain
+  (:func:`scripts.metrics.volume_scores`);
+- **baselines**: ``T2`` (the source itself) and ``inverted T2`` (1 - T2 on [0, 1], inside the brain, 0 outside),
+  normalised the same ways.
+
+Outputs in ``output_dir``: ``per_case.csv`` (one row per case, method and target), ``per_slice.csv``,
+``scores.json`` (mean, std and counts per method, target and metric), ``table1.md`` / ``table1.csv`` (both
+conventions, shaped like the paper's Table 1) and ``examples.npz`` (the slice with the largest tumour, for the
+figure). :func:`write_table1` merges the ``scores.json`` of several runs (one per variant) into one table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import fire
+import numpy as np
+import torch
+
+from .data import case_name
+from .metrics import paper_slice_scores, percentile_unit, summarise, volume_scores
+from .networks import TARGETS
+
+logger = logging.getLogger(__name__)
+
+#: Display names of the methods, in table order.
+METHOD_NAMES = {
+    "pix2pix": "pix2pix",
+    "mgan": "MGAN",
+    "tcmgan": "TC-MGAN",
+    "tcmgan_bw": "TC-MGAN bw",
+    "t2": "T2 (baseline)",
+    "inverted_t2": "inverted T2 (baseline)",
+}
+BASELINES = ("t2", "inverted_t2")
+TARGET_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce"}
+SLICE_METRICS = ("psnr", "ssim")
+VOLUME_METRICS = ("psnr_brain", "ssim_brain", "ssim_tumour", "ssim_healthy")
+
+#: The paper's Table 1 (BraTS 2018, 85 test subjects, 2D slices; not comparable with phantom results).
+PAPER_TABLE1 = {
+    "TC-MGAN (paper, BraTS18)": {"flair": (24.64, 0.927), "t1": (25.78, 0.952), "t1ce": (25.68, 0.939)},
+}
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (clipped)."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+class SynthesisEvaluation:
+    """Score one generator (and the baselines) on a list of cases; see the module doc.
+
+    Args:
+        network: the generator (``SynthesisNet``), loaded with its weights; ``None`` scores the baselines only.
+        cases: datalist entries (``image``: the four modality files in ``CHANNELS`` order, ``label``).
+        load_transform: full-resolution loading (image ``(4, H, W, D)`` RAS, label ``(1, H, W, D)`` internal labels).
+        slice_transform: training preprocessing applied after loading (brain-slice filter, resize, [-1, 1] scaling).
+        volume_transform: inference preprocessing of the T2 ``(1, H, W, D)`` (resize, [-1, 1] scaling), applied to
+            ``{"image": t2}``; its resize is inverted to bring the synthesis back to the input grid.
+        inferer: a ``BrainSliceInferer`` (batched 2D forward over the brain slices).
+        output_dir: folder for the outputs.
+        method: name of the checkpoint's method (``pix2pix``, ``mgan``, ``tcmgan``, ``tcmgan_bw`` or any name).
+        baselines: also score the T2 and inverted-T2 baselines.
+        device: where the network runs.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module | None,
+        cases: Sequence[Mapping],
+        load_transform: Callable,
+        slice_transform: Callable,
+        volume_transform: Callable,
+        inferer,
+        output_dir: str,
+        method: str = "tcmgan",
+        baselines: bool = True,
+        device="cpu",
+    ):
+        if not cases:
+            raise ValueError("no cases to evaluate")
+        self.network = network.eval() if network is not None else None
+        self.cases = list(cases)
+        self.load_transform = load_transform
+        self.slice_transform = slice_transform
+        self.volume_transform = volume_transform
+        self.inferer = inferer
+        self.output_dir = str(output_dir)
+        self.method = str(method)
+        self.baselines = bool(baselines)
+        self.device = torch.device(device)
+        self.methods = ([self.method] if network is not None else []) + (list(BASELINES) if self.baselines else [])
+        if not self.methods:
+            raise ValueError("nothing to evaluate: no network and baselines=False")
+
+    # --- one case -------------------------------------------------------------------------------------------------
+
+    def _synthesise_slices(self, t2: torch.Tensor) -> torch.Tensor:
+        """G over ``(N, 1, h, w)`` T2 slices in [-1, 1] -> ``(N, 3, h, w)`` in [0, 1]."""
+        out = self.inferer.forward_slices(t2.to(self.device), self.network)
+        return _to_unit(out).cpu()
+
+    def _synthesise_volume(self, t2: torch.Tensor) -> torch.Tensor:
+        """The inference workflow's synthesis of a ``(1, H, W, D)`` T2 -> ``(3, H, W, D)`` in [0, 1] on its grid."""
+        pre = self.volume_transform({"image": t2})
+        x = pre["image"]
+        with torch.inference_mode():
+            pred = self.inferer(x.unsqueeze(0).to(self.device), self.network)[0]
+        pred = _to_unit(pred.cpu())
+        from monai.data import MetaTensor
+
+        pred = MetaTensor(pred, meta=x.meta, applied_operations=x.applied_operations)
+        restored = self.volume_transform.inverse({"image": pred})["image"]
+        restored = torch.as_tensor(restored).float()
+        return restored * (t2 > 0).float()
+
+    def _slice_predictions(self, image128: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Method -> ``(N, 3, h, w)`` predictions on the kept 128x128 slices (channel-first ``(4, h, w, N)`` input)."""
+        t2 = image128[3:4].permute(3, 0, 1, 2)  # (N, 1, h, w), [-1, 1]
+        t2_unit = _to_unit(t2)
+        brain = (t2 > -1).float()
+        preds = {}
+        if self.network is not None:
+            preds[self.method] = self._synthesise_slices(t2)
+        if self.baselines:
+            preds["t2"] = t2_unit.expand(-1, 3, -1, -1)
+            preds["inverted_t2"] = ((1 - t2_unit) * brain).expand(-1, 3, -1, -1)
+        return preds
+
+    def _volume_predictions(self, t2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Method -> ``(3, H, W, D)`` predictions on the full grid (raw T2 ``(1, H, W, D)`` input)."""
+        preds = {}
+        if self.network is not None:
+            preds[self.method] = self._synthesise_volume(t2)
+        if self.baselines:
+            brain = (t2 > 0).float()
+            unit = percentile_unit(t2) * brain
+            preds["t2"] = unit.expand(3, -1, -1, -1)
+            preds["inverted_t2"] = ((1 - unit) * brain).expand(3, -1, -1, -1)
+        return preds
+
+    def score_case(self, case: Mapping) -> tuple[list[dict], list[dict], dict]:
+        """Per-case rows, per-slice rows and the example slice of one datalist entry."""
+        name = case_name(case)
+        data = self.load_transform(dict(case))
+        image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"])
+        sliced = self.slice_transform({"image": data["image"], "label": data["label"]})
+        image128, label128 = torch.as_tensor(sliced["image"]).float(), torch.as_tensor(sliced["label"])
+        real128 = _to_unit(image128[:3].permute(3, 0, 1, 2))  # (N, 3, h, w)
+        slice_preds = self._slice_predictions(image128)
+        volume_preds = self._volume_predictions(image[3:4])
+        brain, tumour = image[3] > 0, label[0] > 0
+
+        case_rows, slice_rows = [], []
+        for method in self.methods:
+            for k, target in enumerate(TARGETS):
+                psnr, ssim = paper_slice_scores(slice_preds[method][:, k : k + 1], real128[:, k : k + 1])
+                vol = volume_scores(volume_preds[method][k], image[k], brain, tumour)
+                row = {"case": name, "method": method, "target": target, "n_slices": len(psnr)}
+                row.update(psnr=summarise(psnr.tolist())["mean"], ssim=float(ssim.mean()), **vol)
+                case_rows.append(row)
+                slice_rows += [
+                    {"case": name, "method": method, "target": target, "slice": i, "psnr": float(p), "ssim": float(s)}
+                    for i, (p, s) in enumerate(zip(psnr, ssim))
+                ]
+        # the example: the kept slice with the most tumour
+        area = (label128[0] > 0).flatten(0, 1).sum(0)
+        z = int(area.argmax())
+        example = {
+            "case": name,
+            "slice": z,
+            "tumour_pixels": int(area[z]),
+            "t2": _to_unit(image128[3, ..., z]).numpy(),
+            "real": real128[z].numpy(),
+            "label": label128[0, ..., z].numpy(),
+            **{f"pred_{m}": p[z].numpy() for m, p in slice_preds.items()},
+        }
+        return case_rows, slice_rows, example
+
+    # --- the run --------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Score every case (a log line per case), write the outputs and return the summary (``scores.json``)."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        case_rows, slice_rows, example = [], [], None
+        start = time.time()
+        for i, case in enumerate(self.cases):
+            rows, slices, ex = self.score_case(case)
+            case_rows += rows
+            slice_rows += slices
+            if example is None or ex["tumour_pixels"] > example["tumour_pixels"]:
+                example = ex
+            mine = [r for r in rows if r["method"] == self.methods[0]]
+            logger.info(
+                f"[{i + 1}/{len(self.cases)}] {ex['case']} ({mine[0]['n_slices']} slices, {time.time() - start:.0f} s): "
+                + ", ".join(f"{r['target']} {r['psnr']:.2f} dB / {r['ssim']:.3f}" for r in mine)
+                + f" ({self.methods[0]}, paper convention)"
+            )
+        summary = summarise_rows(case_rows, slice_rows, self.methods)
+        summary["settings"] = {"n_cases": len(self.cases), "method": self.method, "baselines": self.baselines}
+        _write_csv(os.path.join(self.output_dir, "per_case.csv"), case_rows)
+        _write_csv(os.path.join(self.output_dir, "per_slice.csv"), slice_rows)
+        _write_json(os.path.join(self.output_dir, "scores.json"), summary)
+        np.savez_compressed(os.path.join(self.output_dir, "examples.npz"), **example)
+        table = write_table1([summary], self.output_dir)
+        logger.info(f"Table 1 written to {self.output_dir}/table1.md\n{table}")
+        return summary
+
+
+def summarise_rows(case_rows: list[dict], slice_rows: list[dict], methods: Sequence[str]) -> dict:
+    """``{"methods": {method: {target: {metric: summary}}}}``: paper-convention metrics over all slices, volume
+    metrics over cases (:func:`scripts.metrics.summarise`)."""
+    out = {"methods": {}}
+    for m in methods:
+        out["methods"][m] = {}
+        for t in TARGETS:
+            slices = [r for r in slice_rows if r["method"] == m and r["target"] == t]
+            cases = [r for r in case_rows if r["method"] == m and r["target"] == t]
+            entry = {k: summarise([r[k] for r in slices]) for k in SLICE_METRICS}
+            entry.update({k: summarise([r[k] for r in cases]) for k in VOLUME_METRICS})
+            out["methods"][m][t] = entry
+    return out
+
+
+def _fmt(s: Mapping, digits: int) -> str:
+    if s is None or not math.isfinite(s.get("mean", float("nan"))):
+        return "n/a"
+    text = f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    return text + (f" ({s['n_infinite']} inf)" if s.get("n_infinite") else "")
+
+
+def _load_summary(item) -> dict:
+    if isinstance(item, Mapping):
+        return dict(item)
+    with open(item) as f:
+        return json.load(f)
+
+
+def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = True) -> str:
+    """Merge ``scores.json`` summaries (paths or dicts; a method met twice keeps its first scores) into
+    ``table1.md``, ``table1.csv`` and ``table1.json`` in ``output_dir``; returns the Markdown."""
+    methods: dict[str, dict] = {}
+    for item in summaries:
+        for m, scores in _load_summary(item)["methods"].items():
+            methods.setdefault(m, scores)
+    order = [m for m in METHOD_NAMES if m in methods] + [m for m in methods if m not in METHOD_NAMES]
+
+    head = "| Method | " + " | ".join(f"{TARGET_NAMES[t]} PSNR (dB) | {TARGET_NAMES[t]} SSIM" for t in TARGETS) + " |"
+    lines = ["**Paper convention** (2D 128x128 slices kept by the brain filter, each scaled to [0, 1] by its max, "
+             "whole slice; mean ± std over slices)", "", head, "|---" * (1 + 2 * len(TARGETS)) + "|"]  # fmt: skip
+    for m in order:
+        cells = [f"{_fmt(methods[m][t]['psnr'], 2)} | {_fmt(methods[m][t]['ssim'], 3)}" for t in TARGETS]
+        lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+    if paper_reference:
+        for name, values in PAPER_TABLE1.items():
+            lines.append(f"| *{name}* | " + " | ".join(f"*{values[t][0]:.2f}* | *{values[t][1]:.3f}*" for t in TARGETS) + " |")
+    lines += ["", "**Volume convention** (3D, each volume clipped to its 0.5-99.5 percentiles and scaled to [0, 1]; "
+              "PSNR/SSIM inside the brain, BraSyn-style SSIM inside the tumour and the healthy brain; mean ± std "
+              "over cases)", "", "| Method | Target | PSNR brain (dB) | SSIM brain | SSIM tumour | SSIM healthy |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for m in order:
+        for t in TARGETS:
+            s = methods[m][t]
+            lines.append(
+                f"| {METHOD_NAMES.get(m, m)} | {TARGET_NAMES[t]} | {_fmt(s['psnr_brain'], 2)} | "
+                f"{_fmt(s['ssim_brain'], 3)} | {_fmt(s['ssim_tumour'], 3)} | {_fmt(s['ssim_healthy'], 3)} |"
+            )
+    markdown = "\n".join(lines) + "\n"
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "table1.md"), "w") as f:
+        f.write(markdown)
+    rows = []
+    for m in order:
+        for t in TARGETS:
+            row = {"method": m, "target": t}
+            for k in SLICE_METRICS + VOLUME_METRICS:
+                row[f"{k}_mean"], row[f"{k}_std"] = methods[m][t][k]["mean"], methods[m][t][k]["std"]
+            rows.append(row)
+    _write_csv(os.path.join(output_dir, "table1.csv"), rows)
+    _write_json(os.path.join(output_dir, "table1.json"), {"methods": methods, "order": order})
+    return markdown
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=True)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    fire.Fire({"write_table1": lambda *scores, output_dir: print(write_table1(list(scores), output_dir))})

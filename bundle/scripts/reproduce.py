@@ -1,0 +1,293 @@
+"""Run the paper's whole study in order and write ``R/results.md``: Table 1, Table 2 and a Fig. 3-like figure.
+
+    python bundle/scripts/reproduce.py --preset smoke|cpu|paper --output_dir R [--dataset_dir D] [--device cpu]
+
+Stages, in order (each one a bundle command, its output logged to ``R/logs/<stage>.log``):
+
+1. ``phantoms``: a BraTS-like phantom set and its datalist (skipped when ``--dataset_dir`` is given; that folder must
+   hold a ``datalist.json`` from ``prepare_datalist.py``);
+2. ``segmenter``: pre-training of the tumour segmenter S (``train_segmenter.json``);
+3. ``gan_<variant>``: the four GAN variants pix2pix, MGAN, TC-MGAN (frozen S), TC-MGAN bw (``train.json``);
+4. ``table1_<variant>`` and ``table1``: synthesis quality on the test split, with the T2 and inverted-T2 baselines
+   (``evaluate.json``), merged into ``R/table1/table1.md``;
+5. ``seg_<input>`` and ``table2``: the downstream U-Nets on T2 only, T2 + each variant's synthesis and the four real
+   modalities (``train_downstream.json``), scored on the test split (``evaluate_downstream.json``), merged into
+   ``R/table2/table2.md``;
+6. ``report``: the figure and ``R/results.md`` (tables, commands, versions, preset, wall time per stage).
+
+Resumable: a finished stage leaves ``R/stages/<stage>.json`` and is skipped by the next run (delete that file, and
+those of the stages that use its output, to redo it); a GAN stage interrupted mid-way continues from its last
+training checkpoint; the report is rewritten by every run. Presets:
+
+- ``smoke``: a few minutes on 2 CPU cores (tiny volumes and networks, two iterations per stage) -- for tests;
+- ``cpu``: about an hour on 2 CPU cores (full-size phantoms, width 16, short schedules);
+- ``paper``: the paper's hyper-parameters (width 64, batch 64, 100 GAN epochs, 30 segmenter epochs) -- for a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUNDLE = HERE.parent
+REPO = BUNDLE.parent
+CONFIGS = BUNDLE / "configs"
+if str(BUNDLE) not in sys.path:
+    sys.path.insert(0, str(BUNDLE))
+
+VARIANTS = ("pix2pix", "mgan", "tcmgan", "tcmgan_bw")
+METHOD_NAMES = {"pix2pix": "pix2pix", "mgan": "MGAN", "tcmgan": "TC-MGAN", "tcmgan_bw": "TC-MGAN bw"}
+
+#: Settings of each preset. ``*_epochs``/``*_epoch_length``: schedule of a stage (epoch_length None = whole epochs).
+PRESETS = {
+    "smoke": {
+        "num_cases": 6, "shape": [96, 96, 40], "min_brain_pixels": 400, "features": 4, "seg_features": 4,
+        "batch_size": 8, "seg_epochs": 1, "seg_epoch_length": 2, "gan_epochs": 1, "gan_epoch_length": 2,
+        "down_epochs": 1, "down_epoch_length": 2, "val_num_cases": 1, "cache_num_workers": 0,
+    },
+    "cpu": {
+        "num_cases": 24, "shape": [240, 240, 155], "min_brain_pixels": 2000, "features": 16, "seg_features": 16,
+        "batch_size": 32, "seg_epochs": 12, "seg_epoch_length": None, "gan_epochs": 20, "gan_epoch_length": None,
+        "down_epochs": 15, "down_epoch_length": None, "val_num_cases": 3, "cache_num_workers": 2,
+    },
+    "paper": {
+        "num_cases": 285, "shape": [240, 240, 155], "min_brain_pixels": 2000, "features": 64, "seg_features": 16,
+        "batch_size": 64, "seg_epochs": 30, "seg_epoch_length": None, "gan_epochs": 100, "gan_epoch_length": None,
+        "down_epochs": 30, "down_epoch_length": None, "val_num_cases": 4, "cache_num_workers": 4,
+    },
+}  # fmt: skip
+
+#: Downstream segmenter inputs: run name -> (inputs, variant whose synthesis is used or None), in table order.
+DOWNSTREAM = {
+    "t2": ("t2", None),
+    **{f"synth_{v}": ("synth", v) for v in VARIANTS},
+    "real": ("real", None),
+}
+DOWNSTREAM_NAMES = {
+    "t2": "T2 only",
+    **{f"synth_{v}": f"T2 + {METHOD_NAMES[v]} synthesised" for v in VARIANTS},
+    "real": "4 real modalities",
+}
+
+#: The paper's Table 2 (BraTS 2018, whole-tumour Dice per slice; not comparable with phantom results).
+PAPER_TABLE2 = {"T2 only": 0.738, "T2 + TC-MGAN synthesised": 0.759, "4 real modalities": 0.814}
+
+
+def _bundle_cmd(config: str, **overrides) -> list[str]:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", str(CONFIGS / config)]
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        cmd += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value)]
+    return cmd
+
+
+class Study:
+    """The stages of one study (see the module doc) and the bookkeeping that makes it resumable."""
+
+    def __init__(self, preset: str, output_dir: str, dataset_dir: str | None = None, device: str | None = None):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        self.preset, self.p = preset, PRESETS[preset]
+        self.root = Path(output_dir).resolve()
+        self.user_data = dataset_dir is not None
+        self.data = Path(dataset_dir).resolve() if dataset_dir else self.root / "data"
+        if self.user_data and not (self.data / "datalist.json").is_file():
+            raise FileNotFoundError(
+                f"{self.data / 'datalist.json'} not found: run "
+                f"`python bundle/scripts/prepare_datalist.py --data_dir {self.data}` first"
+            )
+        self.device = device
+        self.runs = self.root / "runs"
+        for sub in ("logs", "stages", "runs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------------
+
+    def _marker(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        return self._marker(stage).is_file()
+
+    def record(self, stage: str, commands: list[list[str]], wall: float) -> None:
+        info = {"stage": stage, "commands": [shlex.join(c) for c in commands], "wall_s": round(wall, 1),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        tmp = self._marker(stage).with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self._marker(stage))
+
+    def run_commands(self, stage: str, commands: list[list[str]]) -> None:
+        """Run a stage's commands, output to the console and to ``logs/<stage>.log``; stop the study on a failure."""
+        log = self.root / "logs" / f"{stage}.log"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BUNDLE), os.environ.get("PYTHONPATH", "")]))
+        with open(log, "a") as f:
+            for cmd in commands:
+                f.write(f"$ {shlex.join(cmd)}\n")
+                f.flush()
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for line in proc.stdout:
+                    f.write(line)
+                    if not line.startswith(("Loading dataset", "monai.transforms")) and "it/s]" not in line:
+                        print(f"  {line.rstrip()}"[:200], flush=True)
+                if proc.wait() != 0:
+                    raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see {log}")
+
+    def stage(self, name: str, commands, index: int, total: int) -> None:
+        """Run one stage unless it is done. ``commands``: a list of command lists, or a callable doing the work."""
+        if self.done(name) and name != "report":  # the report is cheap and always rewritten
+            print(f"[{index}/{total}] {name}: done before, skipped ({self._marker(name)})", flush=True)
+            return
+        print(f"[{index}/{total}] {name} ...", flush=True)
+        start = time.time()
+        if callable(commands):
+            commands = commands() or []
+        else:
+            self.run_commands(name, commands)
+        self.record(name, commands, time.time() - start)
+        print(f"[{index}/{total}] {name}: finished in {time.time() - start:.0f} s", flush=True)
+
+    # --- the stages -------------------------------------------------------------------------------------------------
+
+    def common(self) -> dict:
+        return {"dataset_dir": str(self.data), "min_brain_pixels": self.p["min_brain_pixels"], "device": self.device}
+
+    def training(self) -> dict:
+        return {**self.common(), "output_dir": str(self.runs), "cache_num_workers": self.p["cache_num_workers"],
+                "val_num_cases": self.p["val_num_cases"], "batch_size": self.p["batch_size"],
+                "cache_dir": str(self.root / "cache")}  # fmt: skip
+
+    def phantom_commands(self) -> list[list[str]]:
+        return [
+            [sys.executable, str(HERE / "phantom.py"), "--output_dir", str(self.data), "--num_cases",
+             str(self.p["num_cases"]), "--seed", "0", "--shape", json.dumps(self.p["shape"])],
+            [sys.executable, str(HERE / "prepare_datalist.py"), "--data_dir", str(self.data)],
+        ]  # fmt: skip
+
+    def segmenter_commands(self) -> list[list[str]]:
+        return [_bundle_cmd("train_segmenter.json", **self.training(), features=self.p["seg_features"],
+                            max_epochs=self.p["seg_epochs"], epoch_length=self.p["seg_epoch_length"])]  # fmt: skip
+
+    def gan_commands(self, variant: str) -> list[list[str]]:
+        resume = (self.runs / variant / "checkpoint.pt").is_file()  # an interrupted run continues where it stopped
+        return [_bundle_cmd(
+            "train.json", **self.training(), variant=variant, features=self.p["features"],
+            max_epochs=self.p["gan_epochs"], epoch_length=self.p["gan_epoch_length"],
+            segmenter_ckpt=str(self.runs / "segmenter" / "model.pt"), resume=resume or None,
+        )]  # fmt: skip
+
+    def table1_commands(self, variant: str) -> list[list[str]]:
+        return [_bundle_cmd(
+            "evaluate.json", **self.common(), ckpt_path=str(self.runs / variant / "model.pt"),
+            output_dir=str(self.root / "table1" / variant), baselines=variant == VARIANTS[0],
+        )]  # fmt: skip
+
+    def downstream_commands(self, run: str) -> list[list[str]]:
+        inputs, variant = DOWNSTREAM[run]
+        synth = str(self.runs / variant / "model.pt") if variant else None
+        return [
+            _bundle_cmd("train_downstream.json", **self.training(), inputs=inputs, synth_ckpt=synth, run_name=run,
+                        features=16 if self.preset != "smoke" else 4, max_epochs=self.p["down_epochs"],
+                        epoch_length=self.p["down_epoch_length"]),
+            _bundle_cmd("evaluate_downstream.json", **self.common(), output_dir=str(self.runs), run_name=run),
+        ]  # fmt: skip
+
+    def merge_table1(self):
+        from scripts.evaluation import write_table1
+
+        write_table1([self.root / "table1" / v / "scores.json" for v in VARIANTS], str(self.root / "table1"))
+
+    def merge_table2(self):
+        from scripts.downstream import write_table2
+
+        rows = {DOWNSTREAM_NAMES[r]: str(self.runs / "downstream" / r / "scores.json") for r in DOWNSTREAM}
+        write_table2(rows, str(self.root / "table2"))
+
+    def plan(self) -> list[tuple[str, object]]:
+        stages: list[tuple[str, object]] = []
+        if not self.user_data:
+            stages.append(("phantoms", self.phantom_commands()))
+        stages.append(("segmenter", self.segmenter_commands()))
+        stages += [(f"gan_{v}", lambda v=v: self._run("gan_" + v, self.gan_commands(v))) for v in VARIANTS]
+        stages += [(f"table1_{v}", self.table1_commands(v)) for v in VARIANTS]
+        stages.append(("table1", lambda: self.merge_table1()))
+        stages += [(f"seg_{r}", self.downstream_commands(r)) for r in DOWNSTREAM]
+        stages.append(("table2", lambda: self.merge_table2()))
+        stages.append(("report", lambda: self.report()))
+        return stages
+
+    def _run(self, stage: str, commands: list[list[str]]) -> list[list[str]]:
+        self.run_commands(stage, commands)  # commands built when the stage starts (the resume flag depends on it)
+        return commands
+
+    def run(self) -> Path:
+        print(f"reproduce: preset {self.preset}, output {self.root}, data {self.data}", flush=True)
+        start = time.time()
+        stages = self.plan()
+        for i, (name, commands) in enumerate(stages, start=1):
+            self.stage(name, commands, i, len(stages))
+        print(f"reproduce: all {len(stages)} stages done ({time.time() - start:.0f} s this run); "
+              f"results in {self.root / 'results.md'}", flush=True)  # fmt: skip
+        return self.root / "results.md"
+
+    # --- the report -------------------------------------------------------------------------------------------------
+
+    def report(self) -> list:
+        from scripts.figures import comparison_figure
+
+        examples = {v: str(self.root / "table1" / v / "examples.npz") for v in VARIANTS}
+        figure = comparison_figure(examples, str(self.root / "figure3.png"), names=METHOD_NAMES)
+        (self.root / "results.md").write_text(self.results_markdown(Path(figure).name))
+        return []
+
+    def results_markdown(self, figure: str) -> str:
+        import monai
+        import torch
+
+        stages = [json.loads(p.read_text()) for p in sorted((self.root / "stages").glob("*.json"))]
+        order = {name: i for i, (name, _) in enumerate(self.plan())}
+        stages.sort(key=lambda s: order.get(s["stage"], len(order)))
+        device = self.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        lines = [
+            f"# Reproduction of TC-MGAN (preset `{self.preset}`)", "",
+            f"Data: {'user data set ' + str(self.data) if self.user_data else 'phantom set made by the study'}; "
+            f"splits from `{self.data / 'datalist.json'}`.", "",
+            "Command:", "", f"    python bundle/scripts/reproduce.py --preset {self.preset} --output_dir {self.root}"
+            + (f" --dataset_dir {self.data}" if self.user_data else ""), "",
+            "## Settings", "", "```json", json.dumps(self.p, indent=1), "```", "",
+            f"Versions: Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}; "
+            f"machine {platform.machine()}, {os.cpu_count()} CPUs, device {device}, GPU {gpu}.", "",
+            "## Table 1: synthesis quality (test split)", "", (self.root / "table1" / "table1.md").read_text(), "",
+            "## Table 2: downstream tumour segmentation (test split)", "",
+            (self.root / "table2" / "table2.md").read_text(), "",
+            "The paper's Table 2 (BraTS 2018, reference per-slice whole-tumour Dice; not comparable with phantom "
+            "results): " + ", ".join(f"{k} {v:.3f}" for k, v in PAPER_TABLE2.items()) + ".", "",
+            "## Figure", "", f"![T2, each method's synthesis and the real image, tumour contour]({figure})", "",
+            "## Stages", "", "| stage | wall time (s) | commands |", "|---|---|---|",
+        ]  # fmt: skip
+        for s in stages:
+            cmds = "<br>".join(f"`{c}`" for c in s["commands"]) or "(in-process)"
+            lines.append(f"| {s['stage']} | {s['wall_s']} | {cmds} |")
+        total = sum(s["wall_s"] for s in stages)
+        lines += ["", f"Total wall time of the recorded stages: {total:.0f} s ({total / 60:.1f} min).", ""]
+        return "\n".join(lines)
+
+
+def main(preset: str = "smoke", output_dir: str = "runs/reproduce", dataset_dir: str | None = None,
+         device: str | None = None) -> str:  # fmt: skip
+    """Run (or resume) the study; returns the path of ``results.md``. See the module doc."""
+    return str(Study(preset, output_dir, dataset_dir, device).run())
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
