@@ -61,6 +61,19 @@ def run_workflow(config: str | list[str], workflow_type: str = "train", run: boo
 
 
 @pytest.fixture(scope="session")
+def generator_ckpt(tmp_path_factory) -> Path:
+    """A tiny untrained MGAN generator (features 4) saved as train.json's ModelSaver does (a state dict with its
+    'arch' buffer)."""
+    import torch
+    from scripts.networks import SynthesisNet
+
+    path = tmp_path_factory.mktemp("generator") / "model.pt"
+    torch.manual_seed(0)
+    torch.save(SynthesisNet("mgan", features=4).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def segmenter_run(phantom_dir, tmp_path_factory) -> Path:
     """Output folder holding a segmenter pre-trained by train_segmenter.json (tiny)."""
     out = tmp_path_factory.mktemp("runs")

@@ -23,16 +23,6 @@ from scripts.downstream import (
     slice_wt_dice,
     write_table2,
 )
-from scripts.networks import SynthesisNet
-
-
-@pytest.fixture(scope="module")
-def generator_ckpt(tmp_path_factory):
-    """A tiny untrained generator saved as train.json's ModelSaver does (a state dict with its 'arch' buffer)."""
-    path = tmp_path_factory.mktemp("generator") / "model.pt"
-    torch.manual_seed(0)
-    torch.save(SynthesisNet("mgan", features=4).state_dict(), path)
-    return path
 
 
 def masks(*slices):

@@ -23,6 +23,18 @@ _SUFFIXES = {
 }
 
 
+def _save(fig, output_png, dpi: int, facecolor: str = "black") -> str:
+    """Write ``fig`` to ``output_png`` (parent folders created), close it, say so; returns the path."""
+    import matplotlib.pyplot as plt
+
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_png, dpi=dpi, facecolor=facecolor)
+    plt.close(fig)
+    print(f"wrote {output_png}")
+    return str(output_png)
+
+
 def _case_files(case) -> dict:
     """Map t1/t1ce/t2/flair/seg to file paths, from a BraTS-layout case folder or from a dict of paths."""
     if isinstance(case, dict):
@@ -109,11 +121,7 @@ def phantom_figure(case, output_png, slice_index=None) -> str:
         ax.axis("off")
     fig.suptitle(f"{Path(files['t1']).parent.name}  axial slice {k}", color="white")
     fig.tight_layout()
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output_png, dpi=100, facecolor="black")
-    plt.close(fig)
-    return str(output_png)
+    return _save(fig, output_png, dpi=100)
 
 
 def _load_case_arrays(dataset_dir, entry) -> dict:
@@ -199,12 +207,7 @@ def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="t
         ax.axis("off")
     fig.suptitle(f"{cid}  axial slice {k}", color="white")
     fig.tight_layout()
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output_png, dpi=90, facecolor="black")
-    plt.close(fig)
-    print(f"wrote {output_png}")
-    return str(output_png)
+    return _save(fig, output_png, dpi=90)
 
 
 def training_figure(run_dir, output_png, smooth: int = 10) -> str:
@@ -256,12 +259,7 @@ def training_figure(run_dir, output_png, smooth: int = 10) -> str:
         ax.set_xlabel("epoch" if title == "validation" else "iteration")
         ax.legend(fontsize=8, loc="upper left" if title == "validation" else "best")
     fig.tight_layout()
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output_png, dpi=90)
-    plt.close(fig)
-    print(f"wrote {output_png}")
-    return str(output_png)
+    return _save(fig, output_png, dpi=90, facecolor="white")
 
 
 def comparison_figure(examples, output_png, names=None) -> str:
@@ -318,12 +316,7 @@ def comparison_figure(examples, output_png, names=None) -> str:
         axes[row, 0].text(-8, 64, TITLES[t], color="white", rotation=90, va="center", ha="right", fontsize=10)
     fig.suptitle(f"{first['case']}  kept slice {int(first['slice'])} (128x128)", color="white", fontsize=9)
     fig.tight_layout()
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output_png, dpi=90, facecolor="black")
-    plt.close(fig)
-    print(f"wrote {output_png}")
-    return str(output_png)
+    return _save(fig, output_png, dpi=90)
 
 
 if __name__ == "__main__":
