@@ -20,7 +20,8 @@ those of the stages that use its output, to redo it); a GAN stage interrupted mi
 training checkpoint; the report is rewritten by every run. Presets:
 
 - ``smoke``: a few minutes on 2 CPU cores (tiny volumes and networks, two iterations per stage) -- for tests;
-- ``cpu``: about an hour on 2 CPU cores (full-size phantoms, width 16, short schedules);
+- ``cpu``: about two hours on 2 CPU cores (113 min measured on a shared machine; full-size phantoms, width 16, short
+  schedules);
 - ``paper``: the paper's hyper-parameters (width 64, batch 64, 100 GAN epochs, 30 segmenter epochs) -- for a GPU.
 """
 
