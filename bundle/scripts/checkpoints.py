@@ -51,6 +51,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
 
 
 def _pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists (also when another user owns it); used to spare a live writer's temp files."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -33,7 +33,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import LoadImaged
 
-from .checkpoints import synthesis_arch
+from .checkpoints import _pid_running, synthesis_arch
 from .data import _read_datalist, load_split
 from .networks import TARGETS
 
@@ -200,16 +200,6 @@ def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.
             "background 0 (not z-scored or otherwise shifted)"
         )
     return img
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def remove_stale_temporaries(folder: str, stems) -> list[str]:
