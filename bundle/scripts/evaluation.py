@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 import fire
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from .data import case_name
 from .metrics import paper_slice_scores, percentile_unit, summarise, volume_scores
@@ -125,8 +126,6 @@ class SynthesisEvaluation:
         with torch.inference_mode():
             pred = self.inferer(x.unsqueeze(0).to(self.device), self.network)[0]
         pred = _to_unit(pred.cpu())
-        from monai.data import MetaTensor
-
         pred = MetaTensor(pred, meta=x.meta, applied_operations=x.applied_operations)
         restored = self.volume_transform.inverse({"image": pred})["image"]
         restored = torch.as_tensor(restored).float()
