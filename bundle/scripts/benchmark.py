@@ -177,7 +177,9 @@ class _TimedInferer:
         return out
 
 
-def _inference_workflow(input: str, ckpt_path: str, output_dir: str, device, sw_batch_size: int, compile: bool):
+def _inference_workflow(
+    input: str, ckpt_path: str, output_dir: str, device, sw_batch_size: int, compile: bool, amp: bool = False
+):
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
@@ -190,18 +192,22 @@ def _inference_workflow(input: str, ckpt_path: str, output_dir: str, device, sw_
         device=str(device),
         sw_batch_size=sw_batch_size,
         compile=compile,
+        amp=amp,
     )
     wf.initialize()
     return wf
 
 
-def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, sw_batch_size: int = 64, compile=False):
-    """One row: the inference.json workflow on ``input`` vs the bare forward on the same slices (see module doc)."""
+def time_inference(
+    input: str, ckpt_path: str, device, repeats: int = 3, sw_batch_size: int = 64, compile=False, amp=False
+):
+    """One row: the inference.json workflow on ``input`` vs the bare forward on the same slices (see module doc).
+    ``amp``: the workflow runs with ``amp`` and the bare forward under ``torch.autocast`` of the same device."""
     from ignite.engine import Events
 
     device = torch.device(device)
     with tempfile.TemporaryDirectory() as out:
-        wf = _inference_workflow(input, ckpt_path, out, device, sw_batch_size, compile)
+        wf = _inference_workflow(input, ckpt_path, out, device, sw_batch_size, compile, amp)
         evaluator = wf.parser.get_parsed_content("evaluator")
         network = wf.parser.get_parsed_content("network")
         inferer = wf.parser.get_parsed_content("inferer")
@@ -232,7 +238,7 @@ def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, sw_batc
         def bare(slices, even_split):
             n = slices.shape[0]
             size = -(-n // -(-n // sw_batch_size)) if even_split else sw_batch_size
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(device.type, enabled=bool(amp)):
                 for start in range(0, n, size):
                     network(slices[start : start + size])
 
@@ -251,6 +257,7 @@ def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, sw_batc
         "threads": torch.get_num_threads(),
         "features": int(network.arch[1]),
         "compile": bool(compile),
+        "amp": bool(amp),
         "slices": depth,
         "slices_run": f"{int(run.numel())} / {depth}",
         "workflow_s": workflow_s,
@@ -274,6 +281,7 @@ INFERENCE_COLUMNS = {
     "threads": "threads",
     "features": "width",
     "compile": "compiled",
+    "amp": "amp",
     "slices_run": "slices run",
     "workflow_s": "workflow s",
     "bare_same_s": "bare forward, same slices, s",
@@ -290,6 +298,11 @@ INFERENCE_COLUMNS = {
 }
 
 
+def _choices(flag) -> list[bool]:
+    """``"both"`` -> [False, True]; otherwise the flag as a one-element list."""
+    return [False, True] if str(flag).lower() == "both" else [str(flag).lower() in ("true", "1")]
+
+
 def inference(
     input: str | None = None,
     widths="16,64",
@@ -297,15 +310,18 @@ def inference(
     repeats: int = 3,
     sw_batch_size: int = 64,
     compile=False,
+    amp=False,
     threads=None,
     output: str | None = None,
 ):
     """Inference workflow vs bare forward (module doc). ``input``: a 240x240x155 T2 volume (default: one phantom
     case made here). ``widths``: generator widths; the shipped model.pt is used for its own width, random weights
-    for the others. ``compile``: False, True, or "both" (a row for each). ``threads``: torch CPU threads."""
+    for the others. ``compile`` and ``amp``: False, True, or "both" (a row for each; ``amp`` only on a GPU, as the
+    workflow's autocast is for CUDA). ``threads``: torch CPU threads."""
     set_threads(threads)
     widths = [int(w) for w in (str(widths).split(",") if not isinstance(widths, (list, tuple)) else widths)]
-    modes = [False, True] if str(compile).lower() == "both" else [str(compile).lower() in ("true", "1")]
+    modes = _choices(compile)
+    amps = _choices(amp)
     shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
     meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
     rows = []
@@ -317,8 +333,8 @@ def inference(
             for width in widths:
                 ckpt = SHIPPED_MODEL if shipped == width else None
                 ckpt = ckpt or random_generator_ckpt(os.path.join(tmp, f"model_f{width}.pt"), width)
-                for mode in modes:
-                    rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size, mode))
+                for mode, use_amp in [(m, a) for m in modes for a in amps if dev.type == "cuda" or not a]:
+                    rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size, mode, use_amp))
                     print(table(rows[-1:], INFERENCE_COLUMNS).splitlines()[-1], flush=True)
     meta["load_after"] = load()
     meta["input"] = input

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU rows of bundle/docs/performance.md: benchmark.py inference / training / data on cuda:0, run from the
+# repository root on an offline GPU machine (see ../shared/gpu/README.md). Tables and JSON go to $OUT.
+#   QUICK=1: every part tiny and on the CPU (a dry run of this script).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import monai" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
+fi
+PY=${PY:-python3}
+B="$PY bundle/scripts/benchmark.py"
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
+if [ "${QUICK:-0}" = 1 ]; then
+  DEV=cpu; INF="--widths 8 --repeats 1"; TRAIN="--features 8 --batch_size 8 --iterations 1 --repeats 1 --variants mgan"
+  DATA="--features 8 --batch_size 8 --step_iterations 1"; COMP="--widths 8 --repeats 1"
+else
+  DEV=cuda:0; INF="--widths 16,64 --amp both --repeats 3"; TRAIN=""; DATA=""; COMP="--widths 16,64 --repeats 3"
+fi
+(nvidia-smi -L || true) | tee -a "$OUT/session.log"
+run() {  # run NAME LIMIT ARGS...: one benchmark, its tables to the log, its JSON to $OUT/NAME.json
+  local name=$1 limit=$2; shift 2
+  log "$name: $*"
+  timeout "$limit" $B "$@" --device $DEV --output "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || log "$name: exit $?"
+  grep "|" "$OUT/$name.log" | tee -a "$OUT/session.log"
+}
+run inference 150 inference $INF
+run training 150 training $TRAIN
+run data 80 data --cases "" $DATA
+run inference_compiled 140 inference --compile true $COMP
+log done
