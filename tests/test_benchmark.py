@@ -75,6 +75,21 @@ def test_brain_slice_inferer_on_a_volume_without_brain_runs_one_slice():
     torch.testing.assert_close(got, one[..., None].expand(-1, -1, -1, -1, 6), atol=1e-6, rtol=0)
 
 
+def test_brain_slice_inferer_under_autocast_returns_the_input_dtype():
+    """``inference.json --amp true`` runs the inferer under autocast: the network answers in half precision and the
+    volume keeps float32 (on a GPU float16; bfloat16 on the CPU here, the same code path)."""
+    torch.manual_seed(0)
+    net = SynthesisNet("tcmgan", features=4).eval()
+    vol = volume_with_empty_slices(depth=6, empty=(0, 5))
+    with torch.no_grad():
+        full = BrainSliceInferer(sw_batch_size=4)(vol, net)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert net(vol[..., 1]).dtype == torch.bfloat16
+            got = BrainSliceInferer(sw_batch_size=4)(vol, net)
+    assert got.dtype == torch.float32 and got.shape == full.shape
+    torch.testing.assert_close(got, full, atol=0.1, rtol=0)  # bfloat16 keeps ~3 significant digits
+
+
 class PerSampleNet(nn.Module):
     """A small per-sample (N, 1, H, W) -> (N, 3, H, W) network: compiles in seconds."""
 

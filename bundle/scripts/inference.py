@@ -383,6 +383,7 @@ class BrainSliceInferer(Inferer):
             first_empty = torch.nonzero(empty).flatten()[:1]
             run = torch.cat([brain, first_empty])
             pred = self.forward_slices(volume[..., run].permute(3, 0, 1, 2).contiguous(), network, *args, **kwargs)
+            pred = pred.to(volume.dtype)  # under autocast the network answers in float16 / bfloat16
             out = torch.empty((pred.shape[1], *volume.shape[1:]), dtype=volume.dtype, device=pred.device)
             out[..., brain] = pred[: brain.numel()].permute(1, 2, 3, 0)
             if first_empty.numel():
