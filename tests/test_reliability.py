@@ -73,7 +73,7 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(phanto
     args = ["--dataset_dir", str(phantom_dir), "--output_dir", str(tmp_path), "--variant", "mgan"]
     for k, v in {**TINY, "epoch_length": EPOCH_LENGTH, "max_epochs": MAX_EPOCHS}.items():
         args += [f"--{k}", str(v)]
-    args += ["--checkpoint_every", str(EVERY), "--log_every", "1000"]
+    args += ["--checkpoint_every", str(EVERY), "--log_every", "1"]  # loss terms to TensorBoard every iteration
     ckpt = tmp_path / "mgan" / "checkpoint.pt"
     seen = {"mtime": None, "state": None}
 

@@ -15,7 +15,7 @@ from torch import nn
 from scripts.checkpoints import load_checkpoint
 from scripts.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss
 from scripts.networks import ModalityCritic, SynthesisNet, TumourSegmenter
-from scripts.trainer import StepSchedule
+from scripts.trainer import LOSS_KEYS, StepSchedule, loss_terms
 
 
 class LinearCritic(nn.Module):
@@ -152,6 +152,25 @@ def test_pix2pix_trains_one_generator_per_target(phantom_dir, tmp_path):
     assert len({id(m) for m in g.generators}) == 3
     assert trainer.state.output["g_cls"] == 0 and trainer.state.output["d_cls"] == 0  # no labels, no cls head
     assert len(wf.parser.get_parsed_content("dnetwork").critics) == 3
+
+
+def test_loss_terms_stay_on_the_device_until_a_handler_reads_them(phantom_dir, tmp_path):
+    """The iteration returns detached 0-d tensors (no per-iteration ``.item()``, which would make the CPU wait for
+    the GPU); ``loss_terms``, the logging handlers' output transform, turns them into floats."""
+    wf, trainer = _trained("mgan", phantom_dir, tmp_path)
+    out = trainer.state.output
+    tensors = {k: out[k] for k in LOSS_KEYS if k in out}
+    assert set(tensors) == set(LOSS_KEYS) - {"s_loss"}
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in tensors.values())
+    floats = loss_terms(out)
+    assert all(type(v) is float for v in floats.values()) and floats.keys() == tensors.keys()
+    assert floats == pytest.approx({k: v.item() for k, v in tensors.items()})
+    assert floats["d_loss"] == pytest.approx(
+        floats["d_real"] + floats["d_fake"] + 10 * floats["d_cls"] + 100 * floats["d_gp"], rel=1e-5, abs=1e-4
+    )
+    assert loss_terms({"g_loss": 1.5, "d_loss": torch.tensor(2.0), "fake": torch.zeros(2)}) == {
+        "d_loss": 2.0, "g_loss": 1.5
+    }  # fmt: skip
 
 
 def test_mgan_has_no_segmenter(phantom_dir, tmp_path):

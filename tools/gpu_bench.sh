@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of bundle/docs/performance.md: benchmark.py inference / training / data on cuda:0, run from the
 # repository root on an offline GPU machine (see ../shared/gpu/README.md). Tables and JSON go to $OUT.
+#   tools/gpu_bench.sh [PART ...]: some of inference training training_log1 data inference_compiled (default: all)
 #   QUICK=1: every part tiny and on the CPU (a dry run of this script).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -14,7 +15,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   DEV=cpu; INF="--widths 8 --repeats 1"; TRAIN="--features 8 --batch_size 8 --iterations 1 --repeats 1 --variants mgan"
   DATA="--features 8 --batch_size 8 --step_iterations 1"; COMP="--widths 8 --repeats 1"
 else
-  DEV=cuda:0; INF="--widths 16,64 --amp both --repeats 3"; TRAIN=""; DATA=""; COMP="--widths 16,64 --repeats 3"
+  DEV=cuda:0; INF="--widths 16,64 --amp both --repeats 3"; TRAIN="--iterations 5"; DATA=""; COMP="--widths 16,64 --repeats 3"
 fi
 (nvidia-smi -L || true) | tee -a "$OUT/session.log"
 run() {  # run NAME LIMIT ARGS...: one benchmark, its tables to the log, its JSON to $OUT/NAME.json
@@ -23,8 +24,15 @@ run() {  # run NAME LIMIT ARGS...: one benchmark, its tables to the log, its JSO
   timeout "$limit" $B "$@" --device $DEV --output "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || log "$name: exit $?"
   grep "|" "$OUT/$name.log" | tee -a "$OUT/session.log"
 }
-run inference 150 inference $INF
-run training 150 training $TRAIN
-run data 80 data --cases "" $DATA
-run inference_compiled 140 inference --compile true $COMP
+PARTS=${*:-inference training training_log1 data inference_compiled}
+for part in $PARTS; do
+  case $part in
+    inference) run inference 150 inference $INF ;;
+    training) run training 150 training $TRAIN ;;
+    training_log1) run training_log1 100 training --log_every 1 $TRAIN ;;  # loss terms read every iteration
+    data) run data 80 data --cases "" $DATA ;;
+    inference_compiled) run inference_compiled 140 inference --compile true $COMP ;;
+    *) log "unknown part $part" ;;
+  esac
+done
 log done

@@ -457,18 +457,22 @@ def time_training(
     repeats=3,
     device=None,
     plain=True,
+    warmup: int = 1,
     **override,
 ):
-    """One row: per-iteration seconds of the bundle's trainer (``train.json``: its loader, handlers, ``.item()``
-    calls) and of :func:`plain_gan_step` on the same batches, alternating blocks of ``iterations`` (after one
-    untimed warm-up iteration). ``plain=False``: the trainer alone. ``override``: more train.json ids."""
+    """One row: per-iteration seconds of the bundle's trainer (``train.json``: its loader, handlers and logging)
+    and of :func:`plain_gan_step` on the same batches, alternating blocks of ``iterations`` after ``warmup``
+    untimed iterations (on a GPU, new batch shapes -- pix2pix routes a varying number of samples to each
+    target's networks -- first cost cuDNN plan building, so give it more). Each block is timed as a whole, the
+    device synchronised only at its ends, as a real loop runs. ``plain=False``: the trainer alone.
+    ``override``: more train.json ids."""
     from ignite.engine import Events
 
     device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as out:
         wf = training_workflow(
             dataset_dir, out, variant, features=features, batch_size=batch_size, device=str(device),
-            epoch_length=1 + repeats * iterations, **override,
+            epoch_length=warmup + repeats * iterations, **override,
         )  # fmt: skip
         slices = len(wf.parser.get_parsed_content("train#dataset"))
         if slices < batch_size:  # drop_last: not one batch per epoch, nothing to time
@@ -479,25 +483,31 @@ def time_training(
         trainer = wf.parser.get_parsed_content("train#trainer")
         step = plain_step_for(trainer)
         batches, trainer_s, plain_s = [], [], []
-        clock = {"last": None}
+        clock = {"start": None}
+
+        def start_clock():
+            sync(device)
+            clock["start"] = (time.perf_counter(), time.process_time())
 
         @trainer.on(Events.ITERATION_COMPLETED)
         def _measure(engine):  # runs after the config's handlers, so their cost is in the trainer's time
-            sync(device)
-            now = (time.perf_counter(), time.process_time())
-            if clock["last"] is not None:
-                trainer_s.append((now[0] - clock["last"][0], now[1] - clock["last"][1]))
-                batches.append(engine.state.batch)
-            if engine.state.iteration > 1 and len(batches) == iterations:  # a block done: the plain loop's turn
-                wall, cpu = timed(lambda: [step(batch) for batch in (batches if plain else [])], device)
-                plain_s.append((wall / iterations, cpu / iterations))
+            if engine.state.iteration < warmup:
+                return
+            if engine.state.iteration == warmup:
+                return start_clock()
+            batches.append(engine.state.batch)
+            if len(batches) == iterations:  # a block done: its time, then the plain loop's turn
+                sync(device)
+                now = (time.perf_counter(), time.process_time())
+                trainer_s.append(((now[0] - clock["start"][0]) / iterations, (now[1] - clock["start"][1]) / iterations))
+                if plain:
+                    wall, cpu = timed(lambda: [step(batch) for batch in batches], device)
+                    plain_s.append((wall / iterations, cpu / iterations))
                 batches.clear()
-            clock["last"] = (time.perf_counter(), time.process_time())
+                start_clock()
 
         trainer.run()
-    blocks = [trainer_s[i * iterations : (i + 1) * iterations] for i in range(len(plain_s))]
-    t_wall = [statistics.mean(w for w, _ in b) for b in blocks]
-    t_cpu = [statistics.mean(c for _, c in b) for b in blocks]
+    t_wall, t_cpu = [w for w, _ in trainer_s], [c for _, c in trainer_s]
     p_wall, p_cpu = [w for w, _ in plain_s], [c for _, c in plain_s]
     t = statistics.median(t_wall)
     return {
@@ -511,7 +521,7 @@ def time_training(
         "trainer_over_plain": median_ratio(t_wall, p_wall) if plain else None,
         "trainer_over_plain_cpu": median_ratio(t_cpu, p_cpu) if plain else None,
         "trainer_slices_per_s": batch_size / t,
-        "blocks": f"{len(plain_s)} x {iterations}",
+        "blocks": f"{len(trainer_s)} x {iterations}",
     }
 
 
@@ -536,6 +546,8 @@ def training(
     batch_size=None,
     iterations: int = 3,
     repeats: int = 3,
+    warmup=None,
+    log_every=None,
     device=None,
     dataset_dir: str | None = None,
     threads=None,
@@ -543,13 +555,17 @@ def training(
 ):
     """Trainer vs plain loop for each variant (module doc). ``features``/``batch_size`` default to 64/64 on a GPU
     and 16/16 on a CPU (the paper's size takes ~10+ s per iteration on 2 cores; the ratio is what matters).
+    ``warmup``: untimed iterations first (default 1 on a CPU, 20 on a GPU). ``log_every``: train.json's (the
+    loss terms go to the log and TensorBoard every ``log_every`` iterations; default: the config's).
     ``threads``: torch CPU threads."""
     set_threads(threads)
     variants = variants.split(",") if isinstance(variants, str) else list(variants)
     dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     features = features or (64 if dev.type == "cuda" else 16)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
-    meta = {"machine": machine(dev), "load_before": load()}
+    warmup = int(warmup or (20 if dev.type == "cuda" else 1))
+    override = {} if log_every is None else {"log_every": int(log_every)}
+    meta = {"machine": machine(dev), "load_before": load(), "warmup": warmup, **override}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         small = {} if dataset_dir else {"min_brain_pixels": SMALL_MIN_PIXELS}
@@ -557,7 +573,9 @@ def training(
         cases = max(6, -(-4 * batch_size // 25))
         data = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), cases, shape=SMALL_SHAPE)
         for v in variants:
-            rows.append(time_training(data, v, features, batch_size, iterations, repeats, dev, **small))
+            rows.append(
+                time_training(data, v, features, batch_size, iterations, repeats, dev, warmup=warmup, **small, **override)
+            )
             print(table(rows[-1:], TRAINING_COLUMNS).splitlines()[-1], flush=True)
     meta["load_after"] = load()
     return _report("training", rows, TRAINING_COLUMNS, meta, output)

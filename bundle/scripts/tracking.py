@@ -14,9 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from monai.handlers import MLFlowHandler
 
 
-def log_loss_terms(handlers: Sequence, output_transform: Callable, params: Mapping | None = None) -> list:
+def log_loss_terms(
+    handlers: Sequence, output_transform: Callable, params: Mapping | None = None, iteration_log=True
+) -> list:
     """The trainer's handlers, with every ``MLFlowHandler`` among them set to log ``output_transform(output)``
-    (a ``{name: float}`` dict) per iteration and ``params`` once, as MLflow parameters, when training starts.
+    (a ``{name: float}`` dict) on the iterations ``iteration_log`` selects (``True``: every one; or an event filter
+    ``(engine, iteration) -> bool``, ``train.json`` logs every ``log_every``) and ``params`` once, as MLflow
+    parameters, when training starts.
 
     Handlers of other types (and ``None`` entries, which are dropped) pass through; with no MLflow handler (no
     ``--tracking``) this is the list itself.
@@ -25,6 +29,7 @@ def log_loss_terms(handlers: Sequence, output_transform: Callable, params: Mappi
     for handler in handlers:
         if isinstance(handler, MLFlowHandler):
             handler.output_transform = output_transform
+            handler.iteration_log = iteration_log
             if params:
                 handler.experiment_param = {**dict(params), **(handler.experiment_param or {})}
     return handlers

@@ -36,8 +36,16 @@ LOSS_KEYS = ("d_loss", "d_real", "d_fake", "d_cls", "d_gp", "g_loss", "g_adv", "
 
 
 def loss_terms(output: dict) -> dict[str, float]:
-    """The scalar loss terms of one iteration's output, for ``StatsHandler``/``TensorBoardStatsHandler``."""
-    return {k: output[k] for k in LOSS_KEYS if k in output}
+    """The scalar loss terms of one iteration's output as Python floats, for ``StatsHandler``,
+    ``TensorBoardStatsHandler`` and ``MLFlowHandler``.
+
+    The trainer leaves the terms on the device (reading one waits for the GPU to finish the iteration); the
+    handlers call this only on the iterations they log, and all terms come over in one transfer."""
+    keys = [k for k in LOSS_KEYS if k in output]
+    on_device = [k for k in keys if isinstance(output[k], torch.Tensor)]
+    values = torch.stack([output[k].detach().float().reshape(()) for k in on_device]).tolist() if on_device else []
+    floats = dict(zip(on_device, values))
+    return {k: floats[k] if k in floats else float(output[k]) for k in keys}
 
 
 class TCMGANTrainer(Trainer):
@@ -169,12 +177,14 @@ class TCMGANTrainer(Trainer):
             )
             s_loss.backward()
             self.s_optimizer.step()
-            out["s_loss"] = s_loss.item()
+            out["s_loss"] = s_loss.detach()
 
         out["fake"] = fake.detach()
         terms = dict(d_loss=d_loss, d_real=d_real, d_fake=d_fake, d_cls=d_cls, d_gp=d_gp, g_loss=g_loss)
         terms.update(g_adv=g_adv, g_cls=g_cls, g_l1=g_l1, g_seg=g_seg)
-        out.update({name: value.item() for name, value in terms.items()})
+        # detached 0-d tensors, not floats: ``.item()`` here would make the CPU wait for the GPU every iteration
+        # (no overlap of the next batch's loading with this step's kernels); see :func:`loss_terms`
+        out.update({name: value.detach() for name, value in terms.items()})
         return out
 
 
