@@ -376,6 +376,31 @@ def test_a_failed_write_leaves_no_file_of_the_case(tmp_path, monkeypatch):
     assert files_in(tmp_path / "out") == []
 
 
+def test_uncompressed_output_holds_the_same_volumes(tmp_path, ckpt):
+    """``--output_ext .nii`` writes the same float32 volumes, header and affine as the default ``.nii.gz``."""
+    src = save_nifti(tmp_path / "c1_t2.nii.gz", brain((32, 32, 8)), BRATS_AFFINE)
+    synthesise(tmp_path / "gz", ckpt, input=str(src))
+    synthesise(tmp_path / "raw", ckpt, input=str(src), output_ext=".nii")
+    assert files_in(tmp_path / "raw") == sorted(f"c1_{t}.nii" for t in TARGETS)
+    for target, img in outputs(tmp_path / "gz", "c1").items():
+        raw = nib.load(str(tmp_path / "raw" / f"c1_{target}.nii"))
+        np.testing.assert_array_equal(np.asarray(raw.dataobj), np.asarray(img.dataobj))
+        np.testing.assert_array_equal(raw.affine, img.affine)
+        assert raw.header["descrip"] == img.header["descrip"]
+    with pytest.raises(ValueError, match="output_ext must be '.nii.gz' or '.nii', got '.mha'"):
+        inference.SaveTargetsd(output_ext=".mha")
+
+
+def test_stale_temporaries_of_either_extension_are_removed(tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no process has it
+    names = [f".c1_flair.{dead}.tmp.nii.gz", f".c1_t1.{dead}.tmp.nii", f".c1_t1ce.{os.getpid()}.tmp.nii", "c1_t1.nii"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = inference.remove_stale_temporaries(str(tmp_path), ["c1_flair", "c1_t1", "c1_t1ce"])
+    assert sorted(os.path.basename(p) for p in removed) == sorted(names[:2])
+    assert files_in(tmp_path) == sorted(names[2:])  # a running writer's file and final outputs stay
+
+
 # --- the command line ---------------------------------------------------------------------------------------------
 
 

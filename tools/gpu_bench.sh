@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of bundle/docs/performance.md: benchmark.py inference / training / data on cuda:0, run from the
 # repository root on an offline GPU machine (see ../shared/gpu/README.md). Tables and JSON go to $OUT.
-#   tools/gpu_bench.sh [PART ...]: some of inference training training_log1 data inference_compiled (default: all)
+#   tools/gpu_bench.sh [PART ...]: some of inference inference_ext training training_log1 data inference_compiled (default: all)
 #   QUICK=1: every part tiny and on the CPU (a dry run of this script).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -28,6 +28,7 @@ PARTS=${*:-inference training training_log1 data inference_compiled}
 for part in $PARTS; do
   case $part in
     inference) run inference 150 inference $INF ;;
+    inference_ext) run inference_ext 120 inference --output_ext .nii.gz,.nii $COMP ;;  # gzip vs uncompressed
     training) run training 150 training $TRAIN ;;
     training_log1) run training_log1 100 training --log_every 1 $TRAIN ;;  # loss terms read every iteration
     data) run data 80 data --cases "" $DATA ;;

@@ -178,7 +178,8 @@ class _TimedInferer:
 
 
 def _inference_workflow(
-    input: str, ckpt_path: str, output_dir: str, device, sw_batch_size: int, compile: bool, amp: bool = False
+    input: str, ckpt_path: str, output_dir: str, device, sw_batch_size: int, compile: bool, amp: bool = False,
+    output_ext: str = ".nii.gz",
 ):
     from monai.bundle import ConfigWorkflow
 
@@ -193,13 +194,15 @@ def _inference_workflow(
         sw_batch_size=sw_batch_size,
         compile=compile,
         amp=amp,
+        output_ext=output_ext,
     )
     wf.initialize()
     return wf
 
 
 def time_inference(
-    input: str, ckpt_path: str, device, repeats: int = 3, sw_batch_size: int = 64, compile=False, amp=False
+    input: str, ckpt_path: str, device, repeats: int = 3, sw_batch_size: int = 64, compile=False, amp=False,
+    output_ext: str = ".nii.gz",
 ):
     """One row: the inference.json workflow on ``input`` vs the bare forward on the same slices (see module doc).
     ``amp``: the workflow runs with ``amp`` and the bare forward under ``torch.autocast`` of the same device."""
@@ -207,7 +210,7 @@ def time_inference(
 
     device = torch.device(device)
     with tempfile.TemporaryDirectory() as out:
-        wf = _inference_workflow(input, ckpt_path, out, device, sw_batch_size, compile, amp)
+        wf = _inference_workflow(input, ckpt_path, out, device, sw_batch_size, compile, amp, output_ext)
         evaluator = wf.parser.get_parsed_content("evaluator")
         network = wf.parser.get_parsed_content("network")
         inferer = wf.parser.get_parsed_content("inferer")
@@ -258,6 +261,7 @@ def time_inference(
         "features": int(network.arch[1]),
         "compile": bool(compile),
         "amp": bool(amp),
+        "output_ext": output_ext,
         "slices": depth,
         "slices_run": f"{int(run.numel())} / {depth}",
         "workflow_s": workflow_s,
@@ -282,6 +286,7 @@ INFERENCE_COLUMNS = {
     "features": "width",
     "compile": "compiled",
     "amp": "amp",
+    "output_ext": "written as",
     "slices_run": "slices run",
     "workflow_s": "workflow s",
     "bare_same_s": "bare forward, same slices, s",
@@ -311,17 +316,20 @@ def inference(
     sw_batch_size: int = 64,
     compile=False,
     amp=False,
+    output_ext=".nii.gz",
     threads=None,
     output: str | None = None,
 ):
     """Inference workflow vs bare forward (module doc). ``input``: a 240x240x155 T2 volume (default: one phantom
     case made here). ``widths``: generator widths; the shipped model.pt is used for its own width, random weights
     for the others. ``compile`` and ``amp``: False, True, or "both" (a row for each; ``amp`` only on a GPU, as the
-    workflow's autocast is for CUDA). ``threads``: torch CPU threads."""
+    workflow's autocast is for CUDA). ``output_ext``: ``.nii.gz``, ``.nii`` or both (``.nii.gz,.nii``), the
+    workflow's outputs. ``threads``: torch CPU threads."""
     set_threads(threads)
     widths = [int(w) for w in (str(widths).split(",") if not isinstance(widths, (list, tuple)) else widths)]
     modes = _choices(compile)
     amps = _choices(amp)
+    exts = list(output_ext) if isinstance(output_ext, (list, tuple)) else str(output_ext).split(",")
     shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
     meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
     rows = []
@@ -333,8 +341,9 @@ def inference(
             for width in widths:
                 ckpt = SHIPPED_MODEL if shipped == width else None
                 ckpt = ckpt or random_generator_ckpt(os.path.join(tmp, f"model_f{width}.pt"), width)
-                for mode, use_amp in [(m, a) for m in modes for a in amps if dev.type == "cuda" or not a]:
-                    rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size, mode, use_amp))
+                settings = [(m, a, e) for m in modes for a in amps for e in exts if dev.type == "cuda" or not a]
+                for mode, use_amp, ext in settings:
+                    rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size, mode, use_amp, ext))
                     print(table(rows[-1:], INFERENCE_COLUMNS).splitlines()[-1], flush=True)
     meta["load_after"] = load()
     meta["input"] = input
