@@ -124,7 +124,7 @@ def test_tcmgan_keeps_the_segmenter_frozen(phantom_dir, segmenter_run):
     s = wf.parser.get_parsed_content("seg_network")
     assert not s.training and not any(p.requires_grad for p in s.parameters())
     for k, v in s.state_dict().items():
-        torch.testing.assert_close(v, before[k], msg=f"S changed in {k}")
+        torch.testing.assert_close(v.cpu(), before[k].cpu(), msg=f"S changed in {k}")
     assert trainer.state.output["g_seg"] > 0  # the tumour-consistency term was computed
     assert (segmenter_run / "tcmgan" / "model.pt").is_file()
 
@@ -133,7 +133,8 @@ def test_tcmgan_bw_updates_the_segmenter(phantom_dir, segmenter_run):
     before = load_checkpoint(str(segmenter_run / "segmenter" / "model.pt"))
     wf, trainer = _trained("tcmgan_bw", phantom_dir, segmenter_run)
     s = wf.parser.get_parsed_content("seg_network")
-    changed = [k for k, v in s.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    state = {k: v.cpu() for k, v in s.state_dict().items()}  # on the GPU when there is one
+    changed = [k for k, v in state.items() if v.is_floating_point() and not torch.equal(v, before[k].cpu())]
     assert changed, "S was not updated"
     assert "s_loss" in trainer.state.output
     assert "segmenter" in load_checkpoint(str(segmenter_run / "tcmgan_bw" / "checkpoint.pt"))
@@ -148,7 +149,7 @@ def test_pix2pix_trains_one_generator_per_target(phantom_dir, tmp_path):
     assert g.generators[0].down[0][0].in_channels == 1  # no label planes
     for k in range(3):  # every target's generator was trained, each is its own module
         w = g.generators[k].down[0][0].weight
-        assert not torch.equal(w.detach(), init[f"generators.{k}.down.0.0.weight"])
+        assert not torch.equal(w.detach().cpu(), init[f"generators.{k}.down.0.0.weight"])
     assert len({id(m) for m in g.generators}) == 3
     assert trainer.state.output["g_cls"] == 0 and trainer.state.output["d_cls"] == 0  # no labels, no cls head
     assert len(wf.parser.get_parsed_content("dnetwork").critics) == 3
@@ -203,7 +204,7 @@ def test_resume_restores_iteration_optimizer_and_schedule(phantom_dir, tmp_path)
     assert seen["iteration"] == saved["trainer"]["iteration"] + 1  # continued where it stopped
     assert trainer.state.epoch == 5 and seen["g_opt"]["state"][0]["step"] == saved["g_optimizer"]["state"][0]["step"]
     for k, st in saved["g_optimizer"]["state"].items():
-        torch.testing.assert_close(seen["g_opt"]["state"][k]["exp_avg"], st["exp_avg"])
+        torch.testing.assert_close(seen["g_opt"]["state"][k]["exp_avg"].cpu(), st["exp_avg"].cpu())
     # 4 of 5 epochs done: StepSchedule(5) has stepped 4 times -> factor for epoch 4 (>= 0.9 * 5 rounds to 4)
     assert seen["lr"] == pytest.approx(2e-4 * StepSchedule(5)(4))
     assert trainer.state.iteration == 5 * TINY["epoch_length"]

@@ -211,12 +211,13 @@ def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="t
 
 
 def training_figure(run_dir, output_png, smooth: int = 10) -> str:
-    """Loss terms per iteration and validation PSNR/SSIM per epoch, read from ``run_dir/tensorboard``.
+    """Loss terms (every ``log_every``-th iteration, as training logged them) and validation PSNR/SSIM per
+    epoch, read from ``run_dir/tensorboard``.
 
     Args:
         run_dir: a training output folder (``<output_dir>/<variant>``).
         output_png: PNG to write.
-        smooth: moving-average window (iterations) for the loss curves.
+        smooth: moving-average window (logged points) for the loss curves.
     """
     import matplotlib
 
