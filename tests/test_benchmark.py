@@ -24,6 +24,7 @@ from torch import nn
 
 from scripts import benchmark
 from scripts.data import VolumeCache
+from scripts import inference
 from scripts.inference import BrainSliceInferer
 from scripts.networks import SynthesisNet, TumourSegmenter, make_critic
 from scripts.trainer import TCMGANTrainer
@@ -88,6 +89,70 @@ def test_brain_slice_inferer_under_autocast_returns_the_input_dtype():
             got = BrainSliceInferer(sw_batch_size=4)(vol, net)
     assert got.dtype == torch.float32 and got.shape == full.shape
     torch.testing.assert_close(got, full, atol=0.1, rtol=0)  # bfloat16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("variant", ["tcmgan", "pix2pix"])
+def test_onnxruntime_backend_equals_torch_for_any_number_of_slices(variant):
+    """One export (dynamic batch size) serves volumes with other numbers of brain slices, with torch's outputs."""
+    torch.manual_seed(0)
+    net = SynthesisNet(variant, features=4).eval()
+    inferer = BrainSliceInferer(sw_batch_size=4, backend="onnxruntime")
+    for depth, empty in ((10, (0, 9)), (7, ())):  # batches of 3, 3, 3 then 4, 3
+        vol = volume_with_empty_slices(depth=depth, empty=empty)
+        with torch.no_grad():
+            expected = BrainSliceInferer(sw_batch_size=4)(vol, net)
+        got = inferer(vol, net)
+        assert inferer._onnx is not None and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert inferer._onnx[0] is net
+
+
+def test_onnxruntime_backend_follows_new_weights():
+    """The exported model is rebuilt when the network changes: another network or weights loaded in place."""
+    torch.manual_seed(0)
+    net, other = SynthesisNet("mgan", features=4).eval(), SynthesisNet("mgan", features=4).eval()
+    vol = volume_with_empty_slices(depth=4, empty=())
+    inferer = BrainSliceInferer(backend="onnxruntime")
+    inferer(vol, net)
+    session = inferer._onnx[2]
+    inferer(vol, net)
+    assert inferer._onnx[2] is session  # same weights: no new export
+    net.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(inferer(vol, net), BrainSliceInferer()(vol, other), atol=1e-5, rtol=0)
+    assert inferer._onnx[2] is not session
+
+
+def test_auto_backend_uses_onnxruntime_on_the_cpu_only_when_installed(monkeypatch):
+    net = SynthesisNet("mgan", features=4).eval()
+    vol = volume_with_empty_slices(depth=3, empty=())
+    auto = BrainSliceInferer(backend="auto")
+    auto(vol, net)
+    assert auto._onnx is not None
+    monkeypatch.setattr(inference, "onnxruntime_available", lambda: False)
+    missing = BrainSliceInferer(backend="auto")
+    missing(vol, net)
+    assert missing._onnx is None  # torch
+    with pytest.raises(ImportError, match="backend 'onnxruntime' needs the onnx and onnxruntime packages"):
+        BrainSliceInferer(backend="onnxruntime")(vol, net)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BrainSliceInferer(backend="onnx")
+
+
+def test_onnxruntime_backend_falls_back_to_torch_when_the_export_fails(monkeypatch, caplog):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    net = SynthesisNet("mgan", features=4).eval()
+    vol = volume_with_empty_slices(depth=3, empty=())
+    inferer = BrainSliceInferer(backend="auto")
+    with caplog.at_level("WARNING"):
+        got = inferer(vol, net)
+    with torch.no_grad():
+        torch.testing.assert_close(got, BrainSliceInferer()(vol, net))
+    assert "ONNX Runtime path failed (RuntimeError: unsupported operator); running with torch" in caplog.text
+    assert inferer.backend == "torch" and inferer._onnx is None
 
 
 class PerSampleNet(nn.Module):

@@ -177,10 +177,11 @@ class _TimedInferer:
         return out
 
 
-def _inference_workflow(
-    input: str, ckpt_path: str, output_dir: str, device, sw_batch_size: int, compile: bool, amp: bool = False,
-    output_ext: str = ".nii.gz",
-):
+#: inference.json settings a row of ``inference`` varies, and the benchmark's defaults for them
+INFERENCE_SETTINGS = {"sw_batch_size": 64, "compile": False, "amp": False, "output_ext": ".nii.gz", "backend": "auto"}
+
+
+def _inference_workflow(input: str, ckpt_path: str, output_dir: str, device, **settings):
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
@@ -191,26 +192,24 @@ def _inference_workflow(
         ckpt_path=ckpt_path,
         output_dir=output_dir,
         device=str(device),
-        sw_batch_size=sw_batch_size,
-        compile=compile,
-        amp=amp,
-        output_ext=output_ext,
+        **settings,
     )
     wf.initialize()
     return wf
 
 
-def time_inference(
-    input: str, ckpt_path: str, device, repeats: int = 3, sw_batch_size: int = 64, compile=False, amp=False,
-    output_ext: str = ".nii.gz",
-):
+def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, **settings):
     """One row: the inference.json workflow on ``input`` vs the bare forward on the same slices (see module doc).
-    ``amp``: the workflow runs with ``amp`` and the bare forward under ``torch.autocast`` of the same device."""
+    ``settings``: inference.json ids (:data:`INFERENCE_SETTINGS`). With ``amp`` the bare forward runs under
+    ``torch.autocast`` of the device; when the workflow runs the network with ONNX Runtime (``backend``), the bare
+    forward is the same ONNX Runtime session on the same batches."""
     from ignite.engine import Events
 
     device = torch.device(device)
+    settings = {**INFERENCE_SETTINGS, **settings}
+    sw_batch_size, amp = settings["sw_batch_size"], settings["amp"]
     with tempfile.TemporaryDirectory() as out:
-        wf = _inference_workflow(input, ckpt_path, out, device, sw_batch_size, compile, amp, output_ext)
+        wf = _inference_workflow(input, ckpt_path, out, device, **settings)
         evaluator = wf.parser.get_parsed_content("evaluator")
         network = wf.parser.get_parsed_content("network")
         inferer = wf.parser.get_parsed_content("inferer")
@@ -238,12 +237,17 @@ def time_inference(
         same = volume[..., run].permute(3, 0, 1, 2).contiguous()
         every = volume.permute(3, 0, 1, 2).contiguous()
 
+        session = inferer._onnx[2] if inferer._onnx is not None else None  # the workflow ran ONNX Runtime
+
         def bare(slices, even_split):
             n = slices.shape[0]
             size = -(-n // -(-n // sw_batch_size)) if even_split else sw_batch_size
             with torch.inference_mode(), torch.autocast(device.type, enabled=bool(amp)):
                 for start in range(0, n, size):
-                    network(slices[start : start + size])
+                    if session is not None:
+                        session.run(None, {"slices": slices[start : start + size].contiguous().numpy()})
+                    else:
+                        network(slices[start : start + size])
 
         bare(same, True)  # warm-up of the eager path
         runs: dict[str, list[tuple[float, float]]] = {"workflow": [], "same": [], "all": []}
@@ -259,9 +263,10 @@ def time_inference(
         "device": device.type,
         "threads": torch.get_num_threads(),
         "features": int(network.arch[1]),
-        "compile": bool(compile),
+        "backend": "onnxruntime" if session is not None else "torch",
+        "compile": bool(settings["compile"]) and session is None,
         "amp": bool(amp),
-        "output_ext": output_ext,
+        "output_ext": settings["output_ext"],
         "slices": depth,
         "slices_run": f"{int(run.numel())} / {depth}",
         "workflow_s": workflow_s,
@@ -284,6 +289,7 @@ INFERENCE_COLUMNS = {
     "device": "device",
     "threads": "threads",
     "features": "width",
+    "backend": "backend",
     "compile": "compiled",
     "amp": "amp",
     "output_ext": "written as",
@@ -308,12 +314,18 @@ def _choices(flag) -> list[bool]:
     return [False, True] if str(flag).lower() == "both" else [str(flag).lower() in ("true", "1")]
 
 
+def _values(option) -> list:
+    """A comma-separated option (or a list) -> its values."""
+    return list(option) if isinstance(option, (list, tuple)) else str(option).split(",")
+
+
 def inference(
     input: str | None = None,
     widths="16,64",
     device=None,
     repeats: int = 3,
     sw_batch_size: int = 64,
+    backend="auto",
     compile=False,
     amp=False,
     output_ext=".nii.gz",
@@ -322,14 +334,16 @@ def inference(
 ):
     """Inference workflow vs bare forward (module doc). ``input``: a 240x240x155 T2 volume (default: one phantom
     case made here). ``widths``: generator widths; the shipped model.pt is used for its own width, random weights
-    for the others. ``compile`` and ``amp``: False, True, or "both" (a row for each; ``amp`` only on a GPU, as the
-    workflow's autocast is for CUDA). ``output_ext``: ``.nii.gz``, ``.nii`` or both (``.nii.gz,.nii``), the
-    workflow's outputs. ``threads``: torch CPU threads."""
+    for the others. ``backend``: inference.json's (``auto``, ``torch``, ``onnxruntime``; several comma-separated
+    give a row each). ``compile`` and ``amp``: False, True, or "both" (a row for each; ``compile`` only with the
+    torch backend, ``amp`` only on a GPU, as the workflow's autocast is for CUDA). ``output_ext``: ``.nii.gz``,
+    ``.nii`` or both (``.nii.gz,.nii``), the workflow's outputs. ``threads``: torch CPU threads."""
     set_threads(threads)
-    widths = [int(w) for w in (str(widths).split(",") if not isinstance(widths, (list, tuple)) else widths)]
-    modes = _choices(compile)
-    amps = _choices(amp)
-    exts = list(output_ext) if isinstance(output_ext, (list, tuple)) else str(output_ext).split(",")
+    widths = [int(w) for w in _values(widths)]
+    grid = [
+        {"backend": b, "compile": c, "amp": a, "output_ext": e}
+        for b in _values(backend) for c in _choices(compile) for a in _choices(amp) for e in _values(output_ext)
+    ]  # fmt: skip
     shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
     meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
     rows = []
@@ -341,9 +355,14 @@ def inference(
             for width in widths:
                 ckpt = SHIPPED_MODEL if shipped == width else None
                 ckpt = ckpt or random_generator_ckpt(os.path.join(tmp, f"model_f{width}.pt"), width)
-                settings = [(m, a, e) for m in modes for a in amps for e in exts if dev.type == "cuda" or not a]
-                for mode, use_amp, ext in settings:
-                    rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size, mode, use_amp, ext))
+                for settings in grid:
+                    if settings["amp"] and dev.type != "cuda":
+                        continue
+                    if settings["compile"] and settings["backend"] == "onnxruntime":
+                        continue
+                    if settings["backend"] == "onnxruntime" and dev.type != "cpu":
+                        continue
+                    rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size=sw_batch_size, **settings))
                     print(table(rows[-1:], INFERENCE_COLUMNS).splitlines()[-1], flush=True)
     meta["load_after"] = load()
     meta["input"] = input
@@ -713,7 +732,8 @@ def data(
     with tempfile.TemporaryDirectory() as tmp:
         folder = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), unique_cases)
         rate = loader_rate(folder, batch_size=batch_size)
-        step = time_training(folder, "tcmgan", features, batch_size, step_iterations, 1, dev, plain=False)
+        warmup = 20 if dev.type == "cuda" else 1  # as ``training``: cuDNN plans for new shapes first
+        step = time_training(folder, "tcmgan", features, batch_size, step_iterations, 1, dev, False, warmup)
         rows = [{
             "device": dev.type, "features": features, **rate, "step_slices_per_s": step["trainer_slices_per_s"],
             "loader_over_step": rate["loader_slices_per_s"] / step["trainer_slices_per_s"],

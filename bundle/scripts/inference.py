@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -306,6 +307,20 @@ class SaveTargetsd:
         return img
 
 
+#: Ways :class:`BrainSliceInferer` can run the network.
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``onnx`` (needed by ``torch.onnx.export``) and ``onnxruntime`` can be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class BrainSliceInferer(Inferer):
     """Run a 2D network over the axial slices of a volume, sending only the slices that hold brain.
 
@@ -328,20 +343,32 @@ class BrainSliceInferer(Inferer):
             2 CPU cores for the U-Net, ~16 s when inductor's on-disk cache already holds it); each later forward
             costs ~15-30 % less CPU, with outputs equal up to float rounding. Worth it for many volumes, not one
             (``inference.json`` turns it on from 16 volumes). If compiling fails (e.g. no C++ compiler), a warning
-            says so and the network runs eagerly.
+            says so and the network runs eagerly. Only for the ``torch`` backend.
+        backend: ``"torch"``: the network itself (eager, or compiled with ``compile``). ``"onnxruntime"``: the
+            network exported once per process with ``torch.onnx.export`` (in memory, a dynamic batch size; ~1.5 s at
+            the paper's width) and run by ONNX Runtime on the CPU, with as many threads as torch uses: ~0.67x the
+            eager forward's time at width 64 on 2 CPU cores, outputs equal up to float rounding (max abs ~3e-6);
+            CPU inputs only. ``"auto"``: ``onnxruntime`` for inputs on the CPU when ``onnx`` and ``onnxruntime``
+            are installed, ``torch`` otherwise (a GPU, where the network is a few percent of the time). If the
+            export or the session fails, a warning says so and the network runs with torch. The exported model is
+            rebuilt when the network's weights change (another network, ``load_state_dict``, an optimizer step).
 
     Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
     with the input's metadata when the input is one), so the inverse transforms may modify it.
     """
 
-    def __init__(self, sw_batch_size: int = 64, background: float = -1.0, compile: bool = False):
+    def __init__(self, sw_batch_size: int = 64, background: float = -1.0, compile: bool = False, backend="torch"):
         super().__init__()
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.sw_batch_size = int(sw_batch_size)
         self.background = float(background)
         self.compile = bool(compile)
+        self.backend = backend
         self._compiled: dict[int, Callable] = {}
+        self._onnx: tuple | None = None  # (network, weights stamp, session) of the last exported network
 
     def brain_slices(self, volume: torch.Tensor) -> torch.Tensor:
         """Indices of the slices (last axis) of ``volume`` ``(C, H, W, D)`` with a voxel other than background."""
@@ -354,17 +381,70 @@ class BrainSliceInferer(Inferer):
             self._compiled[id(network)] = torch.compile(network, dynamic=True, options={"freezing": True})
         return self._compiled[id(network)]
 
+    def _use_onnxruntime(self, slices: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "auto":
+            return slices.device.type == "cpu" and onnxruntime_available()
+        if slices.device.type != "cpu":
+            raise ValueError(
+                f"backend 'onnxruntime' runs on the CPU, but the slices are on {slices.device}: "
+                "use backend 'torch' or 'auto' (or device cpu)"
+            )
+        if not onnxruntime_available():
+            raise ImportError("backend 'onnxruntime' needs the onnx and onnxruntime packages (requirements.txt)")
+        return True
+
+    def _onnx_session(self, network: torch.nn.Module, slices: torch.Tensor):
+        """An ONNX Runtime session of ``network`` (exported now unless the cached one has the same weights)."""
+        weights = list(network.state_dict(keep_vars=True).values())
+        stamp = tuple((t.data_ptr(), t._version) for t in weights)
+        if self._onnx is not None and self._onnx[0] is network and self._onnx[1] == stamp:
+            return self._onnx[2]
+        import io
+
+        import onnxruntime
+
+        sample = torch.full((2, *slices.shape[1:]), self.background, dtype=slices.dtype)
+        buffer = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            # the legacy exporter's deprecation notice, and its InstanceNorm note (no running statistics here)
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network, (sample,), buffer, input_names=["slices"], output_names=["targets"],
+                dynamic_axes={"slices": {0: "n"}, "targets": {0: "n"}}, dynamo=False,
+            )  # fmt: skip
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3  # errors only
+        # idle threads sleep instead of spinning between calls: the NIfTI writer threads need those cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self._onnx = (network, stamp, session)
+        return session
+
     def forward_slices(self, slices: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
         """``network`` over ``(N, 1, H, W)`` slices, in equal batches of at most ``sw_batch_size``, ->
         ``(N, C_out, H, W)``."""
         n = slices.shape[0]
         n_batches = -(-n // self.sw_batch_size)
         size = -(-n // n_batches)
-        net = self._network(network)
+        session = None
+        if not args and not kwargs and isinstance(network, torch.nn.Module) and self._use_onnxruntime(slices):
+            try:
+                session = self._onnx_session(network, slices)
+            except Exception as e:  # an operator the exporter or ONNX Runtime lacks: say so, run with torch
+                logger.warning(f"ONNX Runtime path failed ({type(e).__name__}: {str(e)[:200]}); running with torch")
+                self.backend = "torch"
+        net = self._network(network) if session is None else None
         outs = []
         with torch.inference_mode():
             for start in range(0, n, size):
                 batch = slices[start : start + size]
+                if session is not None:
+                    array = batch.to(torch.float32).contiguous().numpy()
+                    outs.append(torch.from_numpy(session.run(None, {"slices": array})[0]))
+                    continue
                 try:
                     outs.append(net(batch, *args, **kwargs))
                 except Exception as e:
