@@ -13,8 +13,9 @@ ratios. Phantom data (``scripts.phantom``) is made in a temporary folder when no
 - ``inference``: for each device (CPU, and the GPU when there is one) and generator width (16: the shipped
   ``models/model.pt``; 64: the paper's width, random weights, as speed does not depend on them): the whole
   ``inference.json`` workflow on one 240x240x155 case (read, preprocess, network, invert, write 3 NIfTI files;
-  start-up excluded) vs the bare eager forward of the same network on exactly the slices the workflow ran, and on
-  all slices; slices/s and volumes/min; where the workflow's time goes.
+  start-up excluded) vs the bare forward of the same network on exactly the slices the workflow ran, and on all
+  slices, with the workflow's engine (eager PyTorch, or the ONNX Runtime session of ``--backend onnxruntime`` /
+  ``auto`` on a CPU); slices/s and volumes/min; where the workflow's time goes.
 - ``training``: per variant, iterations/s of ``TCMGANTrainer`` built from ``train.json`` with its handlers and data
   loader vs a plain PyTorch loop (:func:`plain_gan_step`) doing the same forward/backward/optimizer steps on the
   same batches (tests check that one step of each gives the same weights).
