@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
     sys.path.insert(0, BUNDLE)
 
 from scripts.checkpoints import synthesis_arch  # noqa: E402
+from scripts.inference import onnxruntime_available  # noqa: E402
 from scripts.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss  # noqa: E402
 from scripts.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
 
@@ -359,7 +360,10 @@ def inference(
                 for settings in grid:
                     if settings["amp"] and dev.type != "cuda":
                         continue
-                    if settings["compile"] and settings["backend"] == "onnxruntime":
+                    onnx = settings["backend"] == "onnxruntime" or (
+                        settings["backend"] == "auto" and dev.type == "cpu" and onnxruntime_available()
+                    )
+                    if settings["compile"] and onnx:  # compile applies to the torch backend only
                         continue
                     if settings["backend"] == "onnxruntime" and dev.type != "cpu":
                         continue
