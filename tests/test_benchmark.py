@@ -305,6 +305,9 @@ def test_inference_benchmark_times_the_workflow_against_the_same_slices(tmp_path
     assert row["slices"] == 20 and row["slices_run"] == "15 / 20"  # the bare forward runs the same 14 + 1 slices
     assert row["features"] == 4 and row["workflow_s"] > row["network_s"] > 0
     assert row["workflow_over_bare"] == pytest.approx(row["workflow_s"] / row["bare_same_s"])
+    assert row["backend"] == "onnxruntime"  # the CPU default; its bare forward is the same session
+    row = benchmark.time_inference(str(tmp_path / "c_t2.nii.gz"), ckpt, "cpu", repeats=1, backend="torch")
+    assert row["backend"] == "torch" and row["slices_run"] == "15 / 20"
 
 
 def test_training_benchmark_compares_trainer_and_plain_loop_on_the_same_batches(phantom_dir):
