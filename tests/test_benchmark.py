@@ -137,6 +137,9 @@ def test_auto_backend_uses_onnxruntime_on_the_cpu_only_when_installed(monkeypatc
         BrainSliceInferer(backend="onnxruntime")(vol, net)
     with pytest.raises(ValueError, match="backend must be one of"):
         BrainSliceInferer(backend="onnx")
+    assert inference.resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="backend 'onnxruntime' runs on the CPU, but the slices are on cuda"):
+        inference.resolve_backend("onnxruntime", "cuda")
 
 
 def test_onnxruntime_backend_falls_back_to_torch_when_the_export_fails(monkeypatch, caplog):

@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
     sys.path.insert(0, BUNDLE)
 
 from scripts.checkpoints import synthesis_arch  # noqa: E402
-from scripts.inference import onnxruntime_available  # noqa: E402
+from scripts.inference import resolve_backend  # noqa: E402
 from scripts.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss  # noqa: E402
 from scripts.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
 
@@ -358,15 +358,12 @@ def inference(
                 ckpt = SHIPPED_MODEL if shipped == width else None
                 ckpt = ckpt or random_generator_ckpt(os.path.join(tmp, f"model_f{width}.pt"), width)
                 for settings in grid:
-                    if settings["amp"] and dev.type != "cuda":
+                    try:
+                        engine = resolve_backend(settings["backend"], dev.type)
+                    except (ValueError, ImportError):  # onnxruntime on a GPU, or not installed: no such row
                         continue
-                    onnx = settings["backend"] == "onnxruntime" or (
-                        settings["backend"] == "auto" and dev.type == "cpu" and onnxruntime_available()
-                    )
-                    if settings["compile"] and onnx:  # compile applies to the torch backend only
-                        continue
-                    if settings["backend"] == "onnxruntime" and dev.type != "cpu":
-                        continue
+                    if (settings["amp"] and dev.type != "cuda") or (settings["compile"] and engine != "torch"):
+                        continue  # autocast is for CUDA; compile for the torch backend
                     rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size=sw_batch_size, **settings))
                     print(table(rows[-1:], INFERENCE_COLUMNS).splitlines()[-1], flush=True)
     meta["load_after"] = load()
@@ -606,9 +603,8 @@ def training(
         cases = max(6, -(-4 * batch_size // 25))
         data = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), cases, shape=SMALL_SHAPE)
         for v in variants:
-            rows.append(
-                time_training(data, v, features, batch_size, iterations, repeats, dev, warmup=warmup, **small, **override)
-            )
+            settings = {"warmup": warmup, **small, **override}
+            rows.append(time_training(data, v, features, batch_size, iterations, repeats, dev, **settings))
             print(table(rows[-1:], TRAINING_COLUMNS).splitlines()[-1], flush=True)
     meta["load_after"] = load()
     return _report("training", rows, TRAINING_COLUMNS, meta, output)

@@ -204,8 +204,8 @@ def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.
 
 
 def remove_stale_temporaries(folder: str, stems) -> list[str]:
-    """Remove ``.<stem>.<pid>.tmp.nii.gz`` (or ``.nii``) files in ``folder`` left by processes that no longer run (a killed
-    inference); a running writer's files are kept. Returns the removed paths."""
+    """Remove ``.<stem>.<pid>.tmp.nii.gz`` (or ``.nii``) files in ``folder`` left by processes that no longer run
+    (a killed inference); a running writer's files are kept. Returns the removed paths."""
     removed = []
     for stem in stems:
         pattern = re.compile(rf"^\.{re.escape(stem)}\.(\d+)\.tmp\.nii(\.gz)?$")
@@ -321,6 +321,27 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The engine ``backend`` means for slices on a ``device_type`` device: ``"torch"`` or ``"onnxruntime"``.
+
+    ``auto`` is ONNX Runtime on the CPU when ``onnx`` and ``onnxruntime`` are installed, torch otherwise; an explicit
+    ``onnxruntime`` off the CPU, or without the packages, is an error saying so."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "onnxruntime" if device_type == "cpu" and onnxruntime_available() else "torch"
+    if device_type != "cpu":
+        raise ValueError(
+            f"backend 'onnxruntime' runs on the CPU, but the slices are on {device_type}: "
+            "use backend 'torch' or 'auto' (or device cpu)"
+        )
+    if not onnxruntime_available():
+        raise ImportError("backend 'onnxruntime' needs the onnx and onnxruntime packages (requirements.txt)")
+    return "onnxruntime"
+
+
 class BrainSliceInferer(Inferer):
     """Run a 2D network over the axial slices of a volume, sending only the slices that hold brain.
 
@@ -381,20 +402,6 @@ class BrainSliceInferer(Inferer):
             self._compiled[id(network)] = torch.compile(network, dynamic=True, options={"freezing": True})
         return self._compiled[id(network)]
 
-    def _use_onnxruntime(self, slices: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "auto":
-            return slices.device.type == "cpu" and onnxruntime_available()
-        if slices.device.type != "cpu":
-            raise ValueError(
-                f"backend 'onnxruntime' runs on the CPU, but the slices are on {slices.device}: "
-                "use backend 'torch' or 'auto' (or device cpu)"
-            )
-        if not onnxruntime_available():
-            raise ImportError("backend 'onnxruntime' needs the onnx and onnxruntime packages (requirements.txt)")
-        return True
-
     def _onnx_session(self, network: torch.nn.Module, slices: torch.Tensor):
         """An ONNX Runtime session of ``network`` (exported now unless the cached one has the same weights)."""
         weights = list(network.state_dict(keep_vars=True).values())
@@ -430,7 +437,8 @@ class BrainSliceInferer(Inferer):
         n_batches = -(-n // self.sw_batch_size)
         size = -(-n // n_batches)
         session = None
-        if not args and not kwargs and isinstance(network, torch.nn.Module) and self._use_onnxruntime(slices):
+        exportable = not args and not kwargs and isinstance(network, torch.nn.Module)
+        if exportable and resolve_backend(self.backend, slices.device.type) == "onnxruntime":
             try:
                 session = self._onnx_session(network, slices)
             except Exception as e:  # an operator the exporter or ONNX Runtime lacks: say so, run with torch
