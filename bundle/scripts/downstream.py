@@ -29,7 +29,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -53,6 +52,8 @@ from scripts.checkpoints import (  # noqa: E402
     synthesis_arch,
 )
 from scripts.data import CHANNELS, case_name  # noqa: E402
+from scripts.inference import BrainSliceInferer  # noqa: E402
+from scripts.metrics import summarise  # noqa: E402
 from scripts.networks import SynthesisNet  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -124,13 +125,9 @@ def synthesise_volume(generator: torch.nn.Module, t2: torch.Tensor, batch_size: 
         ``(3, H, W, D)`` synthesised (FLAIR, T1, T1ce) on ``t2``'s device, float32.
     """
     device = device if device is not None else next(generator.parameters()).device
-    slices = t2.permute(3, 0, 1, 2)  # (D, 1, H, W)
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, slices.shape[0], batch_size):
-            batch = slices[start : start + batch_size].to(device=device, dtype=torch.float32)
-            outputs.append(generator(batch).float().to(t2.device))
-    return torch.cat(outputs).permute(1, 2, 3, 0).contiguous()  # (3, H, W, D)
+    slices = t2.permute(3, 0, 1, 2).to(device=device, dtype=torch.float32)  # (D, 1, H, W)
+    synth = BrainSliceInferer(sw_batch_size=batch_size).forward_slices(slices, generator)
+    return synth.float().to(t2.device).permute(1, 2, 3, 0).contiguous()  # (3, H, W, D)
 
 
 #: Generators loaded by :func:`cached_generator`, by (path, SHA-1, device).
@@ -339,11 +336,10 @@ def case_dice_3d(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def summary(values: Sequence[float]) -> dict:
-    """``{"mean", "std"}`` of the values (population std, ddof 0); NaN for none."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": math.nan, "std": math.nan}
-    return {"mean": float(arr.mean()), "std": float(arr.std())}
+    """``{"mean", "std"}`` of the values (population std, ddof 0; :func:`scripts.metrics.summarise`); NaN for
+    none."""
+    stats = summarise(values)
+    return {"mean": stats["mean"], "std": stats["std"]}
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------------
@@ -366,13 +362,9 @@ def predict_volume(network: torch.nn.Module, image: torch.Tensor, device, batch_
     Returns:
         ``(R, H, W, D)`` bool prediction (sigmoid > 0.5, i.e. logit > 0), on the CPU.
     """
-    slices = _tensor(image).permute(3, 0, 1, 2)  # (D, C, H, W)
-    masks = []
-    with torch.inference_mode():
-        for start in range(0, slices.shape[0], batch_size):
-            logits = network(slices[start : start + batch_size].to(device=device, dtype=torch.float32))
-            masks.append((torch.sigmoid(logits) > 0.5).cpu())
-    return torch.cat(masks).permute(1, 2, 3, 0)
+    slices = _tensor(image).permute(3, 0, 1, 2).to(device=device, dtype=torch.float32)  # (D, C, H, W)
+    logits = BrainSliceInferer(sw_batch_size=batch_size).forward_slices(slices, network)
+    return (torch.sigmoid(logits) > 0.5).cpu().permute(1, 2, 3, 0)
 
 
 class DownstreamScorer:
