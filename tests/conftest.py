@@ -65,7 +65,7 @@ def generator_ckpt(tmp_path_factory) -> Path:
     """A tiny untrained MGAN generator (features 4) saved as train.json's ModelSaver does (a state dict with its
     'arch' buffer)."""
     import torch
-    from scripts.networks import SynthesisNet
+    from scripts.runtime.networks import SynthesisNet
 
     path = tmp_path_factory.mktemp("generator") / "model.pt"
     torch.manual_seed(0)

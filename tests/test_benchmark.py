@@ -23,11 +23,11 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from scripts import benchmark
-from scripts.data import VolumeCache
-from scripts import inference
-from scripts.inference import BrainSliceInferer
-from scripts.networks import SynthesisNet, TumourSegmenter, make_critic
-from scripts.trainer import TCMGANTrainer
+from scripts.runtime.data import VolumeCache
+from scripts.runtime import inference
+from scripts.runtime.inference import BrainSliceInferer
+from scripts.runtime.networks import SynthesisNet, TumourSegmenter, make_critic
+from scripts.runtime.trainer import TCMGANTrainer
 
 
 class CountingNet(nn.Module):

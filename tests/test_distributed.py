@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import CONFIGS, REPO, TINY
 
-from scripts.checkpoints import load_checkpoint, load_segmenter, load_synthesis_weights
-from scripts.distributed import ddp, rank
-from scripts.networks import SynthesisNet, make_critic
+from scripts.runtime.checkpoints import load_checkpoint, load_segmenter, load_synthesis_weights
+from scripts.runtime.distributed import ddp, rank
+from scripts.runtime.networks import SynthesisNet, make_critic
 
 NPROC = 2
 #: what each rank reports after training (ids common to both training configs)

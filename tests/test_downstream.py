@@ -12,8 +12,8 @@ import torch
 from conftest import TINY, run_workflow
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd
 
-from scripts.checkpoints import load_checkpoint
-from scripts.downstream import (
+from scripts.runtime.checkpoints import load_checkpoint
+from scripts.runtime.downstream import (
     ET_LABEL,
     REGIONS,
     DownstreamInputsd,

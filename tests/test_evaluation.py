@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import SMALL_MIN_PIXELS, run_workflow
 from monai.metrics.regression import compute_ssim_and_cs
-from scripts.evaluation import BASELINES, write_table1
-from scripts.metrics import (
+from scripts.runtime.evaluation import BASELINES, write_table1
+from scripts.runtime.metrics import (
     paper_slice_scores,
     percentile_unit,
     psnr_in_mask,
@@ -22,7 +22,7 @@ from scripts.metrics import (
     summarise,
     volume_scores,
 )
-from scripts.networks import TARGETS
+from scripts.runtime.networks import TARGETS
 
 
 def test_identical_images_give_ssim_one_and_infinite_psnr():
@@ -141,7 +141,7 @@ def test_volume_synthesis_is_the_inference_workflow(evaluation_run, phantom_dir,
         "inference.json", workflow_type="inference", dataset_dir=str(phantom_dir), ckpt_path=str(generator_ckpt),
         output_dir=str(tmp_path),
     )  # fmt: skip
-    from scripts.data import case_name
+    from scripts.runtime.data import case_name
 
     for k, target in enumerate(TARGETS):
         written = nib.as_closest_canonical(nib.load(str(tmp_path / f"{case_name(case)}_{target}.nii.gz")))

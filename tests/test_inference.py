@@ -1,4 +1,4 @@
-"""Specification of volume inference: bundle/configs/inference.json and bundle/scripts/inference.py.
+"""Specification of volume inference: bundle/configs/inference.json and bundle/scripts/runtime/inference.py.
 
 Every test writes tiny T2 volumes (a textured ellipsoid "brain" in a zero background) and a generator checkpoint
 of features 4 made here, so no shipped model.pt is needed. Most runs go through ``ConfigWorkflow`` in this
@@ -27,8 +27,8 @@ META = BUNDLE / "configs" / "metadata.json"
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
 
-from scripts import inference  # noqa: E402
-from scripts.networks import TARGETS, SynthesisNet  # noqa: E402
+from scripts.runtime import inference  # noqa: E402
+from scripts.runtime.networks import TARGETS, SynthesisNet  # noqa: E402
 
 CHANNELS = ["flair", "t1", "t1ce", "t2"]
 # BraTS stores 240x240x155 volumes with this affine (axis codes L, P, S).

@@ -22,8 +22,8 @@ from conftest import BUNDLE, REPO
 from monai.bundle import ConfigItem, ConfigParser, ConfigWorkflow
 from monai.transforms import Compose, LoadImaged, SaveImaged
 
-from scripts.monailabel_bundles import SingleTargetSynthesisNet, export
-from scripts.networks import TARGETS, SynthesisNet
+from scripts.monailabel_bundles import export
+from scripts.runtime.networks import TARGETS, SingleTargetSynthesisNet, SynthesisNet
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 #: a non-RAS, anisotropic, off-origin grid (axis codes L, P, S), not a multiple of 128 in-plane
@@ -161,7 +161,11 @@ def test_export_writes_one_inference_bundle_per_target(exported, ckpt):
         bundle = exported / f"brainsynth_{target}"
         assert {p.name for p in (bundle / "configs").iterdir()} == {"inference.json", "metadata.json", "logging.conf"}
         assert (bundle / "models" / "model.pt").read_bytes() == ckpt.read_bytes()
-        assert (bundle / "scripts" / "monailabel_bundles.py").is_file() and (bundle / "LICENSE").is_file()
+        assert (bundle / "LICENSE").is_file()
+        # the runtime modules only: no phantom, benchmark, reproduce, figure or export code
+        shipped = {p.relative_to(bundle / "scripts").as_posix() for p in (bundle / "scripts").rglob("*.py")}
+        runtime = {p.relative_to(BUNDLE / "scripts").as_posix() for p in (BUNDLE / "scripts" / "runtime").glob("*.py")}
+        assert shipped == runtime | {"__init__.py"}
         meta = json.loads((bundle / "configs" / "metadata.json").read_text())
         jsonschema.validate(meta, schema)
         pred = meta["network_data_format"]["outputs"]["pred"]

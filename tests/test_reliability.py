@@ -24,9 +24,9 @@ import torch
 from conftest import REPO, TINY, run_workflow
 from monai.bundle import ConfigWorkflow
 
-from scripts.checkpoints import TrainingCheckpoint, load_checkpoint, load_segmenter, save_atomic, synthesis_arch
-from scripts.networks import TARGETS, SynthesisNet, TumourSegmenter
-from scripts.trainer import StepSchedule
+from scripts.runtime.checkpoints import TrainingCheckpoint, load_checkpoint, load_segmenter, save_atomic, synthesis_arch
+from scripts.runtime.networks import TARGETS, SynthesisNet, TumourSegmenter
+from scripts.runtime.trainer import StepSchedule
 
 BUNDLE = REPO / "bundle"
 INFERENCE = BUNDLE / "configs" / "inference.json"
@@ -136,7 +136,7 @@ def iterations_logged_by_the_resumed_run(log_dir: Path) -> list[int]:
 _WRITER = """
 import sys, torch
 sys.path.insert(0, {bundle!r})
-from scripts.checkpoints import save_atomic
+from scripts.runtime.checkpoints import save_atomic
 i = 0
 while True:
     i += 1
@@ -335,7 +335,7 @@ def test_checkpoint_with_weights_that_do_not_fit_its_arch_entry_is_reported_as_d
     state["arch"] = torch.tensor([2, 8, 3, 7])  # claims width 8, holds width-4 tensors
     torch.save(state, tmp_path / "model.pt")
     assert synthesis_arch(str(tmp_path / "model.pt"))["features"] == 8
-    from scripts.checkpoints import load_synthesis_weights
+    from scripts.runtime.checkpoints import load_synthesis_weights
 
     with pytest.raises(ValueError, match="its weights do not fit the generator its 'arch' entry describes"):
         load_synthesis_weights(SynthesisNet("tcmgan", 8), str(tmp_path / "model.pt"))
@@ -417,12 +417,12 @@ def test_header_check_decompresses_only_a_gzip_whose_trailer_disagrees(tmp_path,
     import gzip
     import types
 
-    import scripts.data
+    import scripts.runtime.data
 
     full_reads = []
-    monkeypatch.setattr(scripts.data, "gzip", types.SimpleNamespace(open=lambda p, m: full_reads.append(p) or
+    monkeypatch.setattr(scripts.runtime.data, "gzip", types.SimpleNamespace(open=lambda p, m: full_reads.append(p) or
                                                                       gzip.open(p, m)))  # fmt: skip
-    check_case_files = scripts.data.check_case_files
+    check_case_files = scripts.runtime.data.check_case_files
     nib.save(nib.Nifti1Image(np.arange(4000, dtype=np.float32).reshape(20, 20, 10), np.eye(4)), str(tmp_path / "a.nii"))
     raw = (tmp_path / "a.nii").read_bytes()
     (tmp_path / "one.nii.gz").write_bytes(gzip.compress(raw))

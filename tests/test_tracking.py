@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import TINY, run_workflow
 
-from scripts.networks import SynthesisNet
-from scripts.trainer import LOSS_KEYS
+from scripts.runtime.networks import SynthesisNet
+from scripts.runtime.trainer import LOSS_KEYS
 
 mlflow = pytest.importorskip("mlflow", reason="tracking needs mlflow-skinny (requirements-dev.txt)")
 

@@ -12,10 +12,10 @@ from conftest import BUNDLE, REPO, TINY, run_workflow
 from ignite.engine import Events
 from torch import nn
 
-from scripts.checkpoints import load_checkpoint
-from scripts.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss
-from scripts.networks import ModalityCritic, SynthesisNet, TumourSegmenter
-from scripts.trainer import LOSS_KEYS, StepSchedule, loss_terms
+from scripts.runtime.checkpoints import load_checkpoint
+from scripts.runtime.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss
+from scripts.runtime.networks import ModalityCritic, SynthesisNet, TumourSegmenter
+from scripts.runtime.trainer import LOSS_KEYS, StepSchedule, loss_terms
 
 
 class LinearCritic(nn.Module):

@@ -32,7 +32,7 @@ SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
 
-from scripts.networks import SynthesisNet, TumourSegmenter  # noqa: E402
+from scripts.runtime.networks import SynthesisNet, TumourSegmenter  # noqa: E402
 from scripts.prepare_datalist import prepare_datalist  # noqa: E402
 
 

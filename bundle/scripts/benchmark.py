@@ -41,10 +41,10 @@ BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script: make the bundle folder importable
     sys.path.insert(0, BUNDLE)
 
-from scripts.checkpoints import synthesis_arch  # noqa: E402
-from scripts.inference import resolve_backend  # noqa: E402
-from scripts.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss  # noqa: E402
-from scripts.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
+from scripts.runtime.checkpoints import synthesis_arch  # noqa: E402
+from scripts.runtime.inference import resolve_backend  # noqa: E402
+from scripts.runtime.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss  # noqa: E402
+from scripts.runtime.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
 
 CONFIGS = os.path.join(BUNDLE, "configs")
 SHIPPED_MODEL = os.path.join(BUNDLE, "models", "model.pt")
@@ -394,7 +394,7 @@ def plain_gan_step(
     num_targets=3,
 ) -> None:
     """One TC-MGAN iteration written as a plain PyTorch loop body: the same forward, backward and optimizer steps
-    as :meth:`scripts.trainer.TCMGANTrainer._iteration`, in the same order (so the same random draws), without the
+    as :meth:`scripts.runtime.trainer.TCMGANTrainer._iteration`, in the same order (so the same random draws), without the
     engine, the output dict or the ``.item()`` calls. ``image`` ``(B, 4, H, W)``, ``label`` ``(B, 1, H, W)``."""
     b = image.shape[0]
     x = image[:, -1:]

@@ -268,7 +268,7 @@ def comparison_figure(examples, output_png, names=None) -> str:
     one row per target (FLAIR, T1, T1ce), with the whole-tumour contour in yellow.
 
     Args:
-        examples: method -> ``examples.npz`` written by ``evaluate.json`` (``scripts.evaluation``); all must hold
+        examples: method -> ``examples.npz`` written by ``evaluate.json`` (``scripts.runtime.evaluation``); all must hold
             the same case and slice (they do when the runs scored the same split: the slice is chosen from the
             label alone).
         output_png: PNG to write.

@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.checkpoints import synthesis_arch  # noqa: E402
-from scripts.networks import TARGETS, SynthesisNet  # noqa: E402
+from scripts.runtime.checkpoints import synthesis_arch  # noqa: E402
+from scripts.runtime.networks import TARGETS  # noqa: E402
 
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Display names of the targets (metadata ``channel_def``; MONAI Label shows them as the label name).
@@ -59,41 +59,6 @@ BATCH_ITEMS = (
 )
 #: Intensity range of the synthesised image MONAI Label receives.
 VALUE_RANGE = (0, 255)
-
-
-class SingleTargetSynthesisNet(SynthesisNet):
-    """A :class:`scripts.networks.SynthesisNet` that synthesises one fixed target.
-
-    ``forward(x)``: ``(B, 1, H, W)`` T2 slices in [-1, 1] -> ``(B, 1, H, W)`` slices of ``target`` in [-1, 1].
-    It has exactly SynthesisNet's parameters, buffers and state-dict keys, so the bundle's ``model.pt`` loads
-    into it unchanged (MONAI Label loads with ``strict=False``, which would silently skip mismatched keys).
-
-    Args:
-        variant, features, num_targets, num_downs: as :class:`SynthesisNet` (they must match the checkpoint).
-        target: one of :data:`scripts.networks.TARGETS` (case-insensitive).
-
-    Raises:
-        ValueError: unknown target.
-    """
-
-    def __init__(
-        self,
-        variant: str = "tcmgan",
-        features: int = 64,
-        target: str = "flair",
-        num_targets: int = 3,
-        num_downs: int = 7,
-    ):
-        super().__init__(variant, features, num_targets, num_downs)
-        if str(target).lower() not in TARGETS:
-            raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-        self.target = str(target).lower()
-        self.target_index = TARGETS.index(self.target)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if labels is None:
-            labels = torch.full((x.shape[0],), self.target_index, dtype=torch.long, device=x.device)
-        return self.synthesize(x, labels)
 
 
 def target_config(target: str, bundle_dir: str = BUNDLE_DIR) -> dict:
@@ -168,8 +133,11 @@ def export(
         os.makedirs(os.path.join(dest, "configs"))
         os.makedirs(os.path.join(dest, "models"))
         shutil.copy(ckpt_path, os.path.join(dest, "models", "model.pt"))
+        # the runtime only: the configs import nothing else, and the command-line tools stay with this bundle
         skip_cache = shutil.ignore_patterns("__pycache__")
-        shutil.copytree(os.path.join(bundle_dir, "scripts"), os.path.join(dest, "scripts"), ignore=skip_cache)
+        runtime = os.path.join(dest, "scripts", "runtime")
+        shutil.copytree(os.path.join(bundle_dir, "scripts", "runtime"), runtime, ignore=skip_cache)
+        shutil.copy(os.path.join(bundle_dir, "scripts", "__init__.py"), os.path.join(dest, "scripts"))
         shutil.copytree(os.path.join(bundle_dir, "docs"), os.path.join(dest, "docs"))
         shutil.copy(os.path.join(bundle_dir, "LICENSE"), dest)
         shutil.copy(os.path.join(bundle_dir, "configs", "logging.conf"), os.path.join(dest, "configs"))

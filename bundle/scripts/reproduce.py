@@ -201,12 +201,12 @@ class Study:
         ]  # fmt: skip
 
     def merge_table1(self):
-        from scripts.evaluation import write_table1
+        from scripts.runtime.evaluation import write_table1
 
         write_table1([self.root / "table1" / v / "scores.json" for v in VARIANTS], str(self.root / "table1"))
 
     def merge_table2(self):
-        from scripts.downstream import write_table2
+        from scripts.runtime.downstream import write_table2
 
         rows = {DOWNSTREAM_NAMES[r]: str(self.runs / "downstream" / r / "scores.json") for r in DOWNSTREAM}
         write_table2(rows, str(self.root / "table2"))

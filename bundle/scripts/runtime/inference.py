@@ -346,7 +346,7 @@ class BrainSliceInferer(Inferer):
     """Run a 2D network over the axial slices of a volume, sending only the slices that hold brain.
 
     ``inputs`` ``(B, 1, H, W, D)`` in [-1, 1] with background exactly ``background`` (what
-    :class:`scripts.data.ScaleBrainIntensityd` gives voxels <= 0) -> ``(B, C_out, H, W, D)``, where the network maps
+    :class:`scripts.runtime.data.ScaleBrainIntensityd` gives voxels <= 0) -> ``(B, C_out, H, W, D)``, where the network maps
     ``(N, 1, H, W)`` to ``(N, C_out, H, W)`` (all targets of a slice in one batched call).
 
     A slice whose every voxel equals ``background`` is not sent through the network: the network's output for one

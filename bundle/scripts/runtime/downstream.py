@@ -19,7 +19,7 @@ Label / prediction channels are the BraTS regions in MONAI's ``ConvertToMultiCha
 declared once in :data:`REGIONS`: (TC, WT, ET). With the internal labels (1 necrosis, 2 oedema, 3 enhancing):
 WT = {1, 2, 3}, TC = {1, 3}, ET = {3}.
 
-Command line: ``python bundle/scripts/downstream.py write_table2 --rows '{"T2 only": "O/downstream/t2/scores.json"}'
+Command line: ``python bundle/scripts/tables.py write_table2 --rows '{"T2 only": "O/downstream/t2/scores.json"}'
 --output_dir O``.
 """
 
@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -40,10 +39,7 @@ from monai.config import KeysCollection
 from monai.metrics import DiceMetric
 from monai.transforms import MapTransform
 
-if __package__ in (None, ""):  # run as a script: make the bundle folder importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from scripts.checkpoints import (  # noqa: E402
+from .checkpoints import (
     ModelSaver,
     describe,
     load_checkpoint,
@@ -51,10 +47,10 @@ from scripts.checkpoints import (  # noqa: E402
     save_atomic,
     synthesis_arch,
 )
-from scripts.data import CHANNELS, case_name  # noqa: E402
-from scripts.inference import BrainSliceInferer  # noqa: E402
-from scripts.metrics import summarise  # noqa: E402
-from scripts.networks import SynthesisNet  # noqa: E402
+from .data import CHANNELS, case_name
+from .inference import BrainSliceInferer
+from .metrics import summarise
+from .networks import SynthesisNet
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +102,7 @@ def file_sha1(path: str) -> str:
 
 def load_generator(path: str, device="cpu") -> SynthesisNet:
     """The generator saved at ``path`` (a ``model.pt`` of ``train.json``), rebuilt at its recorded architecture, in
-    eval mode on ``device``. Raises as :func:`scripts.checkpoints.synthesis_arch`."""
+    eval mode on ``device``. Raises as :func:`scripts.runtime.checkpoints.synthesis_arch`."""
     arch = synthesis_arch(path)
     net = SynthesisNet(arch["variant"], arch["features"], arch["num_targets"], arch["num_downs"]).to(device)
     return load_synthesis_weights(net, path).eval()
@@ -138,7 +134,7 @@ _GENERATORS_LOCK = threading.Lock()  # CacheDataset fills its cache from several
 def cached_generator(path: str, sha1: str | None, device) -> SynthesisNet:
     """:func:`load_generator`, once per process for a given file content and device. The generator is kept out of
     the transform object, so that the transform stays picklable and its on-disk cache fingerprint
-    (:func:`scripts.data.transform_fingerprint`) holds only its settings. It stays loaded for the process's life."""
+    (:func:`scripts.runtime.data.transform_fingerprint`) holds only its settings. It stays loaded for the process's life."""
     key = (path, sha1, str(device))
     with _GENERATORS_LOCK:
         if key not in _GENERATORS:
@@ -176,7 +172,7 @@ class DownstreamInputsd(MapTransform):
         check_inputs(inputs, synth_ckpt)
         self.inputs = inputs
         self.synth_ckpt = os.path.abspath(synth_ckpt) if inputs == "synth" else None
-        # part of the on-disk cache fingerprint (scripts.data.transform_fingerprint): a retrained generator is new data
+        # part of the on-disk cache fingerprint (scripts.runtime.data.transform_fingerprint): a retrained generator is new data
         self.synth_sha1 = file_sha1(self.synth_ckpt) if self.synth_ckpt else None
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
@@ -208,7 +204,7 @@ class DownstreamInputsd(MapTransform):
 
 
 class DownstreamModelSaver(ModelSaver):
-    """:class:`scripts.checkpoints.ModelSaver` (same events: best validation epoch) whose file also records what the
+    """:class:`scripts.runtime.checkpoints.ModelSaver` (same events: best validation epoch) whose file also records what the
     segmenter was trained on. The file (loadable with ``torch.load(weights_only=True)``) holds::
 
         {"format": CKPT_FORMAT, "state_dict": {name: CPU tensor}, "inputs": "t2" | "synth" | "real",
@@ -256,7 +252,7 @@ def downstream_info(path: str) -> dict:
     "in_channels", "regions", "epoch"}``.
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`scripts.checkpoints.load_checkpoint`; or the file is not a downstream
+        FileNotFoundError, ValueError: as :func:`scripts.runtime.checkpoints.load_checkpoint`; or the file is not a downstream
             segmenter written by ``train_downstream.json`` (the message says what it holds).
     """
     return {k: v for k, v in _downstream_state(path).items() if k != "state_dict"}
@@ -336,7 +332,7 @@ def case_dice_3d(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def summary(values: Sequence[float]) -> dict:
-    """``{"mean", "std"}`` of the values (population std, ddof 0; :func:`scripts.metrics.summarise`); NaN for
+    """``{"mean", "std"}`` of the values (population std, ddof 0; :func:`scripts.runtime.metrics.summarise`); NaN for
     none."""
     stats = summarise(values)
     return {"mean": stats["mean"], "std": stats["std"]}
@@ -381,7 +377,7 @@ class DownstreamScorer:
     Args:
         network: the segmenter (weights loaded); put in eval mode.
         volumes: cases as dicts with ``image`` ``(C, H, W, D)`` and ``label`` ``(3, H, W, D)`` in :data:`REGIONS`
-            order (a :class:`scripts.data.VolumeCache`).
+            order (a :class:`scripts.runtime.data.VolumeCache`).
         output_dir: folder for the two files (created).
         ckpt_path: the segmenter's model file; checked against ``inputs`` / ``synth_ckpt``
             (:func:`check_downstream_ckpt`).
@@ -507,9 +503,3 @@ def write_table2(rows: dict, output_dir: str) -> str:
             values = [s[key][stat] for _, key in TABLE2_COLUMNS for stat in ("mean", "std")]
             writer.writerow([name, *values, s.get("n_cases", ""), s.get("n_slices", "")])
     return markdown
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"write_table2": write_table2})

@@ -68,7 +68,7 @@ def ddp(
 
 
 class RankZeroCheckpoint(TrainingCheckpoint):
-    """:class:`scripts.checkpoints.TrainingCheckpoint` for any number of processes: every rank restores the
+    """:class:`scripts.runtime.checkpoints.TrainingCheckpoint` for any number of processes: every rank restores the
     checkpoint when resuming (DDP copies parameters between ranks only when it wraps them, before the trainer
     starts), only rank 0 writes it. In a single process it behaves exactly as ``TrainingCheckpoint``."""
 

@@ -3,7 +3,7 @@ scaling to [-1, 1], a cache of preprocessed volumes (in memory or memory-mapped 
 before training starts, and a dataset of 2D axial slices drawn from the cached 3D volumes.
 
 Channel order everywhere (declared once, in :data:`CHANNELS`): FLAIR, T1, T1ce, T2 — the targets first, in
-the label order of :data:`scripts.networks.TARGETS`, then the source. Internal label convention (after
+the label order of :data:`scripts.runtime.networks.TARGETS`, then the source. Internal label convention (after
 :func:`label_map`): 0 background, 1 necrosis / non-enhancing core, 2 oedema, 3 enhancing tumour.
 """
 

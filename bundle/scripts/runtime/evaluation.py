@@ -6,11 +6,11 @@ runs them case by case and writes the tables:
 - per case: the four real modalities and the label are loaded once at full resolution (``load_transform``);
 - **paper convention**: the slices kept by the brain filter, resized to 128x128 (``slice_transform``, the training
   preprocessing), go through G; each synthesised and real slice is scaled by its own maximum
-  (:func:`scripts.metrics.paper_slice_scores`);
+  (:func:`scripts.runtime.metrics.paper_slice_scores`);
 - **volume convention**: G runs over the whole T2 volume exactly as ``inference.json`` does (``volume_transform`` =
   resize + scaling, the inferer, back to the input grid with the inverse resize, background 0), and the result is
   scored against the real volume inside the brain, the tumour and the healthy brain
-  (:func:`scripts.metrics.volume_scores`);
+  (:func:`scripts.runtime.metrics.volume_scores`);
 - **baselines**: ``T2`` (the source itself) and ``inverted T2`` (1 - T2 on [0, 1], inside the brain, 0 outside),
   normalised the same ways.
 
@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import fire
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -226,7 +225,7 @@ class SynthesisEvaluation:
 
 def summarise_rows(case_rows: list[dict], slice_rows: list[dict], methods: Sequence[str]) -> dict:
     """``{"methods": {method: {target: {metric: summary}}}}``: paper-convention metrics over all slices, volume
-    metrics over cases (:func:`scripts.metrics.summarise`)."""
+    metrics over cases (:func:`scripts.runtime.metrics.summarise`)."""
     out = {"methods": {}}
     for m in methods:
         out["methods"][m] = {}
@@ -312,7 +311,3 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, allow_nan=True)
     os.replace(tmp, path)
-
-
-if __name__ == "__main__":
-    fire.Fire({"write_table1": lambda *scores, output_dir: print(write_table1(list(scores), output_dir))})

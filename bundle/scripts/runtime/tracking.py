@@ -3,7 +3,7 @@
 MONAI's ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers`` (and to ``validate#handlers``)
 whose output transform reads ``loss`` from the first item of a decollated output, which is what
 ``SupervisedTrainer`` returns, so the segmenter pre-training is tracked as it is. The TC-MGAN iteration returns
-one dict of named loss terms (:data:`scripts.trainer.LOSS_KEYS`) instead; :func:`log_loss_terms` points the
+one dict of named loss terms (:data:`scripts.runtime.trainer.LOSS_KEYS`) instead; :func:`log_loss_terms` points the
 trainer's MLflow handlers at those terms and adds the run's hyper-parameters to what they log.
 """
 

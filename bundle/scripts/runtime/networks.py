@@ -240,3 +240,38 @@ class TumourSegmenter(nn.Module):
 
     def forward(self, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(torch.cat([y, label_planes(labels, self.num_targets, y)], dim=1))
+
+
+class SingleTargetSynthesisNet(SynthesisNet):
+    """A :class:`SynthesisNet` that synthesises one fixed target.
+
+    ``forward(x)``: ``(B, 1, H, W)`` T2 slices in [-1, 1] -> ``(B, 1, H, W)`` slices of ``target`` in [-1, 1].
+    It has exactly SynthesisNet's parameters, buffers and state-dict keys, so the bundle's ``model.pt`` loads
+    into it unchanged (MONAI Label loads with ``strict=False``, which would silently skip mismatched keys).
+
+    Args:
+        variant, features, num_targets, num_downs: as :class:`SynthesisNet` (they must match the checkpoint).
+        target: one of :data:`TARGETS` (case-insensitive).
+
+    Raises:
+        ValueError: unknown target.
+    """
+
+    def __init__(
+        self,
+        variant: str = "tcmgan",
+        features: int = 64,
+        target: str = "flair",
+        num_targets: int = 3,
+        num_downs: int = 7,
+    ):
+        super().__init__(variant, features, num_targets, num_downs)
+        if str(target).lower() not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+        self.target = str(target).lower()
+        self.target_index = TARGETS.index(self.target)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            labels = torch.full((x.shape[0],), self.target_index, dtype=torch.long, device=x.device)
+        return self.synthesize(x, labels)

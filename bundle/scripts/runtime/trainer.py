@@ -55,7 +55,7 @@ class TCMGANTrainer(Trainer):
         device: device of the networks and batches.
         max_epochs: epochs to run.
         train_data_loader: loader yielding dicts with ``image`` ``(B, 4, H, W)`` and ``label`` ``(B, 1, H, W)``.
-        g_network: a :class:`scripts.networks.SynthesisNet` (``g(x, labels)`` synthesises one target per sample).
+        g_network: a :class:`scripts.runtime.networks.SynthesisNet` (``g(x, labels)`` synthesises one target per sample).
         g_optimizer, d_optimizer: optimizers of G and D.
         d_network: critic ``d(source, target, labels) -> (src, cls or None)``.
         seg_network: tumour segmenter ``s(y, labels) -> logits``, or None (pix2pix, MGAN).
