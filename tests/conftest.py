@@ -41,11 +41,20 @@ def phantom_dir(tmp_path_factory) -> Path:
     return root
 
 
+def config_stack(config: str | list[str]) -> list[str]:
+    """The config files of a workflow: ``train.json`` or ``inference.json`` alone, an overlay name on
+    ``train.json`` (the model zoo's list form), or an explicit list."""
+    if isinstance(config, str):
+        config = [config] if config in ("train.json", "inference.json") else ["train.json", config]
+    return [str(CONFIGS / c) for c in config]
+
+
 def run_workflow(config: str | list[str], workflow_type: str = "train", run: bool = True, **override):
-    """Build a ``ConfigWorkflow`` like ``python -m monai.bundle run`` does, initialise it and optionally run it."""
+    """Build a ``ConfigWorkflow`` like ``python -m monai.bundle run`` does (``config`` as in :func:`config_stack`),
+    initialise it and optionally run it."""
     from monai.bundle import ConfigWorkflow
 
-    files = [str(CONFIGS / c) for c in ([config] if isinstance(config, str) else config)]
+    files = config_stack(config)
     wf = ConfigWorkflow(
         config_file=files,
         meta_file=str(CONFIGS / "metadata.json") if (CONFIGS / "metadata.json").exists() else None,

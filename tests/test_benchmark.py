@@ -1,6 +1,6 @@
 """The speed and memory work keeps the results: the brain-slice inferer equals MONAI's ``SliceInferer``, the disk
-cache gives the same slices as the memory cache without holding them, and the benchmark's plain loop does exactly
-what the trainer's iteration does (so its ratios compare like with like).
+cache gives the same slices as the memory cache without holding them. (The benchmark's plain loop and the trainer
+call the same loss functions, specified in ``test_losses.py``.)
 
 Speed itself is measured by ``bundle/scripts/benchmark.py`` (``bundle/docs/performance.md``), never asserted here;
 the benchmark's functions are only run on tiny settings to check what they compare.
@@ -8,7 +8,6 @@ the benchmark's functions are only run on tiny settings to check what they compa
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
@@ -19,15 +18,13 @@ import torch
 from conftest import SMALL_MIN_PIXELS, TINY, run_workflow
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
-from monai.losses import DiceLoss
 from torch import nn
 
 from scripts import benchmark
 from scripts.runtime.data import VolumeCache
 from scripts.runtime import inference
 from scripts.runtime.inference import BrainSliceInferer
-from scripts.runtime.networks import SynthesisNet, TumourSegmenter, make_critic
-from scripts.runtime.trainer import TCMGANTrainer
+from scripts.runtime.networks import SynthesisNet
 
 
 class CountingNet(nn.Module):
@@ -102,9 +99,9 @@ def test_onnxruntime_backend_equals_torch_for_any_number_of_slices(variant):
         with torch.no_grad():
             expected = BrainSliceInferer(sw_batch_size=4)(vol, net)
         got = inferer(vol, net)
-        assert inferer._onnx is not None and got.dtype == torch.float32
+        assert inferer.runner.last_engine == "onnxruntime" and got.dtype == torch.float32
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert inferer._onnx[0] is net
+    assert inferer.runner.exports == 1  # one export for both depths
 
 
 def test_onnxruntime_backend_follows_new_weights():
@@ -114,13 +111,13 @@ def test_onnxruntime_backend_follows_new_weights():
     vol = volume_with_empty_slices(depth=4, empty=())
     inferer = BrainSliceInferer(backend="onnxruntime")
     inferer(vol, net)
-    session = inferer._onnx[2]
+    session = inferer.runner.session
     inferer(vol, net)
-    assert inferer._onnx[2] is session  # same weights: no new export
+    assert inferer.runner.session is session  # same weights: no new export
     net.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(inferer(vol, net), BrainSliceInferer()(vol, other), atol=1e-5, rtol=0)
-    assert inferer._onnx[2] is not session
+    assert inferer.runner.session is not session
 
 
 def test_auto_backend_uses_onnxruntime_on_the_cpu_only_when_installed(monkeypatch):
@@ -128,11 +125,11 @@ def test_auto_backend_uses_onnxruntime_on_the_cpu_only_when_installed(monkeypatc
     vol = volume_with_empty_slices(depth=3, empty=())
     auto = BrainSliceInferer(backend="auto")
     auto(vol, net)
-    assert auto._onnx is not None
+    assert auto.runner.last_engine == "onnxruntime"
     monkeypatch.setattr(inference, "onnxruntime_available", lambda: False)
     missing = BrainSliceInferer(backend="auto")
     missing(vol, net)
-    assert missing._onnx is None  # torch
+    assert missing.runner.last_engine == "eager" and missing.runner.session is None
     with pytest.raises(ImportError, match="backend 'onnxruntime' needs the onnx and onnxruntime packages"):
         BrainSliceInferer(backend="onnxruntime")(vol, net)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -155,7 +152,7 @@ def test_onnxruntime_backend_falls_back_to_torch_when_the_export_fails(monkeypat
     with torch.no_grad():
         torch.testing.assert_close(got, BrainSliceInferer()(vol, net))
     assert "ONNX Runtime path failed (RuntimeError: unsupported operator); running with torch" in caplog.text
-    assert inferer.backend == "torch" and inferer._onnx is None
+    assert inferer.backend == "torch" and inferer.runner.session is None
 
 
 class PerSampleNet(nn.Module):
@@ -182,7 +179,7 @@ def test_compiled_inferer_gives_the_same_output_for_any_number_of_brain_slices()
             eager = BrainSliceInferer(sw_batch_size=4)(vol, net)
             got = inferer(vol, net)
         torch.testing.assert_close(got, eager, atol=1e-5, rtol=0)
-    assert list(inferer._compiled) == [id(net)]
+    assert inferer.runner.last_engine == "compiled"
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation for other batch sizes
 
 
@@ -208,49 +205,6 @@ def test_inference_compiles_only_for_many_volumes(phantom_dir):
     wf = run_workflow("inference.json", workflow_type="inference", run=False, dataset_dir=str(phantom_dir))
     assert wf.parser.get_parsed_content("compile") is False  # 2 test cases: eager
     assert wf.parser.get_parsed_content("inferer").compile is False
-
-
-# --- the benchmark's plain loop is the trainer's iteration ---------------------------------------------------------
-
-
-@pytest.mark.parametrize("variant", ["pix2pix", "mgan", "tcmgan", "tcmgan_bw"])
-def test_plain_gan_step_matches_the_trainer_iteration(variant):
-    """From the same weights, batch and random state, one trainer iteration and one plain step give the same
-    weights and optimizer moments: the benchmark compares the same work."""
-    torch.manual_seed(0)
-    g, d = SynthesisNet(variant, 4), make_critic(variant, 4)
-    s = TumourSegmenter(4) if variant.startswith("tcmgan") else None
-    bw = variant == "tcmgan_bw"
-    batch = {"image": torch.rand(6, 4, 128, 128) * 2 - 1, "label": (torch.rand(6, 1, 128, 128) > 0.9).float()}
-
-    def parts():
-        nets = [copy.deepcopy(n) for n in (g, d, s)]
-        opts = [torch.optim.Adam(n.parameters(), 2e-4) if n is not None else None for n in nets]
-        return nets, opts
-
-    (tg, td, ts), (tgo, tdo, tso) = parts()
-    trainer = TCMGANTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[batch], g_network=tg, g_optimizer=tgo, d_network=td,
-        d_optimizer=tdo, seg_network=ts, s_optimizer=tso if bw else None,
-        seg_loss_function=DiceLoss(sigmoid=True, smooth_nr=1, smooth_dr=1), train_segmenter=bw,
-        lambda_cls=0.0 if variant == "pix2pix" else 10.0,
-    )  # fmt: skip
-    (pg, pd, ps), (pgo, pdo, pso) = parts()
-    if ps is not None and not bw:
-        ps.eval().requires_grad_(False)  # as the trainer freezes S
-    torch.manual_seed(1)
-    trainer.run()
-    torch.manual_seed(1)
-    step = benchmark.plain_gan_step
-    step(pg, pd, ps, pgo, pdo, pso, DiceLoss(sigmoid=True, smooth_nr=1, smooth_dr=1), batch["image"], batch["label"],
-         lambda_cls=0.0 if variant == "pix2pix" else 10.0, train_segmenter=bw)  # fmt: skip
-    for ours, theirs in ((pg, tg), (pd, td), (ps, ts)):
-        if ours is None:
-            continue
-        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
-            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"{variant}: {name} differs")
-    for a, b in ((pgo, tgo), (pdo, tdo)):
-        torch.testing.assert_close(a.state_dict()["state"], b.state_dict()["state"], atol=0, rtol=0)
 
 
 # --- the volume cache on disk ------------------------------------------------------------------------------------

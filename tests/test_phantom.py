@@ -290,7 +290,7 @@ def test_about_a_quarter_of_cases_have_small_or_no_tumour():
 
 # ------------------------------------------------------------------------------------------------- errors
 def test_unknown_layout_lists_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match="brats2021, brats2018, brats2023, msd"):
+    with pytest.raises(ValueError, match="brats2018, brats2021, brats2023, msd"):
         phantom.generate(tmp_path, num_cases=1, layout="brats2020", shape=SMALL)
 
 

@@ -152,10 +152,10 @@ def test_checkpoint_file_is_never_truncated_by_sigkill(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", code], env=ONE_THREAD)
 
     def writing_a_later_version() -> bool:
-        return path.exists() and any(f.endswith(".tmp") for f in os.listdir(tmp_path))
+        return path.exists() and any(f.startswith(".checkpoint.") for f in os.listdir(tmp_path))
 
     kill_when(writer, writing_a_later_version, poll=0.001)
-    temporaries = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    temporaries = [f for f in os.listdir(tmp_path) if f.startswith(".checkpoint.")]
     state = load_checkpoint(str(path))
     assert torch.all(state["weights"] == state["version"].float())  # one whole version, not a mix
     assert temporaries, "the kill did not land mid-write"
@@ -319,7 +319,7 @@ def test_inference_variant_override_that_contradicts_the_checkpoint_says_which(c
     workflow.initialize()
     with pytest.raises(Exception) as info:
         workflow.parser.get_parsed_content("network")
-    assert "variant 'tcmgan' (config asks 'mgan')" in str(root_cause(info.value))
+    assert "variant 'tcmgan' (the workflow asks 'mgan')" in str(root_cause(info.value))
 
 
 def test_segmenter_training_checkpoint_is_accepted_as_segmenter_ckpt(tmp_path):

@@ -197,3 +197,28 @@ def test_config_reaches_bundle_code_only_through_target(config):
     content = config.read_text()
     assert not any("scripts" in item for item in json.loads(content)["imports"])
     assert "$scripts." not in content and "@scripts" not in content
+
+
+def test_metadata_has_no_deprecated_key_and_requires_what_the_runtime_imports():
+    """MONAI renames a deprecated key on load (``optional_packages_version`` would replace the required list), and
+    every third-party package the runtime modules import is MONAI's own, required, or optional with a fallback."""
+    import ast
+    import sys
+
+    from monai.bundle.utils import DEPRECATED_ID_MAPPING
+
+    meta = json.loads(META.read_text())
+    assert not set(meta) & set(DEPRECATED_ID_MAPPING)
+    imported = set()
+    for path in (BUNDLE / "scripts" / "runtime").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
+    distribution = {"ignite": "pytorch-ignite"}
+    base = {"monai", "torch", "numpy"}  # monai_version, pytorch_version, numpy_version
+    optional = {"onnx", "onnxruntime"}  # backend "auto" falls back to torch without them
+    needed = {distribution.get(m, m) for m in third_party - base - optional}
+    assert needed <= set(meta["required_packages_version"]), needed - set(meta["required_packages_version"])

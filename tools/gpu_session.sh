@@ -26,7 +26,7 @@ import sys; from pathlib import Path; from scripts.phantom import make_case, cas
 i={}; c=make_case(case_seed(0, i)); _write_case(c, i, Path('$D'), 'brats2021', brats_affine())" || log "phantom FAILED"
 [ -f $D/datalist.json ] || $PY bundle/scripts/prepare_datalist.py --data_dir $D 2>&1 | tee -a "$OUT/session.log"
 log "segmenter"
-$PY -m monai.bundle run --bundle_root bundle --config_file bundle/configs/train_segmenter.json --dataset_dir $D \
+$PY -m monai.bundle run --bundle_root bundle --config_file "['bundle/configs/train.json','bundle/configs/train_segmenter.json']" --dataset_dir $D \
   --output_dir $R --features 16 --max_epochs $SEG_EP $EPLEN --cache_num_workers 12 > "$OUT/segmenter.log" 2>&1 || log "segmenter FAILED"
 tail -3 "$OUT/segmenter.log"
 log "tcmgan features 16"

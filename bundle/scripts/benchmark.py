@@ -18,7 +18,7 @@ ratios. Phantom data (``scripts.phantom``) is made in a temporary folder when no
   ``auto`` on a CPU); slices/s and volumes/min; where the workflow's time goes.
 - ``training``: per variant, iterations/s of ``TCMGANTrainer`` built from ``train.json`` with its handlers and data
   loader vs a plain PyTorch loop (:func:`plain_gan_step`) doing the same forward/backward/optimizer steps on the
-  same batches (tests check that one step of each gives the same weights).
+  same batches (both call the loss functions of ``scripts.runtime.losses``).
 - ``data``: slices/s that ``train.json``'s slice loader delivers (default ``num_workers``) vs slices/s one
   training step consumes; peak and final resident memory after caching N cases, in memory vs ``cache_dir``.
 """
@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
 
 from scripts.runtime.checkpoints import synthesis_arch  # noqa: E402
 from scripts.runtime.inference import resolve_backend  # noqa: E402
-from scripts.runtime.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss  # noqa: E402
+from scripts.runtime.losses import critic_loss, generator_loss, segmenter_update_loss  # noqa: E402
 from scripts.runtime.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
 
 CONFIGS = os.path.join(BUNDLE, "configs")
@@ -233,13 +233,11 @@ def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, **setti
         image = evaluator.state.output[0]["image"]
         volume = torch.as_tensor(image).to(device)  # (1, 128, 128, D) preprocessed T2
         depth = volume.shape[-1]
-        brain = inferer.brain_slices(volume)
-        empty = [z for z in range(depth) if z not in set(brain.tolist())][:1]
-        run = torch.cat([brain, torch.tensor(empty, dtype=brain.dtype, device=brain.device)])
+        _, run = inferer.slices_to_run(volume)
         same = volume[..., run].permute(3, 0, 1, 2).contiguous()
         every = volume.permute(3, 0, 1, 2).contiguous()
 
-        session = inferer._onnx[2] if inferer._onnx is not None else None  # the workflow ran ONNX Runtime
+        session = inferer.runner.session  # not None: the workflow ran ONNX Runtime
 
         def bare(slices, even_split):
             n = slices.shape[0]
@@ -393,9 +391,10 @@ def plain_gan_step(
     train_segmenter=False,
     num_targets=3,
 ) -> None:
-    """One TC-MGAN iteration written as a plain PyTorch loop body: the same forward, backward and optimizer steps
-    as :meth:`scripts.runtime.trainer.TCMGANTrainer._iteration`, in the same order (so the same random draws), without the
-    engine, the output dict or the ``.item()`` calls. ``image`` ``(B, 4, H, W)``, ``label`` ``(B, 1, H, W)``."""
+    """One TC-MGAN iteration written as a plain PyTorch loop body: the same loss functions
+    (:mod:`scripts.runtime.losses`, eq. 6, 7 and 4), forward, backward and optimizer steps as
+    :meth:`scripts.runtime.trainer.TCMGANTrainer._iteration`, in the same order (so the same random draws), without
+    the engine or the output dict. ``image`` ``(B, 4, H, W)``, ``label`` ``(B, 1, H, W)``."""
     b = image.shape[0]
     x = image[:, -1:]
     k = torch.randint(0, num_targets, (b,), device=x.device)
@@ -409,29 +408,19 @@ def plain_gan_step(
         with torch.no_grad():
             fake = g(x, k)
         d_opt.zero_grad(set_to_none=True)
-        src_real, cls_real = d(x, y, k)
-        src_fake, _ = d(x, fake, k)
-        d_loss = -critic_score(src_real, reduction) + critic_score(src_fake, reduction)
-        if cls_real is not None:
-            d_loss = d_loss + lambda_cls * modality_classification_loss(cls_real, k)
-        d_loss = d_loss + lambda_gp * gradient_penalty(d, x, y, fake, k)
+        d_loss, _ = critic_loss(d, x, y, fake, k, lambda_cls, lambda_gp, reduction)
         d_loss.backward()
         d_opt.step()
     d.requires_grad_(False)
     g_opt.zero_grad(set_to_none=True)
     fake = g(x, k)
-    src_fake, cls_fake = d(x, fake, k)
-    g_loss = -critic_score(src_fake, reduction) + lambda_l1 * l1_loss(fake, y, reduction)
-    if cls_fake is not None:
-        g_loss = g_loss + lambda_cls * modality_classification_loss(cls_fake, k)
-    if s is not None:
-        g_loss = g_loss + lambda_seg * seg_loss(s(fake, k), tumour)
+    g_loss, _ = generator_loss(d, x, y, fake, k, lambda_cls, lambda_l1, lambda_seg, reduction, s, tumour, seg_loss)
     g_loss.backward()
     g_opt.step()
     d.requires_grad_(True)
     if train_segmenter:
         s_opt.zero_grad(set_to_none=True)
-        s_loss = 0.7 * seg_loss(s(fake.detach(), k), tumour) + 0.3 * seg_loss(s(y, k), tumour)
+        s_loss, _ = segmenter_update_loss(s, fake, y, k, tumour, seg_loss)
         s_loss.backward()
         s_opt.step()
 

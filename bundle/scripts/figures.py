@@ -7,29 +7,32 @@ Command line (one sub-command per figure function)::
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-TITLES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}
+if __package__ in (None, ""):  # run as a script: make the bundle folder importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# file-name endings of each modality in the BraTS 2018/2021 ("_t1ce") and 2023 ("-t1c") layouts
+from scripts.runtime.conventions import CHANNELS, FILE_SUFFIXES, MODALITY_NAMES, TARGETS  # noqa: E402
+from scripts.runtime.files import write_atomic  # noqa: E402
+
+TITLES = MODALITY_NAMES
+
+# file-name endings of each modality and of the label in the BraTS 2018/2021 ("_t1ce") and 2023 ("-t1c") layouts
 _SUFFIXES = {
-    "t1": ("_t1", "-t1n"),
-    "t1ce": ("_t1ce", "-t1c"),
-    "t2": ("_t2", "-t2w"),
-    "flair": ("_flair", "-t2f"),
-    "seg": ("_seg", "-seg"),
+    key: tuple(dict.fromkeys(suffixes[key] for suffixes in FILE_SUFFIXES.values())) for key in (*CHANNELS, "seg")
 }
 
 
 def _save(fig, output_png, dpi: int, facecolor: str = "black") -> str:
-    """Write ``fig`` to ``output_png`` (parent folders created), close it, say so; returns the path."""
+    """Write ``fig`` to ``output_png`` atomically (parent folders created), close it, say so; returns the path."""
     import matplotlib.pyplot as plt
 
     output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output_png, dpi=dpi, facecolor=facecolor)
+    write_atomic(str(output_png), lambda tmp: fig.savefig(tmp, dpi=dpi, facecolor=facecolor))
     plt.close(fig)
     print(f"wrote {output_png}")
     return str(output_png)
@@ -103,7 +106,7 @@ def phantom_figure(case, output_png, slice_index=None) -> str:
     def view(a):  # (x, y) slice -> rows anterior..posterior, columns patient right..left
         return a[x0:x1, y0:y1, k].T
 
-    titles = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+    titles = {k: MODALITY_NAMES[k] for k in ("t1", "t1ce", "t2", "flair")}  # panel order
     fig, axes = plt.subplots(1, 5, figsize=(15, 3.6), facecolor="black")
     for ax, key in zip(axes[:4], titles):
         vol = vols[key].astype(np.float32)
@@ -132,9 +135,9 @@ def _load_case_arrays(dataset_dir, entry) -> dict:
     image = entry["image"]
     if isinstance(image, str):  # MSD: one 4D file, channels FLAIR, T1w, T1gd, T2w
         data = np.asarray(nib.load(str(root / image)).dataobj, dtype=np.float32)
-        vols = {k: data[..., i] for i, k in enumerate(("flair", "t1", "t1ce", "t2"))}
+        vols = {k: data[..., i] for i, k in enumerate(CHANNELS)}
     else:
-        vols = {k: np.asarray(nib.load(str(root / f)).dataobj, dtype=np.float32) for k, f in zip(("flair", "t1", "t1ce", "t2"), image)}
+        vols = {k: np.asarray(nib.load(str(root / f)).dataobj, dtype=np.float32) for k, f in zip(CHANNELS, image)}
     vols["seg"] = np.asarray(nib.load(str(root / entry["label"])).dataobj) if entry.get("label") else None
     return vols
 
@@ -162,7 +165,7 @@ def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="t
     import matplotlib.pyplot as plt
     import nibabel as nib
 
-    targets = ("flair", "t1", "t1ce")
+    targets = TARGETS
     with open(Path(dataset_dir) / "datalist.json") as f:
         entries = json.load(f)[split]
     out = Path(inference_dir)
@@ -282,7 +285,7 @@ def comparison_figure(examples, output_png, names=None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = ("flair", "t1", "t1ce")
+    targets = TARGETS
     loaded = {m: np.load(p) for m, p in examples.items()}
     if not loaded:
         raise ValueError("no examples to draw")

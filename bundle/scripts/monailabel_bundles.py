@@ -27,19 +27,16 @@ import os
 import shutil
 import sys
 
-import torch
-
 if __package__ in (None, ""):  # run as a script: make the bundle folder importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
 from scripts.runtime.checkpoints import synthesis_arch  # noqa: E402
-from scripts.runtime.networks import TARGETS  # noqa: E402
+from scripts.runtime.conventions import TARGET_NAMES, TARGETS  # noqa: E402  (TARGET_NAMES: channel_def, bundle names)
+from scripts.runtime.files import write_atomic, write_json  # noqa: E402
 
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Display names of the targets (metadata ``channel_def``; MONAI Label shows them as the label name).
-TARGET_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce"}
 #: Items of configs/inference.json for batch inference from a data list, which MONAI Label does not use.
 BATCH_ITEMS = (
     "input",
@@ -132,7 +129,7 @@ def export(
             shutil.rmtree(dest)
         os.makedirs(os.path.join(dest, "configs"))
         os.makedirs(os.path.join(dest, "models"))
-        shutil.copy(ckpt_path, os.path.join(dest, "models", "model.pt"))
+        write_atomic(os.path.join(dest, "models", "model.pt"), lambda tmp: shutil.copyfile(ckpt_path, tmp))
         # the runtime only: the configs import nothing else, and the command-line tools stay with this bundle
         skip_cache = shutil.ignore_patterns("__pycache__")
         runtime = os.path.join(dest, "scripts", "runtime")
@@ -145,8 +142,7 @@ def export(
             ("inference.json", target_config(target, bundle_dir)),
             ("metadata.json", target_metadata(target, bundle_dir)),
         ):
-            with open(os.path.join(dest, "configs", name), "w") as f:
-                f.write(json.dumps(content, indent=4) + "\n")
+            write_json(os.path.join(dest, "configs", name), content, newline=True, indent=4)
         print(f"{dest}: {TARGET_NAMES[target]} from T2 ({arch['variant']}, features {arch['features']})")
         written.append(dest)
     return written

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
+import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -41,6 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+
+if __package__ in (None, ""):  # run as a script: make the bundle folder importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# the layouts, their file names and label values, and the channel order of a 4D (MSD) image
+from scripts.runtime.conventions import CHANNELS, FILE_SUFFIXES, INTERNAL_LABELS, LAYOUTS, file_label  # noqa: E402
+from scripts.runtime.files import write_atomic, write_json  # noqa: E402
 
 __all__ = [
     "BRATS_SHAPE",
@@ -58,8 +66,7 @@ __all__ = [
 ]
 
 BRATS_SHAPE = (240, 240, 155)  # BraTS / SRI24 grid, 1 mm isotropic
-LAYOUTS = ("brats2021", "brats2018", "brats2023", "msd")
-MODALITIES = ("t1", "t1ce", "t2", "flair")
+MODALITIES = ("t1", "t1ce", "t2", "flair")  # the column order of the contrast tables below
 
 # Mean signal per tissue (rows) and modality (columns t1, t1ce, t2, flair) before the per-case jitter.
 # T1, T2 and FLAIR come from the spin-echo signal-model sketch in the project notes (BrainWeb T1/T2/PD for
@@ -88,12 +95,9 @@ TUMOUR_KINDS = ("none", "small", "lgg", "hgg")
 TUMOUR_KIND_P = (0.10, 0.15, 0.20, 0.55)
 
 # Internal label convention returned by make_case; the writers map it to each layout's convention.
-LABEL_NECROSIS, LABEL_OEDEMA, LABEL_ENHANCING = 1, 2, 3
-_SEG_MAP = {  # internal label -> label written in the file, per layout
-    "brats2021": np.array([0, 1, 2, 4], np.uint8),
-    "brats2018": np.array([0, 1, 2, 4], np.uint8),
-    "brats2023": np.array([0, 1, 2, 3], np.uint8),
-    "msd": np.array([0, 2, 1, 3], np.uint8),  # MSD: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour
+LABEL_NECROSIS, LABEL_OEDEMA, LABEL_ENHANCING = (INTERNAL_LABELS[k] for k in ("necrosis", "edema", "enhancing"))
+_SEG_MAP = {  # internal label -> label written in the file, per layout (MSD: 1 oedema, 2 non-enhancing, 3 enhancing)
+    layout: np.array([file_label(layout, i) for i in range(1 + len(INTERNAL_LABELS))], np.uint8) for layout in LAYOUTS
 }
 
 _COARSE_STEP = 4  # output voxels between nodes of the coarse deformation grid
@@ -646,8 +650,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.to_filename(str(path))
+    write_atomic(str(path), img.to_filename)
 
 
 def _to_int16(image: np.ndarray) -> np.ndarray:
@@ -660,25 +663,21 @@ def _write_case(case: dict, index: int, output_dir: Path, layout: str, affine: n
     images = {mod: _to_int16(case[mod]) for mod in MODALITIES}
     if layout == "msd":
         case_id = f"BRATS_{index + 1:03d}"
-        stack = np.stack([images["flair"], images["t1"], images["t1ce"], images["t2"]], axis=-1)
+        stack = np.stack([images[c] for c in CHANNELS], axis=-1)
         _save(stack, affine, output_dir / "imagesTr" / f"{case_id}.nii.gz")
         _save(seg, affine, output_dir / "labelsTr" / f"{case_id}.nii.gz")
         return case_id
     if layout == "brats2021":
-        case_id, sep = f"BraTS2021_{index:05d}", "_"
-        names = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
+        case_id = f"BraTS2021_{index:05d}"
     elif layout == "brats2018":
         grade = "HGG" if (case["label"] == LABEL_ENHANCING).any() else "LGG"
-        case_id, sep = f"{grade}/Brats18_PH_{index:05d}_1", "_"
-        names = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
+        case_id = f"{grade}/Brats18_PH_{index:05d}_1"
     else:  # brats2023
-        case_id, sep = f"BraTS-GLI-{index:05d}-000", "-"
-        names = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
-    folder = output_dir / case_id
-    stem = Path(case_id).name
+        case_id = f"BraTS-GLI-{index:05d}-000"
+    folder, stem, suffixes = output_dir / case_id, Path(case_id).name, FILE_SUFFIXES[layout]
     for mod in MODALITIES:
-        _save(images[mod], affine, folder / f"{stem}{sep}{names[mod]}.nii.gz")
-    _save(seg, affine, folder / f"{stem}{sep}seg.nii.gz")
+        _save(images[mod], affine, folder / f"{stem}{suffixes[mod]}.nii.gz")
+    _save(seg, affine, folder / f"{stem}{suffixes['seg']}.nii.gz")
     return case_id
 
 
@@ -698,7 +697,7 @@ def _write_msd_json(output_dir: Path, case_ids: list[str]) -> None:
         "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in case_ids],
         "test": [],
     }
-    (output_dir / "dataset.json").write_text(json.dumps(meta, indent=4) + "\n")
+    write_json(str(output_dir / "dataset.json"), meta, newline=True, indent=4)
 
 
 def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brats2021",

@@ -19,8 +19,9 @@ Four folder layouts are recognised, exactly as the data sets are downloaded:
 to ``D``, so ``monai.data.load_decathlon_datalist(path, data_list_key="gan", base_dir=D)``
 resolves them. ``image`` is always in channel order FLAIR, T1, T1ce, T2.
 
-The module is self-contained (stdlib, numpy, and nibabel for MSD header checks) so that it runs
-without the rest of the bundle.
+The module stays light (stdlib, numpy, and nibabel for MSD header checks): of the bundle it imports only
+the conventions (channel order, file names and label values of each layout) and the atomic file writer, both
+plain Python.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-# Channel order of every "image" entry in the datalist.
-CHANNELS = ("flair", "t1", "t1ce", "t2")
+if __package__ in (None, ""):  # run as a script: make the bundle folder importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# the channel order of every "image" entry, and each layout's file names and label values
+from scripts.runtime.conventions import CHANNELS, FILE_SUFFIXES, LAYOUT_LABELS, MSD_MODALITIES  # noqa: E402
+from scripts.runtime.files import write_json  # noqa: E402
 
 # Split names, in the order the fractions refer to them:
 # gan = GAN + segmenter training, seg = downstream-segmentation training, test = held out.
@@ -44,7 +50,7 @@ SPLITS = ("gan", "seg", "test")
 # The paper's 100 / 100 / 85 split of the 285 BraTS 2018 training cases.
 DEFAULT_FRACTIONS = (0.35, 0.35, 0.30)
 
-# One line per layout, used in the "no layout matched" error.
+# One line per layout (scripts.runtime.conventions.LAYOUTS), used in the "no layout matched" error.
 LAYOUTS = {
     "brats2018": "D/HGG/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz and/or D/LGG/<case>/...",
     "brats2021": "D/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz",
@@ -52,28 +58,11 @@ LAYOUTS = {
     "msd": "D/imagesTr/<name>.nii.gz (4D: FLAIR, T1w, T1gd, T2w) with D/labelsTr/<name>.nii.gz",
 }
 
-# File-name endings (before .nii.gz / .nii) of each channel and of the label, per BraTS layout.
-# The dict order is the channel order written to the datalist.
-_BRATS_SUFFIXES = {
-    "brats2018": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
-    "brats2021": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
-    "brats2023": {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"},
-}
-
-# Label values as they are stored in each layout's segmentation files (not remapped here).
-LABELS = {
-    "brats2018": {"necrosis": 1, "edema": 2, "enhancing": 4},
-    "brats2021": {"necrosis": 1, "edema": 2, "enhancing": 4},
-    "brats2023": {"necrosis": 1, "edema": 2, "enhancing": 3},
-    "msd": {"necrosis": 2, "edema": 1, "enhancing": 3},
-}
-
-# The channel names that MSD Task01's dataset.json lists, in order.
-_MSD_MODALITIES = ("flair", "t1w", "t1gd", "t2w")
-
 # How a case folder's files end in the two per-case-folder layouts; used only to tell them apart.
-_BRATS2021_FILE = re.compile(r"_(flair|t1|t1ce|t2|seg)\.nii(\.gz)?$")
-_BRATS2023_FILE = re.compile(r"-(t2f|t1n|t1c|t2w|seg)\.nii(\.gz)?$")
+_BRATS2021_FILE, _BRATS2023_FILE = (
+    re.compile("(" + "|".join(re.escape(e) for e in FILE_SUFFIXES[layout].values()) + r")\.nii(\.gz)?$")
+    for layout in ("brats2021", "brats2023")
+)
 
 # At most this many missing files are listed in one error message.
 _MAX_LISTED = 20
@@ -168,7 +157,7 @@ def _relative(path: str, data_dir: str) -> str:
 
 def _brats_cases(data_dir: str, layout: str) -> tuple[list[dict], list[str]]:
     """Case items of a BraTS layout, plus one line per missing file."""
-    suffixes = _BRATS_SUFFIXES[layout]
+    suffixes = FILE_SUFFIXES[layout]
     if layout == "brats2018":
         # Case folders live one level down, under HGG and/or LGG.
         groups = [g for g in ("HGG", "LGG") if os.path.isdir(os.path.join(data_dir, g))]
@@ -208,9 +197,9 @@ def _check_msd_modalities(data_dir: str) -> None:
     if not isinstance(modality, dict) or not all(str(k).isdigit() for k in modality):
         return  # nothing we can check
     listed = tuple(str(modality[k]).lower() for k in sorted(modality, key=int))
-    if listed != _MSD_MODALITIES:
+    if listed != MSD_MODALITIES:
         raise ValueError(
-            f"{path} lists modalities {listed}; this builder expects the MSD Task01 order {_MSD_MODALITIES}."
+            f"{path} lists modalities {listed}; this builder expects the MSD Task01 order {MSD_MODALITIES}."
         )
 
 
@@ -377,22 +366,6 @@ def split_cases(cases: list[dict], fractions=DEFAULT_FRACTIONS, seed: int = 0) -
     return result
 
 
-def _write_json_atomically(content: dict, output: str) -> None:
-    """Write ``content`` to a temporary file next to ``output`` and then rename it into place,
-    so a failure never leaves a half-written ``output`` behind."""
-    folder = os.path.dirname(output) or "."
-    os.makedirs(folder, exist_ok=True)
-    temporary = f"{output}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "w") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
-        os.replace(temporary, output)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fractions=DEFAULT_FRACTIONS) -> str:
     """Scan ``data_dir``, split its cases and write the datalist JSON.
 
@@ -424,12 +397,12 @@ def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fr
         "name": "brainsynth datalist",
         "layout": layout,
         "channels": list(CHANNELS),
-        "labels": dict(LABELS[layout]),
+        "labels": dict(LAYOUT_LABELS[layout]),
         "seed": seed,
         "fractions": list(values),
         **splits,
     }
-    _write_json_atomically(content, output)
+    write_json(output, content, newline=True, indent=2)  # atomic: an error never leaves a half-written file
 
     sizes = ", ".join(f"{name} {len(splits[name])}" for name in SPLITS)
     print(f"layout {layout}: {len(cases)} cases -> {sizes}")

@@ -43,8 +43,9 @@ CONFIGS = BUNDLE / "configs"
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
 
-VARIANTS = ("pix2pix", "mgan", "tcmgan", "tcmgan_bw")
-METHOD_NAMES = {"pix2pix": "pix2pix", "mgan": "MGAN", "tcmgan": "TC-MGAN", "tcmgan_bw": "TC-MGAN bw"}
+from scripts.runtime.conventions import VARIANTS  # noqa: E402
+from scripts.runtime.conventions import VARIANT_NAMES as METHOD_NAMES  # noqa: E402
+from scripts.runtime.files import write_json, write_text  # noqa: E402
 
 #: Settings of each preset. ``*_epochs``/``*_epoch_length``: schedule of a stage (epoch_length None = whole epochs).
 PRESETS = {
@@ -82,7 +83,11 @@ PAPER_TABLE2 = {"T2 only": 0.738, "T2 + TC-MGAN synthesised": 0.759, "4 real mod
 
 
 def _bundle_cmd(config: str, **overrides) -> list[str]:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", str(CONFIGS / config)]
+    """``python -m monai.bundle run`` of ``config``: ``train.json`` alone, any other config as an overlay on it (the
+    model zoo's list form of ``--config_file``); ``None`` overrides are left out."""
+    files = [CONFIGS / "train.json"] + ([CONFIGS / config] if config != "train.json" else [])
+    config_file = "[" + ",".join(f"'{f}'" for f in files) + "]" if len(files) > 1 else str(files[0])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", config_file]
     for key, value in overrides.items():
         if value is None:
             continue
@@ -121,9 +126,7 @@ class Study:
     def record(self, stage: str, commands: list[list[str]], wall: float) -> None:
         info = {"stage": stage, "commands": [shlex.join(c) for c in commands], "wall_s": round(wall, 1),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-        tmp = self._marker(stage).with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self._marker(stage))
+        write_json(str(self._marker(stage)), info, indent=2)
 
     def run_commands(self, stage: str, commands: list[list[str]]) -> None:
         """Run a stage's commands, output to the console and to ``logs/<stage>.log``; stop the study on a failure."""
@@ -245,7 +248,7 @@ class Study:
 
         examples = {v: str(self.root / "table1" / v / "examples.npz") for v in VARIANTS}
         figure = comparison_figure(examples, str(self.root / "figure3.png"), names=METHOD_NAMES)
-        (self.root / "results.md").write_text(self.results_markdown(Path(figure).name))
+        write_text(str(self.root / "results.md"), self.results_markdown(Path(figure).name))
         return []
 
     def results_markdown(self, figure: str) -> str:

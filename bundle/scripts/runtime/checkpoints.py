@@ -17,72 +17,25 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 
 import torch
 from ignite.engine import Engine, Events
 
-from .networks import VARIANTS, SynthesisNet, TumourSegmenter
+from .files import write_atomic
+from .networks import TARGETS, VARIANTS, SynthesisNet, TumourSegmenter, decode_description
 
 logger = logging.getLogger(__name__)
 
 
-def _temp_prefix(path: str) -> str:
-    return f".{os.path.basename(path)}."
-
-
-def remove_stale_temporaries(path: str) -> list[str]:
-    """Remove the temporary files that :func:`save_atomic` left next to ``path`` in processes that were killed
-    mid-write (``.<name>.<pid>.<random>.tmp`` whose pid no longer runs). Returns the removed paths."""
-    folder, prefix = os.path.dirname(os.path.abspath(path)), _temp_prefix(path)
-    removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
-            continue
-        pid = name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and not _pid_running(int(pid)):
-            try:
-                os.remove(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
-            except FileNotFoundError:
-                pass
-    return removed
-
-
-def _pid_running(pid: int) -> bool:
-    """Whether process ``pid`` exists (also when another user owns it); used to spare a live writer's temp files."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves a truncated file.
+    """``torch.save(obj)`` to ``path`` atomically and flushed to disk (:func:`scripts.runtime.files.write_atomic`):
+    a kill never leaves a truncated file; temporaries left by killed processes are removed first.
 
-    The temporary file is ``.<name>.<pid>.<random>.tmp``; ones left by killed processes are removed first.
+    Raises:
+        Whatever ``torch.save`` raises (an older file at ``path`` then stays as it was).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), fsync=True)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -170,8 +123,17 @@ def _arch(state: Mapping, path: str, what: str) -> list[int]:
     return [int(v) for v in state["arch"].tolist()]
 
 
+#: What a generator checkpoint written before checkpoints described themselves was made with (the then defaults).
+LEGACY_GENERATOR = {"image_size": 128, "intensity_scaling": "volume", "in_channels": 1}
+
+
 def synthesis_arch(path: str) -> dict:
-    """``{"variant", "features", "num_targets", "num_downs"}`` recorded in a generator checkpoint (model.pt).
+    """Everything a generator checkpoint (model.pt) says about how to build and feed it: ``variant``,
+    ``features``, ``num_targets``, ``num_downs`` (its ``arch`` buffer) and ``image_size``,
+    ``intensity_scaling``, ``in_channels``, ``targets`` (its ``_extra_state``, see
+    :meth:`scripts.runtime.networks.SynthesisNet.description`). A checkpoint from before ``_extra_state``
+    gets :data:`LEGACY_GENERATOR` (the settings every such checkpoint was trained with by default) and
+    ``"legacy": True``.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds something else than a
@@ -183,7 +145,15 @@ def synthesis_arch(path: str) -> dict:
     if len(values) != 4 or not 0 <= values[0] < len(VARIANTS):
         raise ValueError(f"{path}: its 'arch' entry {values} is not [variant, features, num_targets, num_downs]")
     variant, features, num_targets, num_downs = values
-    return {"variant": VARIANTS[variant], "features": features, "num_targets": num_targets, "num_downs": num_downs}
+    arch = {"variant": VARIANTS[variant], "features": features, "num_targets": num_targets, "num_downs": num_downs}
+    extra = state.get("_extra_state")
+    if extra is None:
+        return {**arch, **LEGACY_GENERATOR, "targets": list(TARGETS[:num_targets]), "legacy": True}
+    try:
+        description = decode_description(extra)
+    except ValueError as e:
+        raise ValueError(f"{path}: its '_extra_state' entry: {e}") from None
+    return {**arch, **description, "legacy": False}
 
 
 def _load_state(network: torch.nn.Module, state: Mapping, path: str, what: str) -> None:
@@ -194,15 +164,38 @@ def _load_state(network: torch.nn.Module, state: Mapping, path: str, what: str) 
 
 
 def load_synthesis_weights(network: SynthesisNet, path: str) -> SynthesisNet:
-    """Load ``model.pt`` into ``network``; a checkpoint of another variant or width gets an error saying which."""
+    """Load ``model.pt`` into ``network``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`synthesis_arch`; or the network differs from what the checkpoint
+            records (variant, width, targets, image size, intensity scaling, input channels): the message names
+            each difference, e.g. a workflow run with ``--intensity_scaling slice`` on a model trained with
+            ``volume``. The workflows take these settings from the checkpoint, so this happens only when an
+            option given explicitly contradicts it.
+    """
     state = load_checkpoint(path, map_location=network.arch.device)
     found = synthesis_arch(path)
     want = {"variant": network.variant, "features": int(network.arch[1]), "num_targets": network.num_targets}
-    wrong = [f"{k} {found[k]!r} (config asks {v!r})" for k, v in want.items() if found[k] != v]
+    want.update({k: v for k, v in network.description().items() if not found["legacy"]})
+    wrong = [f"{k} {found[k]!r} (the workflow asks {v!r})" for k, v in want.items() if found[k] != v]
     if wrong:
-        raise ValueError(f"{path} does not match the configured generator: checkpoint has " + ", ".join(wrong))
+        raise ValueError(
+            f"{path} does not match the workflow's generator: the checkpoint has " + ", ".join(wrong)
+            + "; these settings come from the checkpoint, so drop the option that overrides them"
+        )
+    if found["legacy"]:
+        state["_extra_state"] = network.get_extra_state()
     _load_state(network, state, path, "generator")
     return network
+
+
+def load_generator(path: str, device="cpu") -> SynthesisNet:
+    """Rebuild the generator a ``model.pt`` describes (:func:`synthesis_arch`), load its weights, in eval mode on
+    ``device``. Raises as :func:`synthesis_arch`."""
+    arch = synthesis_arch(path)
+    settings = ("variant", "features", "num_targets", "num_downs", "image_size", "intensity_scaling", "in_channels")
+    net = SynthesisNet(**{k: arch[k] for k in settings}).to(device)
+    return load_synthesis_weights(net, path).eval()
 
 
 def load_segmenter(path: str, device="cpu") -> TumourSegmenter:
@@ -312,17 +305,35 @@ class TrainingCheckpoint:
 class ModelSaver:
     """Write ``network.state_dict()`` atomically to ``path`` at the end of each epoch whose validation is the
     best so far (``evaluator`` given: its ``best_metric_epoch`` equals the trainer's epoch), or of every epoch
-    (no evaluator). Attach it after the ``ValidationHandler`` so that validation has run."""
+    (no evaluator). Attach it after the ``ValidationHandler`` so that validation has run.
 
-    def __init__(self, network: torch.nn.Module, path: str, evaluator: Engine | None = None):
+    Args:
+        network: the network (a DDP wrapper is unwrapped).
+        path: the ``model.pt`` to write.
+        evaluator: the validation engine whose best epoch is saved; None: every epoch.
+        record: when given, the file holds ``{**record, "state_dict": weights, "epoch": n}`` instead of the plain
+            state dict (the downstream segmenters' file, :func:`scripts.runtime.downstream.downstream_record`).
+    """
+
+    def __init__(self, network: torch.nn.Module, path: str, evaluator: Engine | None = None,
+                 record: Mapping | None = None):  # fmt: skip
         self.network, self.path, self.evaluator = network, path, evaluator
+        self.record = dict(record) if record is not None else None
 
     def attach(self, engine: Engine) -> None:
+        """Save at the end of epochs; in a distributed run only rank 0 writes (other ranks attach nothing)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def __call__(self, engine: Engine) -> None:
+    def __call__(self, engine: Engine | None) -> None:
         if self.evaluator is not None and getattr(self.evaluator.state, "best_metric_epoch", -1) != engine.state.epoch:
             return
         net = getattr(self.network, "module", self.network)  # unwrap DDP
         # CPU tensors: the file loads on a machine without the training GPU (ckpt_export, MONAI Label, CPU inference)
-        save_atomic({k: v.detach().cpu() for k, v in net.state_dict().items()}, self.path)
+        weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        if self.record is None:
+            save_atomic(weights, self.path)
+        else:
+            epoch = int(engine.state.epoch) if engine is not None else 0
+            save_atomic({**self.record, "state_dict": weights, "epoch": epoch}, self.path)

@@ -2,9 +2,10 @@
 scaling to [-1, 1], a cache of preprocessed volumes (in memory or memory-mapped from disk) that names a bad case
 before training starts, and a dataset of 2D axial slices drawn from the cached 3D volumes.
 
-Channel order everywhere (declared once, in :data:`CHANNELS`): FLAIR, T1, T1ce, T2 — the targets first, in
-the label order of :data:`scripts.runtime.networks.TARGETS`, then the source. Internal label convention (after
-:func:`label_map`): 0 background, 1 necrosis / non-enhancing core, 2 oedema, 3 enhancing tumour.
+Channel order everywhere (declared once, in :data:`scripts.runtime.conventions.CHANNELS`): FLAIR, T1, T1ce, T2 —
+the targets first, in the label order of :data:`scripts.runtime.conventions.TARGETS`, then the source. Internal
+label convention (after :func:`label_map`): 0 background, 1 necrosis / non-enhancing core, 2 oedema, 3 enhancing
+tumour (:data:`scripts.runtime.conventions.INTERNAL_LABELS`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from enum import Enum
 
@@ -27,10 +27,10 @@ from monai.config import KeysCollection
 from monai.data import CacheDataset, load_decathlon_datalist
 from monai.transforms import MapTransform
 
-logger = logging.getLogger(__name__)
+from .conventions import CHANNELS, INTERNAL_LABELS, LAYOUT_LABELS, T2_INDEX, TARGETS  # noqa: F401 (re-exported)
+from .files import write_atomic
 
-CHANNELS = ("flair", "t1", "t1ce", "t2")
-INTERNAL_LABELS = {"necrosis": 1, "edema": 2, "enhancing": 3}
+logger = logging.getLogger(__name__)
 
 HOW_TO_MAKE_DATA = (
     "Make the phantom set with\n"
@@ -40,7 +40,13 @@ HOW_TO_MAKE_DATA = (
 )
 
 
-def _read_datalist(path: str) -> dict:
+def read_datalist(path: str) -> dict:
+    """The content of the datalist JSON at ``path`` (as ``prepare_datalist.py`` writes it).
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message says how to make one).
+        ValueError: the file is not valid JSON.
+    """
     if not os.path.isfile(path):
         d = os.path.dirname(path) or "."
         raise FileNotFoundError(f"No datalist at {path}. " + HOW_TO_MAKE_DATA.format(d=d))
@@ -64,7 +70,7 @@ def load_split(datalist: str, split: str, base_dir: str | None = None, max_cases
         FileNotFoundError: no datalist (the message says how to make one).
         ValueError: the split is missing or empty.
     """
-    content = _read_datalist(datalist)
+    content = read_datalist(datalist)
     if not content.get(split):
         raise ValueError(f"{datalist} has no cases in split {split!r} (splits present: {list(content)})")
     base_dir = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(datalist))
@@ -74,8 +80,9 @@ def load_split(datalist: str, split: str, base_dir: str | None = None, max_cases
 
 def label_map(datalist: str) -> list[int]:
     """Source label values of (necrosis, oedema, enhancing) in the datalist's layout, for ``MapLabelValued``
-    with ``target_labels=[1, 2, 3]``. BraTS 2018/2021: [1, 2, 4]; BraTS 2023: [1, 2, 3]; MSD: [2, 1, 3]."""
-    labels = _read_datalist(datalist).get("labels", {"necrosis": 1, "edema": 2, "enhancing": 4})
+    with ``target_labels=[1, 2, 3]``. BraTS 2018/2021: [1, 2, 4]; BraTS 2023: [1, 2, 3]; MSD: [2, 1, 3]
+    (:data:`scripts.runtime.conventions.LAYOUT_LABELS`; a datalist without ``labels`` gets BraTS 2021's)."""
+    labels = read_datalist(datalist).get("labels", LAYOUT_LABELS["brats2021"])
     return [int(labels[name]) for name in INTERNAL_LABELS]
 
 
@@ -181,7 +188,7 @@ def _slice(volume, z: int) -> torch.Tensor:
 def synthesis_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
     """``prepare_batch`` for synthesis evaluation: (T2 ``(B, 1, H, W)``, real targets ``(B, 3, H, W)``)."""
     image = batchdata["image"].to(device=device, non_blocking=non_blocking)
-    return image[:, -1:], image[:, :-1]
+    return image[:, T2_INDEX : T2_INDEX + 1], image[:, : len(TARGETS)]  # CHANNELS: the targets, then T2
 
 
 def segmenter_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
@@ -435,13 +442,5 @@ def _slice_major(volume: torch.Tensor) -> torch.Tensor:
 
 
 def _save_npy_atomic(array: np.ndarray, path: str) -> None:
-    """``np.save`` to a temporary file in the same folder, then rename (no half-written cache file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``np.save`` to ``path`` atomically (:func:`scripts.runtime.files.write_atomic`: no half-written cache file)."""
+    write_atomic(path, lambda tmp: np.save(tmp, np.ascontiguousarray(array)))

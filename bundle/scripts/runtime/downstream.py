@@ -6,7 +6,7 @@ pieces MONAI lacks:
 
 - :class:`DownstreamInputsd`: the last volume transform; picks the input channels, running a trained generator for
   ``"synth"``;
-- :class:`DownstreamModelSaver` / :func:`downstream_info` / :func:`load_downstream_weights` /
+- :func:`downstream_record` / :func:`downstream_info` / :func:`load_downstream_weights` /
   :func:`check_downstream_ckpt`: a model file that records which inputs it was trained on, so evaluation can refuse
   a mismatch;
 - :func:`slice_wt_dice` (the reference code's per-slice whole-tumour Dice) and :func:`case_dice_3d` (BraTS-style
@@ -25,7 +25,6 @@ Command line: ``python bundle/scripts/tables.py write_table2 --rows '{"T2 only":
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -40,15 +39,15 @@ from monai.metrics import DiceMetric
 from monai.transforms import MapTransform
 
 from .checkpoints import (
-    ModelSaver,
     describe,
     load_checkpoint,
-    load_synthesis_weights,
-    save_atomic,
+    load_generator,
     synthesis_arch,
 )
-from .data import CHANNELS, case_name
-from .inference import BrainSliceInferer
+from .conventions import CHANNELS, T2_INDEX
+from .data import case_name
+from .files import write_csv, write_json, write_text
+from .inference import SliceRunner
 from .metrics import summarise
 from .networks import SynthesisNet
 
@@ -100,14 +99,6 @@ def file_sha1(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_generator(path: str, device="cpu") -> SynthesisNet:
-    """The generator saved at ``path`` (a ``model.pt`` of ``train.json``), rebuilt at its recorded architecture, in
-    eval mode on ``device``. Raises as :func:`scripts.runtime.checkpoints.synthesis_arch`."""
-    arch = synthesis_arch(path)
-    net = SynthesisNet(arch["variant"], arch["features"], arch["num_targets"], arch["num_downs"]).to(device)
-    return load_synthesis_weights(net, path).eval()
-
-
 def synthesise_volume(generator: torch.nn.Module, t2: torch.Tensor, batch_size: int = 64, device=None) -> torch.Tensor:
     """Run the generator on every axial slice of a T2 volume.
 
@@ -122,8 +113,27 @@ def synthesise_volume(generator: torch.nn.Module, t2: torch.Tensor, batch_size: 
     """
     device = device if device is not None else next(generator.parameters()).device
     slices = t2.permute(3, 0, 1, 2).to(device=device, dtype=torch.float32)  # (D, 1, H, W)
-    synth = BrainSliceInferer(sw_batch_size=batch_size).forward_slices(slices, generator)
+    synth = SliceRunner(batch_size)(slices, generator)
     return synth.float().to(t2.device).permute(1, 2, 3, 0).contiguous()  # (3, H, W, D)
+
+
+def check_generator_settings(path: str, **settings) -> None:
+    """Check that the volumes given to the generator at ``path`` are prepared as it was trained.
+
+    Args:
+        path: a generator ``model.pt``.
+        settings: the pipeline's ``intensity_scaling`` / ``image_size`` (None: not checked).
+
+    Raises:
+        ValueError: a setting differs from what the checkpoint records (the message names both values).
+        FileNotFoundError: as :func:`scripts.runtime.checkpoints.synthesis_arch`.
+    """
+    arch = synthesis_arch(path)
+    wrong = [f"{k} {v!r} (the generator was trained with {arch[k]!r})" for k, v in settings.items()
+             if v is not None and v != arch[k]]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{path}: the downstream volumes are prepared with " + ", ".join(wrong)
+                         + "; use the generator's settings")  # fmt: skip
 
 
 #: Generators loaded by :func:`cached_generator`, by (path, SHA-1, device).
@@ -132,7 +142,7 @@ _GENERATORS_LOCK = threading.Lock()  # CacheDataset fills its cache from several
 
 
 def cached_generator(path: str, sha1: str | None, device) -> SynthesisNet:
-    """:func:`load_generator`, once per process for a given file content and device. The generator is kept out of
+    """:func:`scripts.runtime.checkpoints.load_generator`, once per process for a given file content and device. The generator is kept out of
     the transform object, so that the transform stays picklable and its on-disk cache fingerprint
     (:func:`scripts.runtime.data.transform_fingerprint`) holds only its settings. It stays loaded for the process's life."""
     key = (path, sha1, str(device))
@@ -152,12 +162,15 @@ class DownstreamInputsd(MapTransform):
     Works on channel-first ``(4, H, W, D)`` volumes in [-1, 1] (the end of the bundle's volume pipeline). The
     generator is loaded from ``synth_ckpt`` on first use (:func:`cached_generator`) and runs under
     ``torch.inference_mode`` on ``device``, ``batch_size`` slices at a time; it expects the intensity scaling it was
-    trained with (``intensity_scaling``). The output stays on the input's device, float32.
+    trained with: ``intensity_scaling`` and ``image_size``, the settings of the volume pipeline in front of this
+    transform, must be the generator's (:func:`check_generator_settings`). The output stays on the input's device,
+    float32.
 
     Raises:
         ValueError: unknown ``inputs``, ``"synth"`` without ``synth_ckpt`` (at construction); an input volume that
             does not have 4 channels (when called).
         FileNotFoundError: ``synth_ckpt`` does not exist (at construction).
+        ValueError: the pipeline's ``intensity_scaling`` or ``image_size`` is not the generator's (at construction).
     """
 
     def __init__(
@@ -167,11 +180,15 @@ class DownstreamInputsd(MapTransform):
         synth_ckpt: str | None = None,
         device="cpu",
         batch_size: int = 64,
+        intensity_scaling: str | None = None,
+        image_size: int | None = None,
     ):
         super().__init__(keys)
         check_inputs(inputs, synth_ckpt)
         self.inputs = inputs
         self.synth_ckpt = os.path.abspath(synth_ckpt) if inputs == "synth" else None
+        if self.synth_ckpt is not None:
+            check_generator_settings(self.synth_ckpt, intensity_scaling=intensity_scaling, image_size=image_size)
         # part of the on-disk cache fingerprint (scripts.runtime.data.transform_fingerprint): a retrained generator is new data
         self.synth_sha1 = file_sha1(self.synth_ckpt) if self.synth_ckpt else None
         self.device = torch.device(device)
@@ -184,8 +201,7 @@ class DownstreamInputsd(MapTransform):
     def _select(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[0] != len(CHANNELS):
             raise ValueError(f"expected a {len(CHANNELS)}-channel {CHANNELS} volume, got shape {tuple(image.shape)}")
-        t2_index = CHANNELS.index("t2")
-        t2 = image[t2_index : t2_index + 1]
+        t2 = image[T2_INDEX : T2_INDEX + 1]
         if self.inputs == "t2":
             return t2
         if self.inputs == "real":
@@ -203,36 +219,29 @@ class DownstreamInputsd(MapTransform):
 # --- the model file ---------------------------------------------------------------------------------------------------
 
 
-class DownstreamModelSaver(ModelSaver):
-    """:class:`scripts.runtime.checkpoints.ModelSaver` (same events: best validation epoch) whose file also records what the
-    segmenter was trained on. The file (loadable with ``torch.load(weights_only=True)``) holds::
+def downstream_record(inputs: str, features: int, synth_ckpt: str | None = None) -> dict:
+    """What a downstream segmenter's ``model.pt`` records besides its weights (``ModelSaver(record=...)`` in
+    ``train_downstream.json``). With the weights and the epoch the file (loadable with
+    ``torch.load(weights_only=True)``) holds::
 
         {"format": CKPT_FORMAT, "state_dict": {name: CPU tensor}, "inputs": "t2" | "synth" | "real",
          "synth_ckpt": absolute path or None, "synth_sha1": hex SHA-1 of that file or None,
          "features": int, "in_channels": int, "regions": ["tc", "wt", "et"], "epoch": int}
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`check_inputs`.
     """
-
-    def __init__(self, network: torch.nn.Module, path: str, inputs: str, features: int, synth_ckpt: str | None = None,
-                 evaluator=None):
-        super().__init__(network, path, evaluator)
-        check_inputs(inputs, synth_ckpt)
-        synth_ckpt = os.path.abspath(synth_ckpt) if inputs == "synth" else None
-        self.meta = {
-            "format": CKPT_FORMAT,
-            "inputs": inputs,
-            "synth_ckpt": synth_ckpt,
-            "synth_sha1": file_sha1(synth_ckpt) if synth_ckpt else None,
-            "features": int(features),
-            "in_channels": INPUTS[inputs],
-            "regions": list(REGIONS),
-        }
-
-    def __call__(self, engine) -> None:
-        if self.evaluator is not None and getattr(self.evaluator.state, "best_metric_epoch", -1) != engine.state.epoch:
-            return
-        net = getattr(self.network, "module", self.network)  # unwrap DDP
-        weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        save_atomic({**self.meta, "state_dict": weights, "epoch": int(engine.state.epoch)}, self.path)
+    check_inputs(inputs, synth_ckpt)
+    synth_ckpt = os.path.abspath(synth_ckpt) if inputs == "synth" else None
+    return {
+        "format": CKPT_FORMAT,
+        "inputs": inputs,
+        "synth_ckpt": synth_ckpt,
+        "synth_sha1": file_sha1(synth_ckpt) if synth_ckpt else None,
+        "features": int(features),
+        "in_channels": INPUTS[inputs],
+        "regions": list(REGIONS),
+    }
 
 
 def _downstream_state(path: str, map_location="cpu") -> dict:
@@ -242,7 +251,7 @@ def _downstream_state(path: str, map_location="cpu") -> dict:
         hint = f"it holds a {describe(state)}" if "state_dict" not in state else f"format {state.get('format')!r}"
         raise ValueError(
             f"{path} is not a downstream segmenter written by train_downstream.json ({hint}); train one with "
-            "python -m monai.bundle run --config_file bundle/configs/train_downstream.json ..."
+            "python -m monai.bundle run --config_file \"['bundle/configs/train.json','bundle/configs/train_downstream.json']\" ..."
         )
     return state
 
@@ -359,7 +368,7 @@ def predict_volume(network: torch.nn.Module, image: torch.Tensor, device, batch_
         ``(R, H, W, D)`` bool prediction (sigmoid > 0.5, i.e. logit > 0), on the CPU.
     """
     slices = _tensor(image).permute(3, 0, 1, 2).to(device=device, dtype=torch.float32)  # (D, C, H, W)
-    logits = BrainSliceInferer(sw_batch_size=batch_size).forward_slices(slices, network)
+    logits = SliceRunner(batch_size)(slices, network)
     return (torch.sigmoid(logits) > 0.5).cpu().permute(1, 2, 3, 0)
 
 
@@ -434,13 +443,9 @@ class DownstreamScorer:
         return scores
 
     def write(self, rows: list[dict], scores: dict) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "per_case.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(self.output_dir, "scores.json"), "w") as f:
-            json.dump(scores, f, indent=2)
+        """Write ``per_case.csv`` (``rows``) and ``scores.json`` (``scores``) atomically to ``output_dir``."""
+        write_csv(os.path.join(self.output_dir, "per_case.csv"), rows)
+        write_json(os.path.join(self.output_dir, "scores.json"), scores, indent=2)
         s = scores
         logger.info(
             f"{s['n_cases']} cases, {s['n_slices']} slices: slice WT Dice {_cell(s['slice_wt_dice'])}; 3D Dice "
@@ -492,14 +497,12 @@ def write_table2(rows: dict, output_dir: str) -> str:
     for name, s in scores.items():
         lines.append("| " + " | ".join([name] + [_cell(s[key]) for _, key in TABLE2_COLUMNS]) + " |")
     markdown = "\n".join(lines) + "\n"
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "table2.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(output_dir, "table2.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        stats = [f"{key}_{stat}" for _, key in TABLE2_COLUMNS for stat in ("mean", "std")]
-        writer.writerow(["input", *stats, "n_cases", "n_slices"])
-        for name, s in scores.items():
-            values = [s[key][stat] for _, key in TABLE2_COLUMNS for stat in ("mean", "std")]
-            writer.writerow([name, *values, s.get("n_cases", ""), s.get("n_slices", "")])
+    write_text(os.path.join(output_dir, "table2.md"), markdown)
+    stats = [f"{key}_{stat}" for _, key in TABLE2_COLUMNS for stat in ("mean", "std")]
+    table = [
+        [name, *[s[key][stat] for _, key in TABLE2_COLUMNS for stat in ("mean", "std")], s.get("n_cases", ""),
+         s.get("n_slices", "")]
+        for name, s in scores.items()
+    ]  # fmt: skip
+    write_csv(os.path.join(output_dir, "table2.csv"), table, header=["input", *stats, "n_cases", "n_slices"])
     return markdown

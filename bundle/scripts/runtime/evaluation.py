@@ -22,7 +22,6 @@ figure). :func:`write_table1` merges the ``scores.json`` of several runs (one pe
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -34,23 +33,16 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from .conventions import T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
 from .data import case_name
+from .files import write_atomic, write_csv, write_json, write_text
 from .metrics import paper_slice_scores, percentile_unit, summarise, volume_scores
-from .networks import TARGETS
 
 logger = logging.getLogger(__name__)
 
-#: Display names of the methods, in table order.
-METHOD_NAMES = {
-    "pix2pix": "pix2pix",
-    "mgan": "MGAN",
-    "tcmgan": "TC-MGAN",
-    "tcmgan_bw": "TC-MGAN bw",
-    "t2": "T2 (baseline)",
-    "inverted_t2": "inverted T2 (baseline)",
-}
+#: Display names of the methods (the variants, then the baselines), in table order.
+METHOD_NAMES = {**VARIANT_NAMES, "t2": "T2 (baseline)", "inverted_t2": "inverted T2 (baseline)"}
 BASELINES = ("t2", "inverted_t2")
-TARGET_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce"}
 SLICE_METRICS = ("psnr", "ssim")
 VOLUME_METRICS = ("psnr_brain", "ssim_brain", "ssim_tumour", "ssim_healthy")
 
@@ -75,7 +67,8 @@ class SynthesisEvaluation:
         slice_transform: training preprocessing applied after loading (brain-slice filter, resize, [-1, 1] scaling).
         volume_transform: inference preprocessing of the T2 ``(1, H, W, D)`` (resize, [-1, 1] scaling), applied to
             ``{"image": t2}``; its resize is inverted to bring the synthesis back to the input grid.
-        inferer: a ``BrainSliceInferer`` (batched 2D forward over the brain slices).
+        inferer: a ``BrainSliceInferer`` (batched 2D forward over the brain slices); its ``runner`` also runs the
+            paper-convention slices.
         output_dir: folder for the outputs.
         method: name of the checkpoint's method (``pix2pix``, ``mgan``, ``tcmgan``, ``tcmgan_bw`` or any name).
         baselines: also score the T2 and inverted-T2 baselines.
@@ -115,7 +108,7 @@ class SynthesisEvaluation:
 
     def _synthesise_slices(self, t2: torch.Tensor) -> torch.Tensor:
         """G over ``(N, 1, h, w)`` T2 slices in [-1, 1] -> ``(N, 3, h, w)`` in [0, 1]."""
-        out = self.inferer.forward_slices(t2.to(self.device), self.network)
+        out = self.inferer.runner(t2.to(self.device), self.network)
         return _to_unit(out).cpu()
 
     def _synthesise_volume(self, t2: torch.Tensor) -> torch.Tensor:
@@ -132,7 +125,7 @@ class SynthesisEvaluation:
 
     def _slice_predictions(self, image128: torch.Tensor) -> dict[str, torch.Tensor]:
         """Method -> ``(N, 3, h, w)`` predictions on the kept 128x128 slices (channel-first ``(4, h, w, N)`` input)."""
-        t2 = image128[3:4].permute(3, 0, 1, 2)  # (N, 1, h, w), [-1, 1]
+        t2 = image128[T2_INDEX : T2_INDEX + 1].permute(3, 0, 1, 2)  # (N, 1, h, w), [-1, 1]
         t2_unit = _to_unit(t2)
         brain = (t2 > -1).float()
         preds = {}
@@ -162,10 +155,10 @@ class SynthesisEvaluation:
         image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"])
         sliced = self.slice_transform({"image": data["image"], "label": data["label"]})
         image128, label128 = torch.as_tensor(sliced["image"]).float(), torch.as_tensor(sliced["label"])
-        real128 = _to_unit(image128[:3].permute(3, 0, 1, 2))  # (N, 3, h, w)
+        real128 = _to_unit(image128[: len(TARGETS)].permute(3, 0, 1, 2))  # (N, 3, h, w)
         slice_preds = self._slice_predictions(image128)
-        volume_preds = self._volume_predictions(image[3:4])
-        brain, tumour = image[3] > 0, label[0] > 0
+        volume_preds = self._volume_predictions(image[T2_INDEX : T2_INDEX + 1])
+        brain, tumour = image[T2_INDEX] > 0, label[0] > 0
 
         case_rows, slice_rows = [], []
         for method in self.methods:
@@ -186,7 +179,7 @@ class SynthesisEvaluation:
             "case": name,
             "slice": z,
             "tumour_pixels": int(area[z]),
-            "t2": _to_unit(image128[3, ..., z]).numpy(),
+            "t2": _to_unit(image128[T2_INDEX, ..., z]).numpy(),
             "real": real128[z].numpy(),
             "label": label128[0, ..., z].numpy(),
             **{f"pred_{m}": p[z].numpy() for m, p in slice_preds.items()},
@@ -214,10 +207,10 @@ class SynthesisEvaluation:
             )
         summary = summarise_rows(case_rows, slice_rows, self.methods)
         summary["settings"] = {"n_cases": len(self.cases), "method": self.method, "baselines": self.baselines}
-        _write_csv(os.path.join(self.output_dir, "per_case.csv"), case_rows)
-        _write_csv(os.path.join(self.output_dir, "per_slice.csv"), slice_rows)
-        _write_json(os.path.join(self.output_dir, "scores.json"), summary)
-        np.savez_compressed(os.path.join(self.output_dir, "examples.npz"), **example)
+        write_csv(os.path.join(self.output_dir, "per_case.csv"), case_rows)
+        write_csv(os.path.join(self.output_dir, "per_slice.csv"), slice_rows)
+        write_json(os.path.join(self.output_dir, "scores.json"), summary, indent=2)
+        write_atomic(os.path.join(self.output_dir, "examples.npz"), lambda p: np.savez_compressed(p, **example))
         table = write_table1([summary], self.output_dir)
         logger.info(f"Table 1 written to {self.output_dir}/table1.md\n{table}")
         return summary
@@ -282,9 +275,7 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
                 f"{_fmt(s['ssim_brain'], 3)} | {_fmt(s['ssim_tumour'], 3)} | {_fmt(s['ssim_healthy'], 3)} |"
             )
     markdown = "\n".join(lines) + "\n"
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "table1.md"), "w") as f:
-        f.write(markdown)
+    write_text(os.path.join(output_dir, "table1.md"), markdown)
     rows = []
     for m in order:
         for t in TARGETS:
@@ -292,22 +283,7 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
             for k in SLICE_METRICS + VOLUME_METRICS:
                 row[f"{k}_mean"], row[f"{k}_std"] = methods[m][t][k]["mean"], methods[m][t][k]["std"]
             rows.append(row)
-    _write_csv(os.path.join(output_dir, "table1.csv"), rows)
-    _write_json(os.path.join(output_dir, "table1.json"), {"methods": methods, "order": order})
+    write_csv(os.path.join(output_dir, "table1.csv"), rows)
+    write_json(os.path.join(output_dir, "table1.json"), {"methods": methods, "order": order}, indent=2)
     return markdown
 
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
-    os.replace(tmp, path)

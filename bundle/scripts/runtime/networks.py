@@ -12,7 +12,7 @@
 - :class:`TumourSegmenter`: S(y, c), a MONAI ``UNet`` on a target slice plus the label planes, giving
   whole-tumour logits.
 
-Target label order is declared once, in :data:`TARGETS`.
+Target label order is declared once, in :data:`scripts.runtime.conventions.TARGETS`.
 Every module keeps its architecture in a persistent ``arch`` buffer, so a checkpoint says what it holds.
 """
 
@@ -25,10 +25,52 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-#: Target modalities, in label/channel order. Index k of the one-hot label selects TARGETS[k].
-TARGETS = ("flair", "t1", "t1ce")
-#: Training variants of the paper's Table 1.
-VARIANTS = ("pix2pix", "mgan", "tcmgan", "tcmgan_bw")
+# target modalities (index k of the one-hot label selects TARGETS[k]) and the paper's variants, declared once
+from .conventions import CHANNELS, TARGETS, VARIANTS  # noqa: F401  (re-exported: scripts.runtime.networks.TARGETS)
+
+#: How a T2 volume is scaled to [-1, 1] (``scripts.runtime.data.ScaleBrainIntensityd`` modes).
+INTENSITY_SCALINGS = ("volume", "slice")
+
+
+#: Version of the ``_extra_state`` layout written by :func:`encode_description`.
+DESCRIPTION_VERSION = 1
+
+
+def encode_description(description: dict) -> torch.Tensor:
+    """A generator description ``{"image_size", "intensity_scaling", "in_channels", "targets"}`` as the int64
+    tensor ``[version, image_size, index in INTENSITY_SCALINGS, in_channels, len(targets), *indices in CHANNELS]``.
+
+    Raises:
+        ValueError: an unknown intensity scaling or target.
+    """
+    scaling, targets = description["intensity_scaling"], list(description["targets"])
+    if scaling not in INTENSITY_SCALINGS:
+        raise ValueError(f"unknown intensity_scaling {scaling!r}; expected one of {INTENSITY_SCALINGS}")
+    unknown = [t for t in targets if t not in CHANNELS]
+    if unknown:
+        raise ValueError(f"unknown targets {unknown}; expected some of {CHANNELS}")
+    values = [DESCRIPTION_VERSION, int(description["image_size"]), INTENSITY_SCALINGS.index(scaling)]
+    values += [int(description["in_channels"]), len(targets), *[CHANNELS.index(t) for t in targets]]
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def decode_description(state) -> dict:
+    """The inverse of :func:`encode_description`.
+
+    Raises:
+        ValueError: ``state`` is not such a tensor (another layout, version or length).
+    """
+    values = state.tolist() if isinstance(state, torch.Tensor) and state.ndim == 1 else None
+    if not values or values[0] != DESCRIPTION_VERSION or len(values) < 5 or len(values) != 5 + values[4]:
+        raise ValueError(f"{state!r} is not a brainsynth generator description (version {DESCRIPTION_VERSION})")
+    if not 0 <= values[2] < len(INTENSITY_SCALINGS) or not all(0 <= i < len(CHANNELS) for i in values[5:]):
+        raise ValueError(f"{state!r} is not a brainsynth generator description (an index out of range)")
+    return {
+        "image_size": values[1],
+        "intensity_scaling": INTENSITY_SCALINGS[values[2]],
+        "in_channels": values[3],
+        "targets": [CHANNELS[i] for i in values[5:]],
+    }
 
 
 def label_planes(labels: torch.Tensor, num_labels: int, like: torch.Tensor) -> torch.Tensor:
@@ -94,33 +136,88 @@ class Pix2PixUNet(nn.Module):
 
 
 class SynthesisNet(nn.Module):
-    """T2 slice -> synthesised target slices.
+    """T2 slice(s) -> synthesised target slices; the generator of every variant, and a self-describing checkpoint.
 
     Args:
         variant: one of :data:`VARIANTS`. ``pix2pix`` keeps one unconditional generator per target; the others
             keep one generator conditioned on the one-hot target label.
         features: base width of the generator(s) (64 in the paper).
-        num_targets: number of targets (3: FLAIR, T1, T1ce).
+        num_targets: number of targets (3: FLAIR, T1, T1ce, in :data:`TARGETS` order).
         num_downs: depth of the U-Net (7 for 128x128 slices).
+        image_size: side of the square slices the network was trained on (the workflows resize to it).
+        intensity_scaling: how the T2 was scaled to [-1, 1] in training, ``"volume"`` or ``"slice"`` (see
+            ``scripts.runtime.data.ScaleBrainIntensityd``).
+        in_channels: T2 slices per input (1; more for through-plane context).
+
+    ``state_dict()`` carries, besides the weights and the ``arch`` buffer, an ``_extra_state`` entry, the encoded
+    :meth:`description` ``{"image_size", "intensity_scaling", "in_channels", "targets"}``, so a ``model.pt``
+    says how to prepare its input; :func:`scripts.runtime.checkpoints.synthesis_arch` reads it back.
+
+    Raises:
+        ValueError: unknown variant or intensity scaling, or sizes < 1.
     """
 
-    def __init__(self, variant: str = "tcmgan", features: int = 64, num_targets: int = 3, num_downs: int = 7):
+    def __init__(
+        self,
+        variant: str = "tcmgan",
+        features: int = 64,
+        num_targets: int = 3,
+        num_downs: int = 7,
+        image_size: int = 128,
+        intensity_scaling: str = "volume",
+        in_channels: int = 1,
+    ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        if intensity_scaling not in INTENSITY_SCALINGS:
+            raise ValueError(f"unknown intensity_scaling {intensity_scaling!r}; expected one of {INTENSITY_SCALINGS}")
+        if min(int(features), int(num_targets), int(image_size), int(in_channels)) < 1:
+            raise ValueError("features, num_targets, image_size and in_channels must be >= 1")
         self.variant = variant
-        self.num_targets = num_targets
+        self.num_targets = int(num_targets)
+        self.image_size = int(image_size)
+        self.intensity_scaling = intensity_scaling
+        self.in_channels = int(in_channels)
         self.conditional = variant != "pix2pix"
         n_gen = 1 if self.conditional else num_targets
-        in_ch = 1 + num_targets if self.conditional else 1
+        in_ch = self.in_channels + num_targets if self.conditional else self.in_channels
         self.generators = nn.ModuleList([Pix2PixUNet(in_ch, 1, features, num_downs) for _ in range(n_gen)])
         self.register_buffer("arch", torch.tensor([VARIANTS.index(variant), features, num_targets, num_downs]))
 
+    def description(self) -> dict:
+        """What a user of the weights must know besides the architecture: ``image_size``, ``intensity_scaling``,
+        ``in_channels``, ``targets`` (saved in ``state_dict()`` as ``_extra_state``, :func:`encode_description`)."""
+        return {
+            "image_size": self.image_size,
+            "intensity_scaling": self.intensity_scaling,
+            "in_channels": self.in_channels,
+            "targets": list(TARGETS[: self.num_targets]),
+        }
+
+    def get_extra_state(self) -> torch.Tensor:
+        """:meth:`description` as an integer tensor (:func:`encode_description`): a tensor, not a dict, so that
+        every tool that walks a state dict (ONNX export, TorchScript, DDP, the zoo's ``ckpt_export``) accepts it."""
+        return encode_description(self.description())
+
+    def set_extra_state(self, state) -> None:
+        """Called by ``load_state_dict``: weights made for other input preparation are refused.
+
+        Raises:
+            ValueError: the checkpoint's image size, intensity scaling, input channels or targets differ from
+                this network's (the message names each), or ``state`` is not an encoded description.
+        """
+        found = decode_description(state)
+        wrong = [f"{k} {found[k]!r} (this network: {v!r})" for k, v in self.description().items() if found[k] != v]
+        if wrong:
+            raise ValueError("the weights were made for " + ", ".join(wrong))
+
     def synthesize(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """G(x, c): ``x`` ``(B, 1, H, W)`` T2 in [-1, 1], ``labels`` ``(B,)`` target indices -> ``(B, 1, H, W)``."""
+        """G(x, c): ``x`` ``(B, in_channels, H, W)`` T2 in [-1, 1], ``labels`` ``(B,)`` target indices
+        -> ``(B, 1, H, W)``."""
         if self.conditional:
             return self.generators[0](torch.cat([x, label_planes(labels, self.num_targets, x)], dim=1))
-        out = torch.zeros_like(x)
+        out = x.new_zeros(x.shape[0], 1, x.shape[-2], x.shape[-1])
         for k, gen in enumerate(self.generators):  # route each sample to the generator of its target
             idx = (labels == k).nonzero().flatten()
             if idx.numel() > 0:
@@ -128,7 +225,7 @@ class SynthesisNet(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """All targets at once: ``(B, 1, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order.
+        """All targets at once: ``(B, in_channels, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order.
 
         With ``labels`` ``(B,)``, one target per sample instead: ``(B, 1, H, W)``, as :meth:`synthesize` (the
         trainer calls this form, so that a ``DistributedDataParallel`` wrapper sees the forward pass).
@@ -250,7 +347,8 @@ class SingleTargetSynthesisNet(SynthesisNet):
     into it unchanged (MONAI Label loads with ``strict=False``, which would silently skip mismatched keys).
 
     Args:
-        variant, features, num_targets, num_downs: as :class:`SynthesisNet` (they must match the checkpoint).
+        variant, features, num_targets, num_downs, image_size, intensity_scaling, in_channels: as
+            :class:`SynthesisNet` (they must match the checkpoint).
         target: one of :data:`TARGETS` (case-insensitive).
 
     Raises:
@@ -264,8 +362,11 @@ class SingleTargetSynthesisNet(SynthesisNet):
         target: str = "flair",
         num_targets: int = 3,
         num_downs: int = 7,
+        image_size: int = 128,
+        intensity_scaling: str = "volume",
+        in_channels: int = 1,
     ):
-        super().__init__(variant, features, num_targets, num_downs)
+        super().__init__(variant, features, num_targets, num_downs, image_size, intensity_scaling, in_channels)
         if str(target).lower() not in TARGETS:
             raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
         self.target = str(target).lower()

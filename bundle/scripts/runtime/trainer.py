@@ -9,11 +9,13 @@ workflow declared in ``configs/train.json``.
 One iteration on a batch ``{"image": (B, 4, H, W) [FLAIR, T1, T1ce, T2] in [-1, 1], "label": (B, 1, H, W)}``:
 
 1. draw a target index k ~ U{0, 1, 2} per sample; x = T2, y = target k, tumour = label > 0;
-2. ``d_train_steps`` critic steps:
+2. ``d_train_steps`` critic steps on :func:`~scripts.runtime.losses.critic_loss` (eq. 6):
    ``L_D = -D_src(x, y) + D_src(x, G(x, k)) + λcls·CE(D_cls(x, y), k) + λgp·GP``;
-3. one generator step:
+3. one generator step on :func:`~scripts.runtime.losses.generator_loss` (eq. 7), whose tumour-consistency
+   term is :func:`~scripts.runtime.losses.tumour_consistency_loss` (eq. 4):
    ``L_G = -D_src(x, G(x, k)) + λcls·CE(D_cls(x, G), k) + λl1·L1(G, y) + λseg·Dice(S(G, k), tumour)``;
 4. ``tcmgan_bw`` only (``train_segmenter=True``): one segmenter step on
+   :func:`~scripts.runtime.losses.segmenter_update_loss`,
    ``0.7·Dice(S(G.detach(), k)) + 0.3·Dice(S(y, k))`` (the reference code's joint update).
 
 S is frozen (eval mode, no parameter gradients; the Dice gradient still reaches G) when ``train_segmenter``
@@ -29,7 +31,7 @@ from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 from torch.optim import Optimizer
 
-from .losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss
+from .losses import critic_loss, generator_loss, segmenter_update_loss
 
 #: The scalar terms an iteration reports (StatsHandler / TensorBoard tags).
 LOSS_KEYS = ("d_loss", "d_real", "d_fake", "d_cls", "d_gp", "g_loss", "g_adv", "g_cls", "g_l1", "g_seg", "s_loss")
@@ -141,30 +143,23 @@ class TCMGANTrainer(Trainer):
         if s is not None:
             s.train(self.train_segmenter)
 
-        # critic step(s)
+        # critic step(s), eq. (6)
         for _ in range(self.d_train_steps):
             with torch.no_grad():
                 fake = g(x, k)
             self.d_optimizer.zero_grad(set_to_none=True)
-            src_real, cls_real = d(x, y, k)
-            src_fake, _ = d(x, fake, k)
-            d_real, d_fake = -critic_score(src_real, self.reduction), critic_score(src_fake, self.reduction)
-            d_cls = modality_classification_loss(cls_real, k) if cls_real is not None else torch.zeros_like(d_real)
-            d_gp = gradient_penalty(d, x, y, fake, k)
-            d_loss = d_real + d_fake + self.lambda_cls * d_cls + self.lambda_gp * d_gp
+            d_loss, d_terms = critic_loss(d, x, y, fake, k, self.lambda_cls, self.lambda_gp, self.reduction)
             d_loss.backward()
             self.d_optimizer.step()
 
-        # generator step
+        # generator step, eq. (7) with the tumour-consistency term eq. (4)
         d.requires_grad_(False)
         self.g_optimizer.zero_grad(set_to_none=True)
         fake = g(x, k)
-        src_fake, cls_fake = d(x, fake, k)
-        g_adv = -critic_score(src_fake, self.reduction)
-        g_cls = modality_classification_loss(cls_fake, k) if cls_fake is not None else torch.zeros_like(g_adv)
-        g_l1 = l1_loss(fake, y, self.reduction)
-        g_seg = self.seg_loss_function(s(fake, k), tumour) if s is not None else torch.zeros_like(g_adv)
-        g_loss = g_adv + self.lambda_cls * g_cls + self.lambda_l1 * g_l1 + self.lambda_seg * g_seg
+        g_loss, g_terms = generator_loss(
+            d, x, y, fake, k, self.lambda_cls, self.lambda_l1, self.lambda_seg, self.reduction,
+            segmenter=s, tumour=tumour, dice=self.seg_loss_function,
+        )  # fmt: skip
         g_loss.backward()
         self.g_optimizer.step()
         d.requires_grad_(True)
@@ -172,16 +167,13 @@ class TCMGANTrainer(Trainer):
         # joint segmenter step (TC-MGAN bw)
         if self.train_segmenter:
             self.s_optimizer.zero_grad(set_to_none=True)
-            s_loss = 0.7 * self.seg_loss_function(s(fake.detach(), k), tumour) + 0.3 * self.seg_loss_function(
-                s(y, k), tumour
-            )
+            s_loss, _ = segmenter_update_loss(s, fake, y, k, tumour, self.seg_loss_function)
             s_loss.backward()
             self.s_optimizer.step()
             out["s_loss"] = s_loss.detach()
 
         out["fake"] = fake.detach()
-        terms = dict(d_loss=d_loss, d_real=d_real, d_fake=d_fake, d_cls=d_cls, d_gp=d_gp, g_loss=g_loss)
-        terms.update(g_adv=g_adv, g_cls=g_cls, g_l1=g_l1, g_seg=g_seg)
+        terms = {**d_terms, **g_terms}  # the last critic step's terms, as before
         # detached 0-d tensors, not floats: ``.item()`` here would make the CPU wait for the GPU every iteration
         # (no overlap of the next batch's loading with this step's kernels); see :func:`loss_terms`
         out.update({name: value.detach() for name, value in terms.items()})

@@ -1,0 +1,81 @@
+"""``scripts.runtime.files``: every file the bundle writes appears whole under its final name or not at all, and
+the temporaries of killed writers are cleaned up. (A real SIGKILL mid-write: ``test_reliability.py``.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from scripts.runtime import files
+
+DEAD_PID = 2**22 + 12345  # above the default pid_max: no process has it
+
+
+def listing(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize(
+    "name, stem, ext",
+    [("c1_flair.nii.gz", "c1_flair", ".nii.gz"), ("model.pt", "model", ".pt"), ("README", "README", "")],
+)
+def test_split_extension_keeps_nii_gz_whole(name, stem, ext):
+    assert files.split_extension(name) == (stem, ext)
+
+
+def test_temporary_has_the_final_extension_and_is_renamed_on_success(tmp_path):
+    final = tmp_path / "sub" / "c1_t1.nii.gz"  # the folder is created
+    with files.atomic_paths([str(final)]) as (tmp,):
+        name = os.path.basename(tmp)
+        assert name.startswith(f".c1_t1.{os.getpid()}.") and name.endswith(".tmp.nii.gz")
+        assert not final.exists()
+        with open(tmp, "w") as f:
+            f.write("whole")
+    assert listing(final.parent) == ["c1_t1.nii.gz"] and final.read_text() == "whole"
+
+
+def test_a_failing_block_leaves_every_final_file_as_it_was(tmp_path):
+    (tmp_path / "a.txt").write_text("old a")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with files.atomic_paths([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]) as (ta, tb):
+            with open(ta, "w") as f:
+                f.write("new a")  # written, but b fails: neither is renamed
+            raise RuntimeError("disk full")
+    assert listing(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
+
+
+def test_write_json_fails_before_touching_the_file_on_a_bad_object(tmp_path):
+    path = tmp_path / "scores.json"
+    files.write_json(str(path), {"psnr": 1.5}, indent=2)
+    with pytest.raises(TypeError):
+        files.write_json(str(path), {"bad": object()})
+    assert json.loads(path.read_text()) == {"psnr": 1.5} and listing(tmp_path) == ["scores.json"]
+
+
+def test_write_csv_from_dicts_and_from_lists(tmp_path):
+    files.write_csv(str(tmp_path / "d.csv"), [{"case": "c1", "psnr": 30.0}])
+    files.write_csv(str(tmp_path / "l.csv"), [["c1", 30.0]], header=["case", "psnr"])
+    assert (tmp_path / "d.csv").read_text() == (tmp_path / "l.csv").read_text() == "case,psnr\nc1,30.0\n"
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    names = [
+        f".c1_flair.{DEAD_PID}.tmp.nii.gz",  # an earlier version's name (no token)
+        f".c1_t1.{DEAD_PID}.0a1b2c3d.tmp.nii",
+        f".model.{DEAD_PID}.0a1b2c3d.tmp.pt",
+        f".c1_t1ce.{os.getpid()}.0a1b2c3d.tmp.nii",  # a running writer (this process)
+        "c1_t1.nii",  # a final output
+        f".other.{DEAD_PID}.tmp.nii",  # another file's temporary: not asked about
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    finals = [str(tmp_path / n) for n in ("c1_flair.nii.gz", "c1_t1.nii", "c1_t1ce.nii", "model.pt")]
+    removed = files.remove_stale_temporaries(finals)
+    assert sorted(os.path.basename(p) for p in removed) == sorted(names[:3])
+    assert listing(tmp_path) == sorted(names[3:])
+
+
+def test_pid_running():
+    assert files.pid_running(os.getpid()) and not files.pid_running(DEAD_PID)
