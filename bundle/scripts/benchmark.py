@@ -41,10 +41,12 @@ BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script: make the bundle folder importable
     sys.path.insert(0, BUNDLE)
 
-from scripts.runtime.checkpoints import synthesis_arch  # noqa: E402
+from scripts.runtime.checkpoints import save_atomic, synthesis_arch  # noqa: E402
+from scripts.runtime.files import write_json  # noqa: E402
 from scripts.runtime.inference import resolve_backend  # noqa: E402
 from scripts.runtime.losses import critic_loss, generator_loss, segmenter_update_loss  # noqa: E402
 from scripts.runtime.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
+from scripts.runtime.trainer import draw_targets  # noqa: E402
 
 CONFIGS = os.path.join(BUNDLE, "configs")
 SHIPPED_MODEL = os.path.join(BUNDLE, "models", "model.pt")
@@ -124,8 +126,7 @@ def _report(name: str, rows: list[dict], columns: dict[str, str], meta: dict, ou
     print(table(rows, columns), flush=True)
     result = {"benchmark": name, **meta, "rows": rows}
     if output:
-        with open(output, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(output, result, indent=2, default=str)
     return result
 
 
@@ -150,14 +151,13 @@ def replicated_datalist(folder: str, num_cases: int, split: str = "gan") -> str:
     source = [c for s in ("gan", "seg", "test") for c in content.get(s, [])]
     cases = [{**source[i % len(source)], "case": f"copy{i:04d}"} for i in range(num_cases)]
     path = os.path.join(folder, f"datalist_{num_cases}.json")
-    with open(path, "w") as f:
-        json.dump({**content, "gan": cases, "seg": cases[:1], "test": cases[:1]}, f)
+    write_json(path, {**content, "gan": cases, "seg": cases[:1], "test": cases[:1]})
     return path
 
 
 def random_generator_ckpt(path: str, features: int, variant: str = "tcmgan") -> str:
     torch.manual_seed(0)
-    torch.save(SynthesisNet(variant, features).state_dict(), path)
+    save_atomic(SynthesisNet(variant, features).state_dict(), path)
     return path
 
 
@@ -395,11 +395,7 @@ def plain_gan_step(
     (:mod:`scripts.runtime.losses`, eq. 6, 7 and 4), forward, backward and optimizer steps as
     :meth:`scripts.runtime.trainer.TCMGANTrainer._iteration`, in the same order (so the same random draws), without
     the engine or the output dict. ``image`` ``(B, 4, H, W)``, ``label`` ``(B, 1, H, W)``."""
-    b = image.shape[0]
-    x = image[:, -1:]
-    k = torch.randint(0, num_targets, (b,), device=x.device)
-    y = image[torch.arange(b, device=x.device), k].unsqueeze(1)
-    tumour = (label > 0).to(x.dtype)
+    x, k, y, tumour = draw_targets(image, label, num_targets)
     g.train()
     d.train()
     if s is not None:
@@ -450,7 +446,7 @@ def training_workflow(dataset_dir: str, output_dir: str, variant: str, **overrid
     seg = os.path.join(output_dir, "segmenter_random.pt")
     if not os.path.isfile(seg):
         os.makedirs(output_dir, exist_ok=True)
-        torch.save(TumourSegmenter(features=16).state_dict(), seg)
+        save_atomic(TumourSegmenter(features=16).state_dict(), seg)
     settings = dict(
         dataset_dir=dataset_dir, output_dir=output_dir, variant=variant, segmenter_ckpt=seg, max_epochs=1,
         val_interval=10**9, checkpoint_every=0, cache_num_workers=0,
@@ -747,8 +743,7 @@ def data(
     _report("data: memory vs cases", memory, MEMORY_COLUMNS, meta, None)
     result = {"benchmark": "data", **meta, "loader": rows, "memory": memory}
     if output:
-        with open(output, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(output, result, indent=2, default=str)
     return result
 
 
@@ -764,8 +759,7 @@ def run_all(device=None, threads=None, output: str | None = None):
         "data": data(device=device, threads=threads),
     }
     if output:
-        with open(output, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        write_json(output, results, indent=2, default=str)
 
 
 if __name__ == "__main__":
