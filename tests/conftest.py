@@ -1,11 +1,22 @@
-"""Shared fixtures: a small phantom data set made once per test session, and an in-process bundle runner."""
+"""Shared test fixtures and helpers, defined once for every test file.
+
+Fixtures: a small phantom data set made once per session (``phantom_dir``), tiny untrained generators of width 4
+(``generator_ckpt``: MGAN, ``tcmgan_ckpt``: TC-MGAN), a pre-trained tiny segmenter (``segmenter_run``).
+
+Helpers (``from conftest import ...``): an in-process bundle runner (:func:`run_workflow`,
+:func:`train_workflow`), checkpoint and NIfTI writers (:func:`save_generator`, :func:`save_nifti`,
+:func:`brain`, :func:`truncated`), and what the tests read back (:func:`files_in`, :func:`root_cause`,
+:func:`error_chain`).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +40,7 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="session")
-def phantom_dir(tmp_path_factory) -> Path:
-    """Six small BraTS-2021-layout phantom cases with a datalist (2 gan / 2 seg / 2 test)."""
-    from scripts.phantom import generate
-    from scripts.prepare_datalist import prepare_datalist
-
-    root = tmp_path_factory.mktemp("phantom")
-    generate(str(root), num_cases=6, seed=0, layout="brats2021", shape=SMALL_SHAPE)
-    prepare_datalist(str(root), seed=0)
-    return root
+# --- running the bundle ------------------------------------------------------------------------------------------
 
 
 def config_stack(config: str | list[str]) -> list[str]:
@@ -69,17 +71,111 @@ def run_workflow(config: str | list[str], workflow_type: str = "train", run: boo
     return wf
 
 
+def train_workflow(dataset_dir, output_dir, variant: str = "mgan", run: bool = False, **extra):
+    """``train.json`` made tiny (:data:`TINY`, then ``extra``) on ``dataset_dir``, initialised and optionally run."""
+    return run_workflow("train.json", run=run, dataset_dir=str(dataset_dir), output_dir=str(output_dir),
+                        variant=variant, **{**TINY, **extra})  # fmt: skip
+
+
+# --- files the tests write ---------------------------------------------------------------------------------------
+
+
+def save_generator(path, variant: str = "tcmgan", features: int = 4, seed: int | None = 0) -> Path:
+    """An untrained generator saved as training writes ``model.pt`` (``SynthesisNet.state_dict()``, with its
+    ``arch`` buffer and self-description)."""
+    import torch
+    from scripts.runtime.networks import SynthesisNet
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    torch.save(SynthesisNet(variant, features=features).state_dict(), path)
+    return path
+
+
+def save_nifti(path, array: np.ndarray, affine=None) -> Path:
+    """``array`` as a NIfTI file at ``path`` (identity affine unless given); its folder is created."""
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def brain(shape, seed: int = 0, empty_top: bool = True) -> np.ndarray:
+    """T2-like float32 volume: a textured ellipsoid of positive values in a zero background, with one octant
+    cut away (so that any flip or axis swap shows) and no brain on the first two axial slices (and, with
+    ``empty_top``, the last two)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = (x / 0.85) ** 2 + (y / 0.8) ** 2 + (z / 0.9) ** 2 < 1
+    inside &= ~((x > 0.3) & (y > 0.3))
+    vol = np.where(inside, 300 + 200 * x + 100 * y**2 + 50 * rng.random(shape), 0).astype(np.float32)
+    vol[..., :2] = 0
+    if empty_top:
+        vol[..., -2:] = 0
+    return vol
+
+
+def truncated(src, dst=None) -> Path:
+    """The first half of the file ``src`` written to ``dst`` (default: ``src`` itself), as a cut-off copy leaves it."""
+    src = Path(src)
+    dst = src if dst is None else Path(dst)
+    content = src.read_bytes()
+    dst.write_bytes(content[: len(content) // 2])
+    return dst
+
+
+# --- reading back ------------------------------------------------------------------------------------------------
+
+
+def files_in(folder) -> list[str]:
+    """Every entry of ``folder``, sorted, hidden temporary files included ([] when the folder does not exist)."""
+    return sorted(os.listdir(folder)) if os.path.exists(folder) else []
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception (following ``__cause__``) under MONAI's config, transform and engine wrappers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def error_chain(error: BaseException | None, context: bool = True) -> Iterator[BaseException]:
+    """``error`` and every exception under it: its ``__cause__``, or (with ``context``) its ``__context__``."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or (error.__context__ if context else None)
+
+
+# --- session fixtures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """Six small BraTS-2021-layout phantom cases with a datalist (2 gan / 2 seg / 2 test)."""
+    from scripts.phantom import generate
+    from scripts.prepare_datalist import prepare_datalist
+
+    root = tmp_path_factory.mktemp("phantom")
+    generate(str(root), num_cases=6, seed=0, layout="brats2021", shape=SMALL_SHAPE)
+    prepare_datalist(str(root), seed=0)
+    return root
+
+
 @pytest.fixture(scope="session")
 def generator_ckpt(tmp_path_factory) -> Path:
     """A tiny untrained MGAN generator (features 4) saved as train.json's ModelSaver does (a state dict with its
     'arch' buffer)."""
-    import torch
-    from scripts.runtime.networks import SynthesisNet
+    return save_generator(tmp_path_factory.mktemp("generator") / "model.pt", "mgan")
 
-    path = tmp_path_factory.mktemp("generator") / "model.pt"
-    torch.manual_seed(0)
-    torch.save(SynthesisNet("mgan", features=4).state_dict(), path)
-    return path
+
+@pytest.fixture(scope="session")
+def tcmgan_ckpt(tmp_path_factory) -> Path:
+    """A tiny untrained TC-MGAN generator (features 4, seed 0), a plain state dict as training writes model.pt."""
+    return save_generator(tmp_path_factory.mktemp("tcmgan") / "model.pt", "tcmgan")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
-"""The workflow configs as a whole: ``train.json`` and ``inference.json`` stand alone, every other config is an
-overlay on ``train.json`` (the model zoo's list form) that holds only what differs, the pieces ``inference.json``
-repeats do not drift from ``train.json``, and the settings a generator was trained with come from its
-``model.pt``."""
+"""Specification of the workflow configs as a whole (bundle/configs/*.json): ``train.json`` and ``inference.json``
+stand alone, every other config is an overlay on ``train.json`` (the model zoo's list form) that holds only what
+differs, the pieces ``inference.json`` repeats do not drift from ``train.json``, and the settings a generator was
+trained with come from its ``model.pt``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, run_workflow
+from conftest import BUNDLE, CONFIGS, error_chain, run_workflow
 
 from scripts.runtime.checkpoints import ModelSaver
 from scripts.runtime.networks import SynthesisNet
@@ -109,9 +109,6 @@ def test_an_option_that_contradicts_the_checkpoint_is_an_error(config, override,
     found = {"intensity_scaling": "'slice'", "image_size": "64"}[key]
     with pytest.raises(Exception) as info:
         wf.parser.get_parsed_content("network")
-    chain, e = [], info.value
-    while e is not None:
-        chain.append(str(e))
-        e = e.__cause__
+    chain = [str(e) for e in error_chain(info.value, context=False)]
     assert any(f"the checkpoint has {key} {found} (the workflow asks {value!r})" in m and "drop the option" in m
                for m in chain), chain  # fmt: skip

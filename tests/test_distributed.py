@@ -1,4 +1,5 @@
-"""Multi-process training: configs/multi_gpu_train.json over train_segmenter.json and train.json.
+"""Specification of multi-process training: bundle/configs/multi_gpu_train.json over train_segmenter.json and
+train.json, with bundle/scripts/runtime/distributed.py.
 
 Each run is the documented command (``torchrun ... -m monai.bundle run --config_file "[base, multi_gpu_train]"``)
 with 2 CPU processes (gloo) on the phantom set, plus a third, test-only config whose ``run`` trains and then

@@ -1,5 +1,6 @@
-"""Downstream segmentation (Table 2): metrics by hand, the input selection, the model record, the table, and the
-train -> evaluate -> table chain on the phantom set."""
+"""Specification of downstream segmentation (Table 2): bundle/scripts/runtime/downstream.py and the
+train_downstream.json / evaluate_downstream.json overlays: the Dice scores by hand, the input selection, the model
+record, the table, and the train -> evaluate -> table chain on the phantom set."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, run_workflow
+from conftest import TINY, error_chain, run_workflow
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd
 
 from scripts.runtime.checkpoints import load_checkpoint
@@ -33,26 +34,23 @@ def masks(*slices):
 # --- per-slice reference Dice -----------------------------------------------------------------------------------------
 
 
-def test_slice_dice_of_identical_masks_is_one():
-    m = masks([[1, 1, 0], [0, 1, 0]])
-    assert slice_wt_dice(m, m).tolist() == [1.0]
+SLICE_DICE = {
+    # case: (prediction, truth, the Dice of the one slice)
+    "identical_masks_is_one": (masks([[1, 1, 0], [0, 1, 0]]), masks([[1, 1, 0], [0, 1, 0]]), 1.0),
+    "empty_prediction_on_empty_slice_is_one": (torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), 1.0),
+    # |P| = 4, |G| = 2, no overlap: (2*0 + 1) / (4 + 2 + 1)
+    "disjoint_masks_has_plus_one_smoothing": (masks([[1, 1, 0], [1, 1, 0]]), masks([[0, 0, 1], [0, 0, 1]]),
+                                              pytest.approx(1 / 7)),
+    # |P| = 3, |G| = 2, |P ∩ G| = 1: (2*1 + 1) / (3 + 2 + 1)
+    "partial_overlap": (masks([[1, 1, 1], [0, 0, 0]]), masks([[0, 0, 1], [0, 0, 1]]), pytest.approx(0.5)),
+    "thresholds_probabilities_at_half": (masks([[0.6, 0.4]]), masks([[1, 0]]), 1.0),
+}  # fmt: skip
 
 
-def test_slice_dice_of_empty_prediction_on_empty_slice_is_one():
-    empty = torch.zeros(1, 3, 3)
-    assert slice_wt_dice(empty, empty).tolist() == [1.0]
-
-
-def test_slice_dice_of_disjoint_masks_has_plus_one_smoothing():
-    pred = masks([[1, 1, 0], [1, 1, 0]])  # |P| = 4
-    true = masks([[0, 0, 1], [0, 0, 1]])  # |G| = 2, no overlap
-    assert slice_wt_dice(pred, true).item() == pytest.approx(1 / 7)  # (2*0 + 1) / (4 + 2 + 1)
-
-
-def test_slice_dice_of_partial_overlap():
-    pred = masks([[1, 1, 1], [0, 0, 0]])  # |P| = 3
-    true = masks([[0, 0, 1], [0, 0, 1]])  # |G| = 2, |P ∩ G| = 1
-    assert slice_wt_dice(pred, true).item() == pytest.approx(0.5)  # (2*1 + 1) / (3 + 2 + 1)
+@pytest.mark.parametrize("case", list(SLICE_DICE))
+def test_slice_dice_of_one_slice(case):
+    pred, true, expected = SLICE_DICE[case]
+    assert slice_wt_dice(pred, true).tolist() == [expected]
 
 
 def test_slice_dice_is_per_slice_and_averages():
@@ -61,12 +59,6 @@ def test_slice_dice_is_per_slice_and_averages():
     per_slice = slice_wt_dice(pred, true)
     assert per_slice.tolist() == pytest.approx([1.0, 1 / 5])  # second: (0 + 1) / (4 + 0 + 1)
     assert per_slice.mean().item() == pytest.approx(0.6)
-
-
-def test_slice_dice_thresholds_probabilities_at_half():
-    probs = masks([[0.6, 0.4]])
-    true = masks([[1, 0]])
-    assert slice_wt_dice(probs, true).item() == 1.0
 
 
 # --- per-case 3D Dice (MONAI) -----------------------------------------------------------------------------------------
@@ -201,10 +193,4 @@ def test_train_evaluate_and_table(phantom_dir, generator_ckpt, tmp_path):
             "evaluate_downstream.json", workflow_type=None, dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
             run_name="synth", inputs="real", min_brain_pixels=TINY["min_brain_pixels"], cache_num_workers=0,
         )
-    assert "trained on inputs 'synth'" in "".join(str(e) for e in _chain(err.value))
-
-
-def _chain(e):
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
+    assert "trained on inputs 'synth'" in "".join(str(e) for e in error_chain(err.value))

@@ -1,5 +1,6 @@
-"""``scripts.runtime.files``: every file the bundle writes appears whole under its final name or not at all, and
-the temporaries of killed writers are cleaned up. (A real SIGKILL mid-write: ``test_reliability.py``.)"""
+"""Specification of the atomic writer, bundle/scripts/runtime/files.py: every file the bundle writes appears whole
+under its final name or not at all, and the temporaries of killed writers are cleaned up. (A real SIGKILL
+mid-write: ``test_reliability.py``.)"""
 
 from __future__ import annotations
 
@@ -7,14 +8,11 @@ import json
 import os
 
 import pytest
+from conftest import files_in
 
 from scripts.runtime import files
 
 DEAD_PID = 2**22 + 12345  # above the default pid_max: no process has it
-
-
-def listing(folder) -> list[str]:
-    return sorted(os.listdir(folder))
 
 
 @pytest.mark.parametrize(
@@ -33,7 +31,7 @@ def test_temporary_has_the_final_extension_and_is_renamed_on_success(tmp_path):
         assert not final.exists()
         with open(tmp, "w") as f:
             f.write("whole")
-    assert listing(final.parent) == ["c1_t1.nii.gz"] and final.read_text() == "whole"
+    assert files_in(final.parent) == ["c1_t1.nii.gz"] and final.read_text() == "whole"
 
 
 def test_a_failing_block_leaves_every_final_file_as_it_was(tmp_path):
@@ -43,7 +41,7 @@ def test_a_failing_block_leaves_every_final_file_as_it_was(tmp_path):
             with open(ta, "w") as f:
                 f.write("new a")  # written, but b fails: neither is renamed
             raise RuntimeError("disk full")
-    assert listing(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
+    assert files_in(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
 
 
 def test_write_json_fails_before_touching_the_file_on_a_bad_object(tmp_path):
@@ -51,7 +49,7 @@ def test_write_json_fails_before_touching_the_file_on_a_bad_object(tmp_path):
     files.write_json(str(path), {"psnr": 1.5}, indent=2)
     with pytest.raises(TypeError):
         files.write_json(str(path), {"bad": object()})
-    assert json.loads(path.read_text()) == {"psnr": 1.5} and listing(tmp_path) == ["scores.json"]
+    assert json.loads(path.read_text()) == {"psnr": 1.5} and files_in(tmp_path) == ["scores.json"]
 
 
 def test_write_csv_from_dicts_and_from_lists(tmp_path):
@@ -74,7 +72,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
     finals = [str(tmp_path / n) for n in ("c1_flair.nii.gz", "c1_t1.nii", "c1_t1ce.nii", "model.pt")]
     removed = files.remove_stale_temporaries(finals)
     assert sorted(os.path.basename(p) for p in removed) == sorted(names[:3])
-    assert listing(tmp_path) == sorted(names[3:])
+    assert files_in(tmp_path) == sorted(names[3:])
 
 
 def test_pid_running():

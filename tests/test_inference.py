@@ -1,12 +1,16 @@
 """Specification of volume inference: bundle/configs/inference.json and bundle/scripts/runtime/inference.py.
 
-Every test writes tiny T2 volumes (a textured ellipsoid "brain" in a zero background) and a generator checkpoint
-of features 4 made here, so no shipped model.pt is needed. Most runs go through ``ConfigWorkflow`` in this
-process (what ``monai.bundle run`` does); the command line itself is run in three tests.
+The workflow: every test writes tiny T2 volumes (a textured ellipsoid "brain" in a zero background) and uses a
+generator checkpoint of features 4 made by the tests (``tcmgan_ckpt``), so no shipped model.pt is needed. Most
+runs go through ``ConfigWorkflow`` in this process (what ``monai.bundle run`` does); the command line itself is
+run in three tests.
+
+The inferer (``BrainSliceInferer`` and its ``SliceRunner``): it equals MONAI's ``SliceInferer`` while running only
+the brain slices, and its ONNX Runtime and ``torch.compile`` engines give torch's outputs or fall back to it. How
+fast each is is measured by ``bundle/scripts/benchmark.py`` (``bundle/docs/performance.md``), never asserted here.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,53 +21,24 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLE, CONFIGS, REPO, brain, files_in, root_cause, run_workflow, save_nifti, truncated
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
+from monai.inferers import SliceInferer
+from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-CONFIG = BUNDLE / "configs" / "inference.json"
-META = BUNDLE / "configs" / "metadata.json"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+from scripts.runtime import inference
+from scripts.runtime.inference import BrainSliceInferer
+from scripts.runtime.networks import TARGETS, SynthesisNet
 
-from scripts.runtime import inference  # noqa: E402
-from scripts.runtime.networks import TARGETS, SynthesisNet  # noqa: E402
-
+CONFIG = CONFIGS / "inference.json"
+META = CONFIGS / "metadata.json"
 CHANNELS = ["flair", "t1", "t1ce", "t2"]
 # BraTS stores 240x240x155 volumes with this affine (axis codes L, P, S).
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    """A generator checkpoint (plain state_dict, as training writes model.pt) of a tiny TC-MGAN."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(SynthesisNet("tcmgan", features=4).state_dict(), path)
-    return str(path)
-
-
-def brain(shape, seed: int = 0) -> np.ndarray:
-    """T2-like float32 volume: a textured ellipsoid of positive values in a zero background, with one octant
-    cut away (so that any flip or axis swap shows) and no brain on the first and last two axial slices."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    inside = (x / 0.85) ** 2 + (y / 0.8) ** 2 + (z / 0.9) ** 2 < 1
-    inside &= ~((x > 0.3) & (y > 0.3))
-    vol = np.where(inside, 300 + 200 * x + 100 * y**2 + 50 * rng.random(shape), 0).astype(np.float32)
-    vol[..., :2] = 0
-    vol[..., -2:] = 0
-    return vol
-
-
-def save_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
-    return path
-
-
-def synthesise(output_dir: Path, ckpt: str, **override) -> None:
+def synthesise(output_dir: Path, ckpt, **override) -> None:
     """Run inference.json in this process, as ``monai.bundle run`` does."""
     workflow = ConfigWorkflow(
         config_file=str(CONFIG),
@@ -71,7 +46,7 @@ def synthesise(output_dir: Path, ckpt: str, **override) -> None:
         workflow_type="infer",
         bundle_root=str(BUNDLE),
         output_dir=str(output_dir),
-        ckpt_path=ckpt,
+        ckpt_path=str(ckpt),
         **override,
     )
     workflow.initialize()
@@ -82,18 +57,6 @@ def synthesise(output_dir: Path, ckpt: str, **override) -> None:
 def outputs(output_dir: Path, case: str) -> dict:
     """``{target: nibabel image}`` of one case."""
     return {t: nib.load(str(output_dir / f"{case}_{t}.nii.gz")) for t in TARGETS}
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception under MONAI's config and transform wrappers."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def files_in(folder: Path) -> list:
-    """Every entry of ``folder``, hidden temporary files included ([] when the folder does not exist)."""
-    return sorted(os.listdir(folder)) if folder.exists() else []
 
 
 def write_datalist(root: Path, splits: dict) -> Path:
@@ -126,10 +89,10 @@ def test_case_id_drops_extension_and_t2_tag():
     assert inference.case_id("/d/series7/") == "series7"
 
 
-def test_brats_volume_gives_three_targets_on_its_grid_in_0_1(tmp_path, ckpt):
+def test_brats_volume_gives_three_targets_on_its_grid_in_0_1(tmp_path, tcmgan_ckpt):
     t2 = brain((240, 240, 155))
     src = save_nifti(tmp_path / "BraTS2021_00000_t2.nii.gz", t2, BRATS_AFFINE)
-    synthesise(tmp_path / "out", ckpt, input=str(src))
+    synthesise(tmp_path / "out", tcmgan_ckpt, input=str(src))
 
     assert files_in(tmp_path / "out") == sorted(f"BraTS2021_00000_{t}.nii.gz" for t in TARGETS)
     for target, img in outputs(tmp_path / "out", "BraTS2021_00000").items():
@@ -154,16 +117,16 @@ def test_brats_volume_gives_three_targets_on_its_grid_in_0_1(tmp_path, ckpt):
         ("permuted", np.array([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]]), ("S", "R", "A")),
     ],
 )
-def test_storage_orientation_does_not_change_the_synthesis(tmp_path, ckpt, storage, index_map, axcodes):
+def test_storage_orientation_does_not_change_the_synthesis(tmp_path, tcmgan_ckpt, storage, index_map, axcodes):
     """The same anatomy stored RAS or in another orientation gives the same synthetic image in world space,
     each written on its own grid."""
     ras_affine = np.diag([1.1, 0.9, 2.0, 1.0])
     ras = brain((64, 48, 20))
     stored = np.flip(ras, (0, 1)).copy() if storage == "lps" else ras.transpose(2, 0, 1).copy()
     stored_affine = ras_affine @ index_map
-    synthesise(tmp_path / "ras", ckpt, input=str(save_nifti(tmp_path / "ras.nii.gz", ras, ras_affine)))
+    synthesise(tmp_path / "ras", tcmgan_ckpt, input=str(save_nifti(tmp_path / "ras.nii.gz", ras, ras_affine)))
     src = save_nifti(tmp_path / "other.nii.gz", stored, stored_affine)
-    synthesise(tmp_path / "other", ckpt, input=str(src))
+    synthesise(tmp_path / "other", tcmgan_ckpt, input=str(src))
 
     for target, img in outputs(tmp_path / "other", "other").items():
         ras_out = np.asarray(outputs(tmp_path / "ras", "ras")[target].dataobj)
@@ -174,14 +137,14 @@ def test_storage_orientation_does_not_change_the_synthesis(tmp_path, ckpt, stora
         np.testing.assert_allclose(np.asarray(img.dataobj), expected, atol=1e-6)
 
 
-def test_odd_oblique_grid_keeps_shape_and_affine(tmp_path, ckpt):
+def test_odd_oblique_grid_keeps_shape_and_affine(tmp_path, tcmgan_ckpt):
     """256x256x120 at 0.9x0.9x1.2 mm, rotated 10 degrees about z, with an origin."""
     c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
     affine = np.array([[c, -s, 0, -115.0], [s, c, 0, -120.0], [0, 0, 1, -70.0], [0, 0, 0, 1]])
     affine[:3, :3] = affine[:3, :3] @ np.diag([0.9, 0.9, 1.2])
     t2 = brain((256, 256, 120))
     src = save_nifti(tmp_path / "odd.nii.gz", t2, affine)
-    synthesise(tmp_path / "out", ckpt, input=str(src))
+    synthesise(tmp_path / "out", tcmgan_ckpt, input=str(src))
 
     for img in outputs(tmp_path / "out", "odd").values():
         assert img.shape == (256, 256, 120)
@@ -191,7 +154,7 @@ def test_odd_oblique_grid_keeps_shape_and_affine(tmp_path, ckpt):
 
 
 @pytest.mark.parametrize("ext", [".nrrd", ".mha"])
-def test_itk_formats_are_read_and_written_as_nifti_on_the_same_grid(tmp_path, ckpt, ext):
+def test_itk_formats_are_read_and_written_as_nifti_on_the_same_grid(tmp_path, tcmgan_ckpt, ext):
     t2 = brain((48, 40, 16))  # index order x, y, z
     image = itk.image_from_array(np.ascontiguousarray(t2.transpose(2, 1, 0)))  # ITK arrays are z, y, x
     direction = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])  # a non-trivial LPS direction
@@ -200,7 +163,7 @@ def test_itk_formats_are_read_and_written_as_nifti_on_the_same_grid(tmp_path, ck
     image.SetDirection(itk.matrix_from_array(direction))
     src = tmp_path / f"sub-01_T2w{ext}"
     itk.imwrite(image, str(src))
-    synthesise(tmp_path / "out", ckpt, input=str(src))
+    synthesise(tmp_path / "out", tcmgan_ckpt, input=str(src))
 
     lps = np.eye(4)
     lps[:3, :3] = direction @ np.diag([0.9, 1.1, 2.0])
@@ -216,37 +179,37 @@ def test_itk_formats_are_read_and_written_as_nifti_on_the_same_grid(tmp_path, ck
 # --- many cases --------------------------------------------------------------------------------------------------
 
 
-def test_datalist_run_equals_single_runs_and_reads_only_the_test_split(tmp_path, ckpt):
+def test_datalist_run_equals_single_runs_and_reads_only_the_test_split(tmp_path, tcmgan_ckpt):
     data = tmp_path / "data"
     test_cases = {"c1": brain((64, 64, 20), 1), "c2": brain((56, 72, 16), 2)}  # two grids in one run
     datalist = write_datalist(data, {"gan": {"g0": brain((32, 32, 8), 9)}, "test": test_cases})
-    synthesise(tmp_path / "batch", ckpt, datalist=str(datalist))
+    synthesise(tmp_path / "batch", tcmgan_ckpt, datalist=str(datalist))
     assert files_in(tmp_path / "batch") == sorted(f"{c}_{t}.nii.gz" for c in ("c1", "c2") for t in TARGETS)
 
     for case in ("c1", "c2"):
-        synthesise(tmp_path / case, ckpt, input=str(data / case / f"{case}_t2.nii.gz"))
+        synthesise(tmp_path / case, tcmgan_ckpt, input=str(data / case / f"{case}_t2.nii.gz"))
         for target, img in outputs(tmp_path / "batch", case).items():
             alone = outputs(tmp_path / case, case)[target]
             np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(alone.dataobj))
             np.testing.assert_array_equal(img.affine, alone.affine)
 
 
-def test_datalist_split_id_selects_the_split(tmp_path, ckpt):
+def test_datalist_split_id_selects_the_split(tmp_path, tcmgan_ckpt):
     splits = {"gan": {"g0": brain((32, 32, 8))}, "test": {"c1": brain((32, 32, 8))}}
     datalist = write_datalist(tmp_path / "data", splits)
-    synthesise(tmp_path / "out", ckpt, datalist=str(datalist), datalist_split="gan")
+    synthesise(tmp_path / "out", tcmgan_ckpt, datalist=str(datalist), datalist_split="gan")
     assert files_in(tmp_path / "out") == sorted(f"g0_{t}.nii.gz" for t in TARGETS)
 
 
-def test_msd_4d_entry_uses_its_t2_channel(tmp_path, ckpt):
+def test_msd_4d_entry_uses_its_t2_channel(tmp_path, tcmgan_ckpt):
     t2 = brain((48, 48, 12))
     others = [np.flip(t2, 0), np.flip(t2, 1), 2 * t2]
     save_nifti(tmp_path / "data" / "imagesTr" / "BRATS_001.nii.gz", np.stack([*others, t2], axis=-1))
     entry = {"case": "BRATS_001", "image": "imagesTr/BRATS_001.nii.gz", "label": "labelsTr/BRATS_001.nii.gz"}
     datalist = tmp_path / "data" / "datalist.json"
     datalist.write_text(json.dumps({"channels": CHANNELS, "gan": [], "seg": [], "test": [entry]}))
-    synthesise(tmp_path / "msd", ckpt, datalist=str(datalist))
-    synthesise(tmp_path / "t2", ckpt, input=str(save_nifti(tmp_path / "BRATS_001_t2.nii.gz", t2)))
+    synthesise(tmp_path / "msd", tcmgan_ckpt, datalist=str(datalist))
+    synthesise(tmp_path / "t2", tcmgan_ckpt, input=str(save_nifti(tmp_path / "BRATS_001_t2.nii.gz", t2)))
 
     alone = outputs(tmp_path / "t2", "BRATS_001")
     for target, img in outputs(tmp_path / "msd", "BRATS_001").items():
@@ -269,24 +232,27 @@ def test_variant_and_width_are_read_from_the_checkpoint(tmp_path):
     assert all(torch.equal(v.cpu(), saved[k]) for k, v in network.state_dict().items())
 
 
-def test_width_override_that_contradicts_the_checkpoint_fails_clearly(tmp_path, ckpt):
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIG), workflow_type="infer", bundle_root=str(BUNDLE), ckpt_path=ckpt, features=16
-    )
+@pytest.mark.parametrize(
+    "override, says",
+    [({"features": 16}, "features 4 (the workflow asks 16)"),
+     ({"variant": "mgan"}, "variant 'tcmgan' (the workflow asks 'mgan')")],
+    ids=["features", "variant"],
+)  # fmt: skip
+def test_inference_override_that_contradicts_the_checkpoint_says_which(tcmgan_ckpt, override, says):
+    workflow = ConfigWorkflow(config_file=str(CONFIG), workflow_type="infer", bundle_root=str(BUNDLE),
+                              ckpt_path=str(tcmgan_ckpt), device="cpu", **override)  # fmt: skip
     workflow.initialize()
     with pytest.raises(Exception) as info:
         workflow.parser.get_parsed_content("network")
     error = root_cause(info.value)
-    assert isinstance(error, ValueError) and ckpt in str(error) and "features 4" in str(error)
+    assert isinstance(error, ValueError) and str(tcmgan_ckpt) in str(error) and says in str(error), str(error)
 
 
 # --- bad input: one error naming the file, nothing written --------------------------------------------------------
 
 
 def _truncated_gzip(path: Path) -> None:
-    save_nifti(path, brain((64, 64, 20)))
-    content = path.read_bytes()
-    path.write_bytes(content[: len(content) // 2])
+    truncated(save_nifti(path, brain((64, 64, 20))))
 
 
 def _with(value):
@@ -316,12 +282,12 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_INPUTS))
-def test_bad_input_raises_one_error_naming_the_file_and_writes_nothing(tmp_path, ckpt, kind):
+def test_bad_input_raises_one_error_naming_the_file_and_writes_nothing(tmp_path, tcmgan_ckpt, kind):
     write, error_type, message = BAD_INPUTS[kind]
     src = tmp_path / f"{kind}.nii.gz"
     write(src)
     with pytest.raises(Exception) as info:
-        synthesise(tmp_path / "out", ckpt, input=str(src))
+        synthesise(tmp_path / "out", tcmgan_ckpt, input=str(src))
     error = root_cause(info.value)
     assert type(error) is error_type
     assert str(error).startswith(str(src))
@@ -338,23 +304,23 @@ def test_bad_input_raises_one_error_naming_the_file_and_writes_nothing(tmp_path,
         ({"case": "c9", "image": [f"c9/c9_{c}.nii.gz" for c in CHANNELS]}, FileNotFoundError, "c9_t2.nii.gz: no such"),
     ],
 )
-def test_bad_datalist_entry_fails_before_any_case_is_written(tmp_path, ckpt, entry, error_type, message):
+def test_bad_datalist_entry_fails_before_any_case_is_written(tmp_path, tcmgan_ckpt, entry, error_type, message):
     datalist = write_datalist(tmp_path / "data", {"test": {"c1": brain((32, 32, 8))}})
     content = json.loads(datalist.read_text())
     content["test"].append(entry)
     datalist.write_text(json.dumps(content))
     with pytest.raises(Exception) as info:
-        synthesise(tmp_path / "out", ckpt, datalist=str(datalist))
+        synthesise(tmp_path / "out", tcmgan_ckpt, datalist=str(datalist))
     error = root_cause(info.value)
     assert type(error) is error_type and message in str(error)
     assert files_in(tmp_path / "out") == []
 
 
-def test_corrupt_case_in_a_datalist_leaves_earlier_cases_whole_and_nothing_of_its_own(tmp_path, ckpt):
+def test_corrupt_case_in_a_datalist_leaves_earlier_cases_whole_and_nothing_of_its_own(tmp_path, tcmgan_ckpt):
     datalist = write_datalist(tmp_path / "data", {"test": {"c1": brain((32, 32, 8)), "c2": brain((64, 64, 20))}})
     _truncated_gzip(tmp_path / "data" / "c2" / "c2_t2.nii.gz")
     with pytest.raises(Exception) as info:
-        synthesise(tmp_path / "out", ckpt, datalist=str(datalist))
+        synthesise(tmp_path / "out", tcmgan_ckpt, datalist=str(datalist))
     assert str(root_cause(info.value)).startswith(str(tmp_path / "data" / "c2" / "c2_t2.nii.gz"))
     assert files_in(tmp_path / "out") == sorted(f"c1_{t}.nii.gz" for t in TARGETS)  # no c2 file, no temp file
     assert all(img.shape == (32, 32, 8) for img in outputs(tmp_path / "out", "c1").values())
@@ -376,11 +342,11 @@ def test_a_failed_write_leaves_no_file_of_the_case(tmp_path, monkeypatch):
     assert files_in(tmp_path / "out") == []
 
 
-def test_uncompressed_output_holds_the_same_volumes(tmp_path, ckpt):
+def test_uncompressed_output_holds_the_same_volumes(tmp_path, tcmgan_ckpt):
     """``--output_ext .nii`` writes the same float32 volumes, header and affine as the default ``.nii.gz``."""
     src = save_nifti(tmp_path / "c1_t2.nii.gz", brain((32, 32, 8)), BRATS_AFFINE)
-    synthesise(tmp_path / "gz", ckpt, input=str(src))
-    synthesise(tmp_path / "raw", ckpt, input=str(src), output_ext=".nii")
+    synthesise(tmp_path / "gz", tcmgan_ckpt, input=str(src))
+    synthesise(tmp_path / "raw", tcmgan_ckpt, input=str(src), output_ext=".nii")
     assert files_in(tmp_path / "raw") == sorted(f"c1_{t}.nii" for t in TARGETS)
     for target, img in outputs(tmp_path / "gz", "c1").items():
         raw = nib.load(str(tmp_path / "raw" / f"c1_{target}.nii"))
@@ -401,30 +367,241 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_single_input(tmp_path, ckpt):
+def test_cli_single_input(tmp_path, tcmgan_ckpt):
     src = save_nifti(tmp_path / "case7_t2.nii.gz", brain((32, 32, 8)))
     out = tmp_path / "out"
-    result = run_cli("--input", str(src), "--output_dir", str(out), "--ckpt_path", ckpt)
+    result = run_cli("--input", str(src), "--output_dir", str(out), "--ckpt_path", str(tcmgan_ckpt))
     assert result.returncode == 0, result.stdout + result.stderr
     assert files_in(out) == sorted(f"case7_{t}.nii.gz" for t in TARGETS)
 
 
-def test_cli_inference_run_id_reads_the_datalist_of_dataset_dir(tmp_path, ckpt):
+def test_cli_inference_run_id_reads_the_datalist_of_dataset_dir(tmp_path, tcmgan_ckpt):
     write_datalist(tmp_path / "data", {"test": {"c1": brain((32, 32, 8))}})
     out = tmp_path / "out"
     data = str(tmp_path / "data")
-    result = run_cli("inference", "--dataset_dir", data, "--output_dir", str(out), "--ckpt_path", ckpt)
+    result = run_cli("inference", "--dataset_dir", data, "--output_dir", str(out), "--ckpt_path", str(tcmgan_ckpt))
     assert result.returncode == 0, result.stdout + result.stderr
     assert files_in(out) == sorted(f"c1_{t}.nii.gz" for t in TARGETS)
 
 
-def test_cli_bad_input_ends_in_the_error_naming_the_file(tmp_path, ckpt):
+def test_cli_bad_input_ends_in_the_error_naming_the_file(tmp_path, tcmgan_ckpt):
     src = tmp_path / "broken_t2.nii.gz"
     _truncated_gzip(src)
-    result = run_cli("--input", str(src), "--output_dir", str(tmp_path / "out"), "--ckpt_path", ckpt)
+    result = run_cli("--input", str(src), "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(tcmgan_ckpt))
     assert result.returncode != 0
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line[:1].isalpha() and "Error: " in line]
     # MONAI's own closing wrapper ("RuntimeError: Failed to evaluate ...") follows the one error that matters
     ours = [e for e in errors if not e.startswith("RuntimeError: Failed to evaluate")]
     assert len(ours) == 1 and ours[0].startswith(f"ValueError: {src}: cannot be read as an image (EOFError: ")
     assert files_in(tmp_path / "out") == []
+
+
+# === the inferer of runtime/inference.py: BrainSliceInferer, its SliceRunner and engines ===========================
+
+
+# --- BrainSliceInferer runs only the brain slices ----------------------------------------------------------------
+
+
+class CountingNet(nn.Module):
+    """Wraps a network and counts the slices it is given."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.slices, self.calls = net, 0, []
+
+    def forward(self, x):
+        self.slices += x.shape[0]
+        self.calls.append(x.shape[0])
+        return self.net(x)
+
+
+def volume_with_empty_slices(depth=12, empty=(0, 1, 7, 11), seed=0) -> torch.Tensor:
+    """``(1, 1, 128, 128, depth)`` in [-1, 1]; the slices in ``empty`` are all background (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    vol = torch.rand(1, 1, 128, 128, depth, generator=g) * 2 - 1
+    vol[..., list(empty)] = -1.0
+    return vol
+
+
+def test_brain_slice_inferer_equals_slice_inferer_and_runs_only_brain_slices():
+    torch.manual_seed(0)
+    net = SynthesisNet("tcmgan", features=4).eval()
+    vol = volume_with_empty_slices()
+    with torch.no_grad():
+        expected = SliceInferer(roi_size=(128, 128), spatial_dim=2, sw_batch_size=5)(vol, net)
+        counting = CountingNet(net)
+        got = BrainSliceInferer(sw_batch_size=5)(MetaTensor(vol), counting)
+    assert got.shape == (1, 3, 128, 128, 12) and isinstance(got, MetaTensor)
+    torch.testing.assert_close(got.as_tensor(), torch.as_tensor(expected), atol=1e-5, rtol=0)
+    assert counting.slices == 8 + 1  # 8 brain slices and one all-background slice for the 4 empty ones
+    assert counting.calls == [5, 4]  # 9 slices in ceil(9 / 5) = 2 batches as equal as can be
+
+
+def test_brain_slice_inferer_on_a_volume_without_brain_runs_one_slice():
+    torch.manual_seed(0)
+    net = CountingNet(SynthesisNet("mgan", features=4).eval())
+    vol = -torch.ones(1, 1, 128, 128, 6)
+    with torch.no_grad():
+        got = BrainSliceInferer(sw_batch_size=64)(vol, net)
+        one = net.net(-torch.ones(1, 1, 128, 128))
+    assert net.slices == 1  # one all-background slice stands for all six
+    torch.testing.assert_close(got, one[..., None].expand(-1, -1, -1, -1, 6), atol=1e-6, rtol=0)
+
+
+def test_brain_slice_inferer_under_autocast_returns_the_input_dtype():
+    """``inference.json --amp true`` runs the inferer under autocast: the network answers in half precision and the
+    volume keeps float32 (on a GPU float16; bfloat16 on the CPU here, the same code path)."""
+    torch.manual_seed(0)
+    net = SynthesisNet("tcmgan", features=4).eval()
+    vol = volume_with_empty_slices(depth=6, empty=(0, 5))
+    with torch.no_grad():
+        full = BrainSliceInferer(sw_batch_size=4)(vol, net)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert net(vol[..., 1]).dtype == torch.bfloat16
+            got = BrainSliceInferer(sw_batch_size=4)(vol, net)
+    assert got.dtype == torch.float32 and got.shape == full.shape
+    torch.testing.assert_close(got, full, atol=0.1, rtol=0)  # bfloat16 keeps ~3 significant digits
+
+
+# --- the ONNX Runtime engine (backend "onnxruntime", the CPU's "auto") --------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["tcmgan", "pix2pix"])
+def test_onnxruntime_backend_equals_torch_for_any_number_of_slices(variant):
+    """One export (dynamic batch size) serves volumes with other numbers of brain slices, with torch's outputs."""
+    torch.manual_seed(0)
+    net = SynthesisNet(variant, features=4).eval()
+    inferer = BrainSliceInferer(sw_batch_size=4, backend="onnxruntime")
+    for depth, empty in ((10, (0, 9)), (7, ())):  # batches of 3, 3, 3 then 4, 3
+        vol = volume_with_empty_slices(depth=depth, empty=empty)
+        with torch.no_grad():
+            expected = BrainSliceInferer(sw_batch_size=4)(vol, net)
+        got = inferer(vol, net)
+        assert inferer.runner.last_engine == "onnxruntime" and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert inferer.runner.exports == 1  # one export for both depths
+
+
+def test_onnxruntime_backend_follows_new_weights():
+    """The exported model is rebuilt when the network changes: another network or weights loaded in place."""
+    torch.manual_seed(0)
+    net, other = SynthesisNet("mgan", features=4).eval(), SynthesisNet("mgan", features=4).eval()
+    vol = volume_with_empty_slices(depth=4, empty=())
+    inferer = BrainSliceInferer(backend="onnxruntime")
+    inferer(vol, net)
+    session = inferer.runner.session
+    inferer(vol, net)
+    assert inferer.runner.session is session  # same weights: no new export
+    net.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(inferer(vol, net), BrainSliceInferer()(vol, other), atol=1e-5, rtol=0)
+    assert inferer.runner.session is not session
+
+
+def test_auto_backend_uses_onnxruntime_on_the_cpu_only_when_installed(monkeypatch):
+    net = SynthesisNet("mgan", features=4).eval()
+    vol = volume_with_empty_slices(depth=3, empty=())
+    auto = BrainSliceInferer(backend="auto")
+    auto(vol, net)
+    assert auto.runner.last_engine == "onnxruntime"
+    monkeypatch.setattr(inference, "onnxruntime_available", lambda: False)
+    missing = BrainSliceInferer(backend="auto")
+    missing(vol, net)
+    assert missing.runner.last_engine == "eager" and missing.runner.session is None
+    with pytest.raises(ImportError, match="backend 'onnxruntime' needs the onnx and onnxruntime packages"):
+        BrainSliceInferer(backend="onnxruntime")(vol, net)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BrainSliceInferer(backend="onnx")
+    assert inference.resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="backend 'onnxruntime' runs on the CPU, but the slices are on cuda"):
+        inference.resolve_backend("onnxruntime", "cuda")
+
+
+# --- the torch.compile engine (compile=True) ----------------------------------------------------------------------
+
+
+class PerSampleNet(nn.Module):
+    """A small per-sample (N, 1, H, W) -> (N, 3, H, W) network: compiles in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(3)
+
+    def forward(self, x):
+        return torch.tanh(self.norm(self.conv(x)))
+
+
+def test_compiled_inferer_gives_the_same_output_for_any_number_of_brain_slices():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    net = PerSampleNet().eval()
+    inferer = BrainSliceInferer(sw_batch_size=4, compile=True)
+    for depth, empty in ((10, (0, 9)), (7, ())):  # batches of 3, 3, 3 then 4, 3: one compiled graph for all
+        vol = volume_with_empty_slices(depth=depth, empty=empty)
+        with torch.no_grad():
+            eager = BrainSliceInferer(sw_batch_size=4)(vol, net)
+            got = inferer(vol, net)
+        torch.testing.assert_close(got, eager, atol=1e-5, rtol=0)
+    assert inferer.runner.last_engine == "compiled"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation for other batch sizes
+
+
+def test_inference_compiles_only_for_many_volumes(phantom_dir):
+    wf = run_workflow("inference.json", workflow_type="inference", run=False, dataset_dir=str(phantom_dir))
+    assert wf.parser.get_parsed_content("compile") is False  # 2 test cases: eager
+    assert wf.parser.get_parsed_content("inferer").compile is False
+
+
+# --- a failing fast engine falls back to eager torch, with one warning --------------------------------------------
+
+
+def _broken_onnx_export(*args, **kwargs):
+    raise RuntimeError("unsupported operator")
+
+
+def _broken_compile(network, **kwargs):
+    def run(*args, **kw):
+        raise RuntimeError("no C++ compiler found")
+
+    return run
+
+
+FALLBACKS = {
+    # engine: (what breaks, the inferer, its network, the volume, the warning, the inferer after the fall back)
+    "onnxruntime": (
+        (torch.onnx, "export", _broken_onnx_export),
+        dict(backend="auto"),
+        lambda: SynthesisNet("mgan", features=4).eval(),
+        dict(depth=3, empty=()),
+        "ONNX Runtime path failed (RuntimeError: unsupported operator); running with torch",
+        lambda inferer: inferer.backend == "torch" and inferer.runner.session is None,
+    ),
+    "compile": (
+        (torch, "compile", _broken_compile),
+        dict(sw_batch_size=4, compile=True),
+        PerSampleNet,
+        dict(depth=6, empty=(0,)),
+        "torch.compile failed (RuntimeError: no C++ compiler found); running eagerly",
+        lambda inferer: inferer.compile is False,
+    ),
+}
+
+
+@pytest.mark.parametrize("engine", list(FALLBACKS))
+def test_inferer_falls_back_to_eager_torch_when_its_engine_fails(monkeypatch, caplog, engine):
+    """A failing ONNX export or ``torch.compile`` is logged once and the volume is run with eager torch, with
+    torch's output; the inferer then stays on eager torch."""
+    (module, name, broken), settings, make_net, volume, warning, fell_back = FALLBACKS[engine]
+    monkeypatch.setattr(module, name, broken)
+    net = make_net()
+    vol = volume_with_empty_slices(**volume)
+    inferer = BrainSliceInferer(**settings)
+    with caplog.at_level("WARNING"):
+        got = inferer(vol, net)
+    with torch.no_grad():
+        eager = BrainSliceInferer(**{k: v for k, v in settings.items() if k not in ("backend", "compile")})
+        torch.testing.assert_close(got, eager(vol, net))
+    assert warning in caplog.text
+    assert fell_back(inferer)

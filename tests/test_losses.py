@@ -7,6 +7,9 @@ of eq. (6) and (7) can be worked out on paper: for the batch below (real y = 1, 
 - its gradient with respect to y is ``a`` at every pixel, so ||∇|| = 2a for any interpolate and GP = (2a - 1)²;
 - logits (ln 2, 0, 0) give CE = ln 2 for label 0 and ln 4 for label 1, mean 1.5·ln 2;
 - L1 per image = 4·0.5 = 2, per pixel 0.5.
+
+The building blocks those losses are made of (gradient penalty, reductions, modality classification) are checked on
+their own at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from scripts.runtime.losses import (
     SEGMENTER_FAKE_WEIGHT,
     SEGMENTER_REAL_WEIGHT,
     critic_loss,
+    critic_score,
     generator_loss,
+    gradient_penalty,
+    l1_loss,
+    modality_classification_loss,
     segmenter_update_loss,
     tumour_consistency_loss,
 )
@@ -161,3 +168,47 @@ def test_segmenter_update_is_the_weighted_dice_on_fake_and_real():
     assert fake.grad is None  # ... the generator does not
     other, _ = segmenter_update_loss(seg, fake, real, torch.tensor([0]), tumour, dice, fake_weight=1.0, real_weight=0.0)
     assert other.item() == pytest.approx(1.5)
+
+
+# --- the building blocks: gradient penalty, reductions, modality classification ------------------------------------
+
+
+class LinearCritic(nn.Module):
+    """D_src(x, y) = Σ w·y: its gradient with respect to y is w everywhere."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, source, target, labels=None):
+        return (self.w * target).flatten(1).sum(1).view(-1, 1, 1, 1), None
+
+
+def test_gradient_penalty_equals_squared_norm_deviation():
+    w = torch.full((1, 1, 4, 4), 0.5)  # ||w||_2 = sqrt(16 * 0.25) = 2
+    critic = LinearCritic(w)
+    x, real, fake = torch.zeros(3, 1, 4, 4), torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    gp = gradient_penalty(critic, x, real, fake)
+    assert gp.item() == pytest.approx((2.0 - 1.0) ** 2)
+    gp.backward()  # differentiable with respect to the critic's parameters
+    assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
+
+
+def test_gradient_penalty_is_zero_for_unit_gradient():
+    critic = LinearCritic(torch.full((1, 1, 2, 2), 0.5))  # ||w|| = 1
+    assert gradient_penalty(critic, *torch.rand(3, 2, 1, 2, 2)).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_reductions_sum_per_image_or_mean_per_pixel():
+    fake, real = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    assert l1_loss(fake, real, "sum").item() == pytest.approx(64.0)  # the reference code's per-image sum
+    assert l1_loss(fake, real, "mean").item() == pytest.approx(1.0)
+    assert critic_score(torch.ones(2, 1, 4, 4), "sum").item() == pytest.approx(16.0)
+    with pytest.raises(ValueError, match="reduction"):
+        l1_loss(fake, real, "max")
+
+
+def test_classification_loss_is_cross_entropy_over_modalities():
+    logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]])
+    assert modality_classification_loss(logits, torch.tensor([0, 2])).item() < 1e-3
+    assert modality_classification_loss(logits, torch.tensor([1, 1])).item() > 5

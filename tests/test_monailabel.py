@@ -1,4 +1,6 @@
-"""MONAI Label path: bundle/scripts/monailabel_bundles.py and configs/monailabel.json.
+"""Specification of the MONAI Label path: bundle/scripts/monailabel_bundles.py (the export of one inference bundle
+per target) and bundle/configs/monailabel.json. (Its one-target network, ``SingleTargetSynthesisNet``, is
+specified in ``test_networks.py``.)
 
 MONAI Label itself is not installed; :func:`monailabel_infer` does what its ``BundleInferTask`` (monailabel 0.8.5,
 ``tasks/infer/bundle.py`` and ``basic_infer.py``) does with a local bundle, step by step, and :func:`restored` what
@@ -18,12 +20,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, REPO
+from conftest import BUNDLE, REPO, brain, save_nifti
 from monai.bundle import ConfigItem, ConfigParser, ConfigWorkflow
 from monai.transforms import Compose, LoadImaged, SaveImaged
 
 from scripts.monailabel_bundles import export
-from scripts.runtime.networks import TARGETS, SingleTargetSynthesisNet, SynthesisNet
+from scripts.runtime.networks import TARGETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 #: a non-RAS, anisotropic, off-origin grid (axis codes L, P, S), not a multiple of 128 in-plane
@@ -33,35 +35,20 @@ NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce"}
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(SynthesisNet("tcmgan", features=4).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def exported(ckpt, tmp_path_factory) -> Path:
+def exported(tcmgan_ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("monailabel")
-    export(str(out), ckpt_path=str(ckpt))
+    export(str(out), ckpt_path=str(tcmgan_ckpt))
     return out
 
 
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory) -> Path:
     """A T2-like ellipsoid with one octant cut away (so a flip or axis swap shows) in a zero background."""
-    rng = np.random.default_rng(0)
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
-    inside = ((x / 0.85) ** 2 + (y / 0.8) ** 2 + (z / 0.9) ** 2 < 1) & ~((x > 0.3) & (y > 0.3))
-    t2 = np.where(inside, 300 + 200 * x + 100 * y**2 + 50 * rng.random(SHAPE), 0).astype(np.float32)
-    t2[..., :2] = 0
-    path = tmp_path_factory.mktemp("t2") / "case_t2.nii.gz"
-    nib.save(nib.Nifti1Image(t2, AFFINE), str(path))
-    return path
+    return save_nifti(tmp_path_factory.mktemp("t2") / "case_t2.nii.gz", brain(SHAPE, empty_top=False), AFFINE)
 
 
 @pytest.fixture(scope="module")
-def bundle_outputs(ckpt, volume, tmp_path_factory) -> dict:
+def bundle_outputs(tcmgan_ckpt, volume, tmp_path_factory) -> dict:
     """The three targets as the bundle's own inference.json writes them ([0, 1] NIfTI on the input grid)."""
     out = tmp_path_factory.mktemp("inference")
     workflow = ConfigWorkflow(
@@ -70,7 +57,7 @@ def bundle_outputs(ckpt, volume, tmp_path_factory) -> dict:
         bundle_root=str(BUNDLE),
         input=str(volume),
         output_dir=str(out),
-        ckpt_path=str(ckpt),
+        ckpt_path=str(tcmgan_ckpt),
         device="cpu",
     )
     workflow.initialize()
@@ -139,28 +126,12 @@ def restored(data: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(pred[0]), np.asarray(meta["original_affine"])
 
 
-def test_single_target_net_is_the_generator_with_one_output():
-    x = torch.rand(2, 1, 128, 128) * 2 - 1
-    for variant in ("tcmgan", "pix2pix"):
-        full = SynthesisNet(variant, features=4).eval()
-        with torch.no_grad():
-            expected = full(x)
-        for k, target in enumerate(TARGETS):
-            single = SingleTargetSynthesisNet(variant, features=4, target=target.upper()).eval()
-            assert single.state_dict().keys() == full.state_dict().keys()
-            single.load_state_dict(full.state_dict())
-            with torch.no_grad():
-                torch.testing.assert_close(single(x), expected[:, k : k + 1])
-    with pytest.raises(ValueError, match="unknown target"):
-        SingleTargetSynthesisNet(target="t2")
-
-
-def test_export_writes_one_inference_bundle_per_target(exported, ckpt):
+def test_export_writes_one_inference_bundle_per_target(exported, tcmgan_ckpt):
     schema = json.loads(SCHEMA.read_text())
     for target in TARGETS:
         bundle = exported / f"brainsynth_{target}"
         assert {p.name for p in (bundle / "configs").iterdir()} == {"inference.json", "metadata.json", "logging.conf"}
-        assert (bundle / "models" / "model.pt").read_bytes() == ckpt.read_bytes()
+        assert (bundle / "models" / "model.pt").read_bytes() == tcmgan_ckpt.read_bytes()
         assert (bundle / "LICENSE").is_file()
         # the runtime modules only: no phantom, benchmark, reproduce, figure or export code
         shipped = {p.relative_to(bundle / "scripts").as_posix() for p in (bundle / "scripts").rglob("*.py")}
@@ -203,6 +174,6 @@ def test_command_line_exports_the_shipped_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["brainsynth_t1ce"]
 
 
-def test_export_refuses_an_unknown_target(tmp_path, ckpt):
+def test_export_refuses_an_unknown_target(tmp_path, tcmgan_ckpt):
     with pytest.raises(ValueError, match="unknown targets"):
-        export(str(tmp_path), ckpt_path=str(ckpt), targets="flair,t2")
+        export(str(tmp_path), ckpt_path=str(tcmgan_ckpt), targets="flair,t2")

@@ -1,4 +1,5 @@
-"""Specification of the BraTS-like phantom generator (bundle/scripts/phantom.py) and its figure."""
+"""Specification of the BraTS-like phantom generator (bundle/scripts/phantom.py) and its figure
+(``phantom_figure`` of bundle/scripts/figures.py)."""
 
 import subprocess
 import sys
@@ -8,12 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+from conftest import BUNDLE
 
-from scripts import phantom  # noqa: E402
-from scripts.figures import phantom_figure  # noqa: E402
+from scripts import phantom
+from scripts.figures import phantom_figure
 
 SMALL = (64, 64, 48)  # tiny grid for file-layout tests; the brain is scaled to fit
 MEDIUM = (96, 96, 64)

@@ -12,14 +12,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import BUNDLE
 from monai.data import load_decathlon_datalist
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-SCRIPT = BUNDLE / "scripts" / "prepare_datalist.py"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+from scripts import prepare_datalist as pdl
 
-from scripts import prepare_datalist as pdl  # noqa: E402
+SCRIPT = BUNDLE / "scripts" / "prepare_datalist.py"
 
 # File endings of the four channels (in FLAIR, T1, T1ce, T2 order) and the label, per BraTS layout.
 BRATS_ENDINGS = {
@@ -105,20 +103,21 @@ def test_uncompressed_nii_files_are_accepted(tmp_path):
     assert cases[0]["image"][0] == "HGG/Brats18_TEST_0_1/Brats18_TEST_0_1_flair.nii"
 
 
-def test_brats2021_image_is_flair_t1_t1ce_t2(tmp_path):
-    make_dataset(tmp_path, "brats2021", n=1)
+@pytest.mark.parametrize(
+    "layout, stem, endings",
+    [
+        ("brats2021", "BraTS2021_00000/BraTS2021_00000", ["_flair", "_t1", "_t1ce", "_t2", "_seg"]),
+        ("brats2023", "BraTS-GLI-00000-000/BraTS-GLI-00000-000", ["-t2f", "-t1n", "-t1c", "-t2w", "-seg"]),
+    ],
+    ids=["brats2021_flair_t1_t1ce_t2", "brats2023_t2f_t1n_t1c_t2w"],
+)
+def test_image_lists_flair_t1_t1ce_t2_under_the_layouts_names(tmp_path, layout, stem, endings):
+    """BraTS 2021 names the files flair, t1, t1ce, t2; BraTS 2023 t2f, t1n, t1c, t2w (the same four, in that
+    order)."""
+    make_dataset(tmp_path, layout, n=1)
     _, cases = pdl.find_cases(str(tmp_path))
-    stem = "BraTS2021_00000/BraTS2021_00000"
-    assert cases[0]["image"] == [f"{stem}_flair.nii.gz", f"{stem}_t1.nii.gz", f"{stem}_t1ce.nii.gz", f"{stem}_t2.nii.gz"]
-    assert cases[0]["label"] == f"{stem}_seg.nii.gz"
-
-
-def test_brats2023_maps_t2f_t1n_t1c_t2w_to_flair_t1_t1ce_t2(tmp_path):
-    make_dataset(tmp_path, "brats2023", n=1)
-    _, cases = pdl.find_cases(str(tmp_path))
-    stem = "BraTS-GLI-00000-000/BraTS-GLI-00000-000"
-    assert cases[0]["image"] == [f"{stem}-t2f.nii.gz", f"{stem}-t1n.nii.gz", f"{stem}-t1c.nii.gz", f"{stem}-t2w.nii.gz"]
-    assert cases[0]["label"] == f"{stem}-seg.nii.gz"
+    assert cases[0]["image"] == [f"{stem}{e}.nii.gz" for e in endings[:4]]
+    assert cases[0]["label"] == f"{stem}{endings[4]}.nii.gz"
 
 
 def test_msd_image_is_one_4d_file_and_hidden_files_are_ignored(tmp_path):
@@ -266,20 +265,21 @@ def test_missing_modality_names_case_and_file_and_writes_nothing(tmp_path):
     assert _no_json_written(tmp_path)
 
 
-def test_missing_seg_is_an_error(tmp_path):
-    make_dataset(tmp_path, "brats2023", n=2)
-    missing = tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz"
+@pytest.mark.parametrize(
+    "layout, case, label",
+    [
+        ("brats2023", "BraTS-GLI-00000-000", "BraTS-GLI-00000-000/BraTS-GLI-00000-000-seg.nii.gz"),
+        ("msd", "BRATS_001", "labelsTr/BRATS_001.nii.gz"),
+    ],
+    ids=["brats2023_seg", "msd_label"],
+)
+def test_missing_label_names_case_and_file(tmp_path, layout, case, label):
+    make_dataset(tmp_path, layout, n=2)
+    missing = tmp_path / label
     missing.unlink()
-    with pytest.raises(FileNotFoundError, match="BraTS-GLI-00000-000") as err:
+    with pytest.raises(FileNotFoundError, match=case) as err:
         pdl.find_cases(str(tmp_path))
     assert str(missing) in str(err.value)
-
-
-def test_missing_msd_label_is_an_error(tmp_path):
-    make_dataset(tmp_path, "msd", n=2)
-    (tmp_path / "labelsTr" / "BRATS_001.nii.gz").unlink()
-    with pytest.raises(FileNotFoundError, match="BRATS_001"):
-        pdl.find_cases(str(tmp_path))
 
 
 def test_msd_image_without_4_channels_is_rejected(tmp_path):

@@ -1,4 +1,5 @@
-"""reproduce.py: the smoke preset end to end, and a second run that skips the finished stages."""
+"""Specification of the study driver, bundle/scripts/reproduce.py: the smoke preset end to end (phantoms, every
+workflow, both tables, the report and figure), and a second run that skips the finished stages."""
 
 from __future__ import annotations
 

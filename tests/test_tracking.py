@@ -1,4 +1,5 @@
-"""Experiment tracking: ``--tracking mlflow`` (MONAI's built-in MLflow settings) with a local SQLite store.
+"""Specification of experiment tracking, bundle/scripts/runtime/tracking.py: ``--tracking mlflow`` (MONAI's built-in
+MLflow settings) with a local SQLite store, for training, segmenter pre-training, inference and validation.
 
 Each run goes through ``ConfigWorkflow(..., tracking="mlflow")``, what ``python -m monai.bundle run ...
 --tracking mlflow`` builds; the store is then read back with MLflow's own client.
@@ -7,10 +8,8 @@ Each run goes through ``ConfigWorkflow(..., tracking="mlflow")``, what ``python 
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import TINY, run_workflow
 
-from scripts.runtime.networks import SynthesisNet
 from scripts.runtime.trainer import LOSS_KEYS
 
 mlflow = pytest.importorskip("mlflow", reason="tracking needs mlflow-skinny (requirements-dev.txt)")
@@ -59,12 +58,10 @@ def test_default_store_is_in_the_output_dir(phantom_dir, tmp_path):
     assert run.data.params["max_epochs"] == "1"
 
 
-def test_inference_run_is_tracked(phantom_dir, tmp_path):
-    ckpt = tmp_path / "model.pt"
-    torch.save(SynthesisNet("tcmgan", features=4).state_dict(), ckpt)
+def test_inference_run_is_tracked(phantom_dir, tcmgan_ckpt, tmp_path):
     out = tmp_path / "out"
     run_workflow(
-        "inference.json", workflow_type="infer", dataset_dir=str(phantom_dir), ckpt_path=str(ckpt),
+        "inference.json", workflow_type="infer", dataset_dir=str(phantom_dir), ckpt_path=str(tcmgan_ckpt),
         output_dir=str(out), device="cpu", tracking="mlflow",
     )
     _, run = only_run(f"sqlite:///{out}/mlruns.db")
@@ -73,12 +70,11 @@ def test_inference_run_is_tracked(phantom_dir, tmp_path):
     assert len(list(out.glob("*_flair.nii.gz"))) == 2
 
 
-def test_evaluation_run_logs_the_validation_metrics(phantom_dir, tmp_path):
+def test_evaluation_run_logs_the_validation_metrics(phantom_dir, generator_ckpt, tmp_path):
     """train.json + validate.json: the shipped (here: a features-4) generator on the validation cases."""
-    ckpt = tmp_path / "model.pt"
-    torch.save(SynthesisNet("mgan", features=4).state_dict(), ckpt)
     run_workflow(
-        ["train.json", "validate.json"], dataset_dir=str(phantom_dir), output_dir=str(tmp_path), ckpt_path=str(ckpt),
+        ["train.json", "validate.json"], dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
+        ckpt_path=str(generator_ckpt),
         tracking="mlflow", min_brain_pixels=TINY["min_brain_pixels"], val_num_cases=1, cache_num_workers=0,
     )
     _, run = only_run(f"sqlite:///{tmp_path}/mlruns.db")

@@ -1,4 +1,10 @@
-"""Training: loss terms, networks, the GAN iteration for every variant, the segmenter, resume."""
+"""Specification of training: bundle/configs/train.json with the GAN iteration of bundle/scripts/runtime/trainer.py
+for every variant (frozen or updated segmenter, one generator per target for pix2pix, the loss terms it reports),
+the learning-rate schedule, resume, the segmenter pre-training of train_segmenter.json, and the command line.
+
+(The loss functions are specified in ``test_losses.py``, the networks in ``test_networks.py``, the data pipeline in
+``test_data.py``; a run killed mid-epoch and resumed in ``test_reliability.py``.)
+"""
 
 from __future__ import annotations
 
@@ -8,73 +14,12 @@ import sys
 
 import pytest
 import torch
-from conftest import BUNDLE, REPO, TINY, run_workflow
+from conftest import BUNDLE, REPO, TINY, train_workflow
 from ignite.engine import Events
-from torch import nn
 
 from scripts.runtime.checkpoints import load_checkpoint
-from scripts.runtime.losses import critic_score, gradient_penalty, l1_loss, modality_classification_loss
-from scripts.runtime.networks import ModalityCritic, SynthesisNet, TumourSegmenter
+from scripts.runtime.networks import SynthesisNet, TumourSegmenter
 from scripts.runtime.trainer import LOSS_KEYS, StepSchedule, loss_terms
-
-
-class LinearCritic(nn.Module):
-    """D_src(x, y) = Σ w·y: its gradient with respect to y is w everywhere."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.w = nn.Parameter(w)
-
-    def forward(self, source, target, labels=None):
-        return (self.w * target).flatten(1).sum(1).view(-1, 1, 1, 1), None
-
-
-def test_gradient_penalty_equals_squared_norm_deviation():
-    w = torch.full((1, 1, 4, 4), 0.5)  # ||w||_2 = sqrt(16 * 0.25) = 2
-    critic = LinearCritic(w)
-    x, real, fake = torch.zeros(3, 1, 4, 4), torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
-    gp = gradient_penalty(critic, x, real, fake)
-    assert gp.item() == pytest.approx((2.0 - 1.0) ** 2)
-    gp.backward()  # differentiable with respect to the critic's parameters
-    assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
-
-
-def test_gradient_penalty_is_zero_for_unit_gradient():
-    critic = LinearCritic(torch.full((1, 1, 2, 2), 0.5))  # ||w|| = 1
-    assert gradient_penalty(critic, *torch.rand(3, 2, 1, 2, 2)).item() == pytest.approx(0.0, abs=1e-10)
-
-
-def test_reductions_sum_per_image_or_mean_per_pixel():
-    fake, real = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
-    assert l1_loss(fake, real, "sum").item() == pytest.approx(64.0)  # the reference code's per-image sum
-    assert l1_loss(fake, real, "mean").item() == pytest.approx(1.0)
-    assert critic_score(torch.ones(2, 1, 4, 4), "sum").item() == pytest.approx(16.0)
-    with pytest.raises(ValueError, match="reduction"):
-        l1_loss(fake, real, "max")
-
-
-def test_classification_loss_is_cross_entropy_over_modalities():
-    logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]])
-    assert modality_classification_loss(logits, torch.tensor([0, 2])).item() < 1e-3
-    assert modality_classification_loss(logits, torch.tensor([1, 1])).item() > 5
-
-
-def test_generator_matches_pix2pix_unet128():
-    g = SynthesisNet("tcmgan", features=64)
-    assert sum(p.numel() for p in g.parameters()) == 41_822_593  # the reference unet_128 with 4 input channels
-    d = ModalityCritic(features=64)
-    assert sum(p.numel() for p in d.parameters()) == 11_203_520  # the reference StarGAN critic, repeat_num 5
-    x = torch.rand(2, 1, 128, 128) * 2 - 1
-    out = SynthesisNet("tcmgan", features=4)(x)
-    assert out.shape == (2, 3, 128, 128) and out.abs().max() <= 1
-
-
-def test_conditional_forward_equals_per_label_synthesis():
-    g = SynthesisNet("mgan", features=4).eval()
-    x = torch.rand(2, 1, 128, 128) * 2 - 1
-    all_targets = g(x)
-    for k in range(3):
-        torch.testing.assert_close(all_targets[:, k : k + 1], g.synthesize(x, torch.full((2,), k)))
 
 
 def test_step_schedule_follows_the_paper():
@@ -84,29 +29,6 @@ def test_step_schedule_follows_the_paper():
     )
 
 
-def test_cls_head_learns_the_modality_on_real_pairs(phantom_dir):
-    """The critic's classification head, trained on real (T2, target) pairs only, tells the targets apart."""
-    wf = run_workflow("train.json", run=False, dataset_dir=str(phantom_dir), variant="mgan", **TINY)
-    data = wf.parser.get_parsed_content("train#dataset")
-    images = torch.stack([data[i]["image"] for i in range(0, len(data), max(1, len(data) // 48))])
-    torch.manual_seed(0)
-    critic = ModalityCritic(features=8, num_classes=3)
-    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
-
-    def pairs(imgs):
-        k = torch.arange(len(imgs)) % 3
-        return imgs[:, -1:], imgs[torch.arange(len(imgs)), k].unsqueeze(1), k
-
-    train, held_out = pairs(images[::2]), pairs(images[1::2])
-    for _ in range(200):
-        opt.zero_grad()
-        modality_classification_loss(critic(*train[:2])[1], train[2]).backward()
-        opt.step()
-    with torch.no_grad():
-        accuracy = (critic(*held_out[:2])[1].argmax(1) == held_out[2]).float().mean().item()
-    assert accuracy > 0.9
-
-
 def test_segmenter_pretraining_writes_a_rebuildable_model(segmenter_run):
     state = load_checkpoint(str(segmenter_run / "segmenter" / "model.pt"))
     assert state["arch"].tolist() == [TINY["features"], 3]
@@ -114,7 +36,7 @@ def test_segmenter_pretraining_writes_a_rebuildable_model(segmenter_run):
 
 
 def _trained(variant, phantom_dir, out, **extra):
-    wf = run_workflow("train.json", dataset_dir=str(phantom_dir), output_dir=str(out), variant=variant, **{**TINY, **extra})
+    wf = train_workflow(phantom_dir, out, variant, run=True, **extra)
     return wf, wf.parser.get_parsed_content("train#trainer")
 
 
@@ -185,10 +107,7 @@ def test_resume_restores_iteration_optimizer_and_schedule(phantom_dir, tmp_path)
     saved = load_checkpoint(str(tmp_path / "mgan" / "checkpoint.pt"))
     assert saved["trainer"]["iteration"] == 4 * TINY["epoch_length"]
 
-    wf = run_workflow(
-        "train.json", run=False, dataset_dir=str(phantom_dir), output_dir=str(tmp_path), variant="mgan",
-        resume=True, **{**TINY, "max_epochs": 5},
-    )
+    wf = train_workflow(phantom_dir, tmp_path, "mgan", resume=True, max_epochs=5)
     trainer = wf.parser.get_parsed_content("train#trainer")
     seen = {}
 
@@ -208,18 +127,6 @@ def test_resume_restores_iteration_optimizer_and_schedule(phantom_dir, tmp_path)
     # 4 of 5 epochs done: StepSchedule(5) has stepped 4 times -> factor for epoch 4 (>= 0.9 * 5 rounds to 4)
     assert seen["lr"] == pytest.approx(2e-4 * StepSchedule(5)(4))
     assert trainer.state.iteration == 5 * TINY["epoch_length"]
-
-
-def test_missing_datalist_says_how_to_make_data(tmp_path):
-    with pytest.raises(Exception) as err:
-        run_workflow("train.json", dataset_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path), **TINY)
-    assert "phantom.py" in "".join(str(e) for e in _chain(err.value))
-
-
-def _chain(e):
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
 
 
 @pytest.mark.parametrize("run_id", ["training", "run"])

@@ -1,10 +1,11 @@
-"""The model-zoo CI checks of the bundle, run the way the zoo CI runs them.
+"""Specification of the bundle as the MONAI model zoo's CI checks it (bundle/configs/metadata.json, inference.json,
+train.json), run the way the zoo CI runs them.
 
 The command-line checks (``verify_metadata``, ``verify_net_in_out``, ``ckpt_export``) run as subprocesses in
 the bundle folder with that folder on ``PYTHONPATH``; the workflow property checks run in this process through
 ``ConfigWorkflow`` as the zoo's unit tests do. The metadata schema is a byte-exact copy of the release file,
 kept in tests/data so that no network (and no shared/ folder) is needed. No shipped model.pt is needed: a
-features-4 generator checkpoint is made here.
+features-4 generator checkpoint is made by the tests (``tcmgan_ckpt``).
 """
 
 import hashlib
@@ -16,32 +17,20 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLE, CONFIGS, REPO, save_nifti
 from monai.bundle import ConfigWorkflow
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-META = BUNDLE / "configs" / "metadata.json"
-INFERENCE = BUNDLE / "configs" / "inference.json"
-TRAIN = BUNDLE / "configs" / "train.json"
-SCHEMA = Path(__file__).resolve().parent / "data" / "meta_schema_20240725.json"
+from scripts.prepare_datalist import prepare_datalist
+from scripts.runtime.networks import SynthesisNet, TumourSegmenter
+
+META = CONFIGS / "metadata.json"
+INFERENCE = CONFIGS / "inference.json"
+TRAIN = CONFIGS / "train.json"
+SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
-
-from scripts.runtime.networks import SynthesisNet, TumourSegmenter  # noqa: E402
-from scripts.prepare_datalist import prepare_datalist  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(SynthesisNet("tcmgan", features=4).state_dict(), path)
-    return str(path)
 
 
 def bundle_cli(*args: str) -> subprocess.CompletedProcess:
@@ -93,7 +82,7 @@ def test_metadata_describes_the_network_io():
 # --- network checks -----------------------------------------------------------------------------------------------
 
 
-def test_verify_net_in_out_passes(ckpt):
+def test_verify_net_in_out_passes(tcmgan_ckpt):
     result = bundle_cli(
         "verify_net_in_out",
         "network_def",
@@ -104,12 +93,12 @@ def test_verify_net_in_out_passes(ckpt):
         "--device",
         "cpu",
         "--ckpt_path",
-        ckpt,
+        str(tcmgan_ckpt),
     )
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 
 
-def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(tmp_path, ckpt):
+def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(tmp_path, tcmgan_ckpt):
     exported = tmp_path / "model.ts"
     bundle_cli(
         "ckpt_export",
@@ -117,18 +106,18 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(tmp_path, ckpt
         "--filepath",
         str(exported),
         "--ckpt_file",
-        ckpt,
+        str(tcmgan_ckpt),
         "--meta_file",
         "configs/metadata.json",
         "--config_file",
         "configs/inference.json",
         "--ckpt_path",
-        ckpt,  # network_def is built at the checkpoint's width
+        str(tcmgan_ckpt),  # network_def is built at the checkpoint's width
     )
     extra = {"metadata.json": ""}
     scripted = torch.jit.load(str(exported), _extra_files=extra)
     eager = SynthesisNet("tcmgan", features=4)
-    eager.load_state_dict(torch.load(ckpt, weights_only=True))
+    eager.load_state_dict(torch.load(tcmgan_ckpt, weights_only=True))
     eager.eval()
     x = torch.rand(2, 1, 128, 128) * 2 - 1
     with torch.no_grad():
@@ -147,24 +136,23 @@ def _fake_brats(root: Path, n: int = 4) -> Path:
         for channel in ("flair", "t1", "t1ce", "t2"):
             volume = np.zeros((64, 64, 8), np.float32)
             volume[8:56, 8:56] = 20 + 100 * rng.random((48, 48, 8))
-            (root / case).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(volume, np.eye(4)), str(root / case / f"{case}_{channel}.nii.gz"))
+            save_nifti(root / case / f"{case}_{channel}.nii.gz", volume)
         seg = np.zeros((64, 64, 8), np.uint8)
         seg[20:30, 20:30, 2:6] = 2
         seg[22:26, 22:26, 3:5] = 4
-        nib.save(nib.Nifti1Image(seg, np.eye(4)), str(root / case / f"{case}_seg.nii.gz"))
+        save_nifti(root / case / f"{case}_seg.nii.gz", seg)
     prepare_datalist(str(root), fractions=[0.5, 0.25, 0.25])
     return root
 
 
-def test_inference_config_has_the_infer_properties(tmp_path, ckpt):
+def test_inference_config_has_the_infer_properties(tmp_path, tcmgan_ckpt):
     workflow = ConfigWorkflow(
         config_file=str(INFERENCE),
         meta_file=str(META),
         workflow_type="infer",
         bundle_root=str(BUNDLE),
         dataset_dir=str(_fake_brats(tmp_path / "data")),
-        ckpt_path=ckpt,
+        ckpt_path=str(tcmgan_ckpt),
     )
     workflow.initialize()
     assert workflow.check_properties() == []
