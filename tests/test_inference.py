@@ -384,6 +384,28 @@ def test_cli_inference_run_id_reads_the_datalist_of_dataset_dir(tmp_path, tcmgan
     assert files_in(out) == sorted(f"c1_{t}.nii.gz" for t in TARGETS)
 
 
+def test_a_rerun_keeps_the_cases_already_written_unless_overwrite(tmp_path, tcmgan_ckpt, capfd):
+    """A killed batch resumes by running again: a case whose three outputs exist is kept (one line) and the others
+    are synthesised; ``--overwrite true`` synthesises every case again."""
+    write_datalist(tmp_path / "data", {"test": {"c1": brain((32, 32, 8)), "c2": brain((32, 32, 8), seed=1)}})
+    out, data = tmp_path / "out", str(tmp_path / "data")
+    synthesise(out, tcmgan_ckpt, dataset_dir=data)
+    first = {f: (out / f).stat().st_mtime_ns for f in files_in(out)}
+    for target in TARGETS:  # as if the run had been killed before c2's outputs were renamed into place
+        (out / f"c2_{target}.nii.gz").unlink()
+    capfd.readouterr()
+    synthesise(out, tcmgan_ckpt, dataset_dir=data)
+    log = "".join(capfd.readouterr())
+    assert f"c1: kept the outputs of an earlier run in {out} (--overwrite true synthesises it again)" in log
+    assert "c2: kept" not in log and "1 of 2 cases already done; synthesising 1" in log
+    now = {f: (out / f).stat().st_mtime_ns for f in files_in(out)}
+    assert now.keys() == first.keys() and all(now[f] == first[f] for f in now if f.startswith("c1_"))
+    synthesise(out, tcmgan_ckpt, dataset_dir=data)  # nothing left to do: no work, no error
+    assert "2 of 2 cases already done; synthesising 0" in "".join(capfd.readouterr())
+    synthesise(out, tcmgan_ckpt, dataset_dir=data, overwrite=True)
+    assert all((out / f).stat().st_mtime_ns > now[f] for f in now)
+
+
 def test_cli_bad_input_ends_in_the_error_naming_the_file(tmp_path, tcmgan_ckpt):
     src = tmp_path / "broken_t2.nii.gz"
     _truncated_gzip(src)

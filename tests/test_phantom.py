@@ -1,6 +1,7 @@
 """Specification of the BraTS-like phantom generator (bundle/scripts/phantom.py) and its figure
 (``phantom_figure`` of bundle/scripts/figures.py)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -314,6 +315,27 @@ def test_runs_as_a_script_with_fire(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     _, data = _load(tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t2w.nii.gz")
     assert data.shape == SMALL
+
+
+def test_a_folder_that_is_not_empty_is_refused_in_one_line_unless_overwrite(tmp_path):
+    """Fewer cases never mix with an earlier, larger run: the command stops with one line and writes nothing;
+    ``--overwrite true`` removes what the earlier phantom run wrote (and nothing else) before writing."""
+    out = tmp_path / "data"
+    phantom.generate(out, num_cases=2, seed=0, shape=(24, 24, 24))
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    cmd = [sys.executable, str(BUNDLE / "scripts" / "phantom.py"), "--output_dir", str(out), "--num_cases", "1",
+           "--seed", "0", "--shape", "[24,24,24]"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"phantom.py: {out} is not empty (4 entries: BraTS2021_00000, BraTS2021_00001, notes.txt, ...): give "
+        "--overwrite true to replace an earlier phantom set there, or another --output_dir"
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    subprocess.run([*cmd, "--overwrite", "true"], check=True, capture_output=True, timeout=120)
+    assert sorted(p.name for p in out.iterdir()) == ["BraTS2021_00000", "notes.txt", "phantom.json"]
+    assert json.loads((out / "phantom.json").read_text())["cases"] == ["BraTS2021_00000"]
 
 
 def test_phantom_figure_writes_png(tmp_path):

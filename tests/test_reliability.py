@@ -118,7 +118,7 @@ def iterations_logged_by_the_resumed_run(log_dir: Path) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = []
-    for path in log_dir.glob("events.out.tfevents.*"):
+    for path in log_dir.glob("**/events.out.tfevents.*"):  # one folder per run
         events = EventAccumulator(str(path))
         events.Reload()
         steps = [sorted(e.step for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]]

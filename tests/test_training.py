@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from conftest import BUNDLE, REPO, TINY, train_workflow
+from conftest import BUNDLE, REPO, TINY, run_workflow, train_workflow
 from ignite.engine import Events
 
 from scripts.runtime.checkpoints import load_checkpoint
@@ -141,3 +142,33 @@ def test_cli_run_ids(phantom_dir, tmp_path, run_id):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "mgan" / "model.pt").is_file() and (tmp_path / "mgan" / "checkpoint.pt").is_file()
     assert BUNDLE.exists()
+
+
+# --- no silent overwrite -------------------------------------------------------------------------------------------
+
+
+def test_a_rerun_into_a_finished_run_stops_before_any_work(phantom_dir, tmp_path):
+    """A second run into the same ``--output_dir`` stops in ``initialize`` with one line, leaving the first run's
+    model.pt as it was; ``--resume true`` and ``--overwrite true`` go on, and every run logs to its own
+    TensorBoard folder."""
+    train_workflow(phantom_dir, tmp_path, run=True)
+    model = tmp_path / "mgan" / "model.pt"
+    before = model.read_bytes()
+    with pytest.raises(SystemExit) as info:
+        train_workflow(phantom_dir, tmp_path)
+    assert str(info.value) == (
+        f"{model} holds the model of an earlier run: give --resume true to continue that run, --overwrite true to "
+        "replace it, or another --output_dir"
+    )
+    assert model.read_bytes() == before and len(list((tmp_path / "mgan" / "tensorboard").iterdir())) == 1
+    for option in ({"resume": True}, {"overwrite": True}):
+        train_workflow(phantom_dir, tmp_path, **option)  # initialize passes
+    time.sleep(1.1)  # the TensorBoard folder is named by the start time, to the second
+    train_workflow(phantom_dir, tmp_path, run=True, overwrite=True)
+    assert len(list((tmp_path / "mgan" / "tensorboard").iterdir())) == 2  # the two runs kept apart
+
+
+def test_evaluation_overlays_do_not_refuse_an_existing_model(tcmgan_ckpt, phantom_dir, tmp_path):
+    for overlay in ("evaluate.json", "validate.json"):
+        run_workflow(overlay, workflow_type=None, run=False, dataset_dir=str(phantom_dir), ckpt_path=str(tcmgan_ckpt),
+                     output_dir=str(tmp_path))  # fmt: skip

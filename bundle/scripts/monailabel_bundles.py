@@ -44,6 +44,7 @@ BATCH_ITEMS = (
     "datalist",
     "datalist_split",
     "output_dir",
+    "overwrite",
     "num_workers",
     "dataset",
     "dataloader",

@@ -700,8 +700,39 @@ def _write_msd_json(output_dir: Path, case_ids: list[str]) -> None:
     write_json(str(output_dir / "dataset.json"), meta, newline=True, indent=4)
 
 
+#: What a phantom run writes besides its case folders (the record of the run, the datalists built on it).
+RUN_RECORD = "phantom.json"
+#: Names of the cases and files any phantom run may have written, per layout (for runs without a record).
+_WRITTEN = ("BraTS2021_[0-9][0-9][0-9][0-9][0-9]", "[HL]GG/Brats18_PH_*", "BraTS-GLI-[0-9]*-000",
+            "imagesTr/BRATS_[0-9][0-9][0-9].nii.gz", "labelsTr/BRATS_[0-9][0-9][0-9].nii.gz", "dataset.json",
+            "datalist*.json", RUN_RECORD)  # fmt: skip
+
+
+def _clear_earlier_run(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that already holds files unless ``overwrite``; with it, remove what an earlier phantom run
+    wrote there (its cases, ``dataset.json``, the datalists built on them and its record), nothing else.
+
+    Raises:
+        FileExistsError: the folder is not empty and ``overwrite`` is False (the message says what to do).
+    """
+    import shutil
+
+    entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FileExistsError(
+            f"{output_dir} is not empty ({len(entries)} entries: {shown}): give --overwrite true to replace an "
+            "earlier phantom set there, or another --output_dir"
+        )
+    for pattern in _WRITTEN:
+        for path in output_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brats2021",
-             shape=BRATS_SHAPE) -> list[str]:
+             shape=BRATS_SHAPE, overwrite: bool = False) -> list[str]:
     """Generate ``num_cases`` phantom cases and write them under ``output_dir`` in a real dataset layout.
 
     Args:
@@ -711,6 +742,9 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
         seed: base seed, >= 0.
         layout: "brats2021" (default), "brats2018", "brats2023" or "msd"; see bundle/docs/phantom.md.
         shape: grid (X, Y, Z); BraTS is 240x240x155. Accepts a list/tuple or a string like "[240,240,155]".
+        overwrite: write into a folder that is not empty, first removing what an earlier phantom run wrote there
+            (its cases, ``dataset.json``, ``datalist*.json`` and ``phantom.json``); without it such a folder is
+            refused, so that fewer cases never mix with the old ones.
 
     Returns:
         case ids: folder names relative to ``output_dir`` ("BraTS2021_00000", "HGG/Brats18_PH_00000_1",
@@ -720,6 +754,7 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
 
     Raises:
         ValueError: unknown layout, num_cases < 1, negative seed or a bad shape.
+        FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; valid layouts are: {', '.join(LAYOUTS)}")
@@ -734,6 +769,7 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     from tqdm import tqdm
 
     output_dir = Path(output_dir)
+    _clear_earlier_run(output_dir, bool(overwrite))
     output_dir.mkdir(parents=True, exist_ok=True)
     affine = brats_affine(shape)
     case_ids = []
@@ -742,6 +778,8 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
         case_ids.append(_write_case(case, i, output_dir, layout, affine))
     if layout == "msd":
         _write_msd_json(output_dir, case_ids)
+    record = {"num_cases": int(num_cases), "seed": int(seed), "layout": layout, "shape": list(shape), "cases": case_ids}
+    write_json(str(output_dir / RUN_RECORD), record, newline=True, indent=2)
     return case_ids
 
 
@@ -791,7 +829,15 @@ def contrast_table(num_cases: int = 20, seed: int = 0, shape=BRATS_SHAPE) -> str
     return "\n".join(lines)
 
 
+def main(**kwargs) -> list[str]:
+    """Command line: :func:`generate`; a bad option or a folder that is not empty ends in one line, status 1."""
+    try:
+        return generate(**kwargs)
+    except (ValueError, FileExistsError) as e:
+        sys.exit(f"phantom.py: {e}")
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(generate)
+    fire.Fire(generate if "--help" in sys.argv or "-h" in sys.argv else main)

@@ -166,12 +166,14 @@ class Study:
     def training(self) -> dict:
         return {**self.common(), "output_dir": str(self.runs), "cache_num_workers": self.p["cache_num_workers"],
                 "val_num_cases": self.p["val_num_cases"], "batch_size": self.p["batch_size"],
-                "cache_dir": str(self.root / "cache")}  # fmt: skip
+                "cache_dir": str(self.root / "cache"),
+                # a stage that did not finish runs again from scratch: it replaces what the interrupted run left
+                "overwrite": True}  # fmt: skip
 
     def phantom_commands(self) -> list[list[str]]:
         return [
             [sys.executable, str(HERE / "phantom.py"), "--output_dir", str(self.data), "--num_cases",
-             str(self.p["num_cases"]), "--seed", "0", "--shape", json.dumps(self.p["shape"])],
+             str(self.p["num_cases"]), "--seed", "0", "--shape", json.dumps(self.p["shape"]), "--overwrite", "true"],
             [sys.executable, str(HERE / "prepare_datalist.py"), "--data_dir", str(self.data)],
         ]  # fmt: skip
 

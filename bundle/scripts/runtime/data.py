@@ -72,7 +72,8 @@ def load_split(datalist: str, split: str, base_dir: str | None = None, max_cases
     """
     content = read_datalist(datalist)
     if not content.get(split):
-        raise ValueError(f"{datalist} has no cases in split {split!r} (splits present: {list(content)})")
+        splits = [k for k, v in content.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        raise ValueError(f"{datalist} has no cases in split {split!r} (splits present: {splits})")
     base_dir = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(datalist))
     cases = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=split, base_dir=base_dir)
     return cases[:max_cases] if max_cases else cases

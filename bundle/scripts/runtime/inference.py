@@ -81,9 +81,20 @@ def _t2_index(datalist: str, channels) -> int:
     return lowered.index(SOURCE)
 
 
-def inference_cases(input: str = "", datalist: str = "", split: str = "test") -> list[dict]:
+def inference_cases(
+    input: str = "",
+    datalist: str = "",
+    split: str = "test",
+    output_dir: str = "",
+    output_ext: str = ".nii.gz",
+    overwrite: bool = True,
+) -> list[dict]:
     """The cases to synthesise, each ``{"image": T2 path, "case": case id}`` (plus ``"t2_channel"`` for a 4D
     multi-channel file of a datalist).
+
+    With ``overwrite=False``, a case whose outputs ``output_dir/<case>_<target><output_ext>`` all exist (an
+    earlier run wrote them; they are written all or none) is left out, with one log line saying so: a killed batch
+    resumes by running the same command again.
 
     Args:
         input: one T2 volume (a file, or a DICOM series folder). When given, ``datalist`` is ignored.
@@ -91,6 +102,8 @@ def inference_cases(input: str = "", datalist: str = "", split: str = "test") ->
             ``image`` is a list of files in the datalist's ``"channels"`` order (FLAIR, T1, T1ce, T2) or one
             4D file holding those channels (MSD); paths are relative to the JSON's folder.
         split: the datalist key to read (``gan``, ``seg`` or ``test``).
+        output_dir, output_ext: where the outputs go (as :class:`SaveTargetsd`).
+        overwrite: synthesise every case again, replacing earlier outputs.
 
     Raises:
         FileNotFoundError: the input, the datalist or a listed T2 file does not exist (the message names it).
@@ -99,7 +112,8 @@ def inference_cases(input: str = "", datalist: str = "", split: str = "test") ->
     if input:
         if not os.path.exists(input):
             raise FileNotFoundError(f"{input}: no such file or folder (the --input T2 volume)")
-        return [{"image": os.path.abspath(input), "case": case_id(input)}]
+        return _still_to_do([{"image": os.path.abspath(input), "case": case_id(input)}], output_dir, output_ext,
+                            overwrite)  # fmt: skip
     if not datalist:
         raise ValueError("nothing to do: give --input <T2 volume>, --datalist <json> or --dataset_dir <folder>")
     entries = load_split(datalist, split)  # raises with a how-to message when the datalist is missing
@@ -129,7 +143,24 @@ def inference_cases(input: str = "", datalist: str = "", split: str = "test") ->
     duplicates = sorted({c for c in ids if ids.count(c) > 1})
     if duplicates:
         raise ValueError(f"{datalist}: case ids appear more than once in {split!r}: {duplicates}")
-    return cases
+    return _still_to_do(cases, output_dir, output_ext, overwrite)
+
+
+def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite: bool) -> list[dict]:
+    """``cases`` without those whose outputs all exist in ``output_dir`` (unless ``overwrite``), one line each."""
+    if overwrite or not output_dir:
+        return cases
+    todo = []
+    for case in cases:
+        finals = [os.path.join(output_dir, f"{case['case']}_{t}{output_ext}") for t in TARGETS]
+        if all(os.path.isfile(f) for f in finals):
+            logger.info(f"{case['case']}: kept the outputs of an earlier run in {output_dir} (--overwrite true "
+                        "synthesises it again)")  # fmt: skip
+        else:
+            todo.append(case)
+    if len(todo) < len(cases):
+        logger.info(f"{len(cases) - len(todo)} of {len(cases)} cases already done; synthesising {len(todo)}")
+    return todo
 
 
 def checkpoint_arch(path: str, variant: str = "tcmgan", features: int = 64) -> dict:

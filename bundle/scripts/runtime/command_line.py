@@ -1,0 +1,101 @@
+"""What a user of ``python -m monai.bundle run ...`` sees: ``--help`` and one-line errors.
+
+Every workflow config calls :func:`setup` first in ``initialize`` (``"cli"`` item):
+
+- ``--help true`` (or ``--help``) prints the workflow's overridable ids with their defaults and exits (status 0)
+  before any work; without ``help`` MONAI would take it as one more override and run the workflow.
+- Otherwise an uncaught error ends the process with **one line** on stderr, the innermost error of the chain
+  (``ValueError: D/datalist.json has no cases in split 'tset' ...``) instead of MONAI's 60-80-line traceback
+  whose last line is a ``RuntimeError: Failed to instantiate component`` wrapper. Set ``BRAINSYNTH_VERBOSE=1``
+  for the full traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+
+#: Environment variable that restores Python's full traceback.
+VERBOSE_ENV = "BRAINSYNTH_VERBOSE"
+
+
+def innermost(error: BaseException) -> BaseException:
+    """The last error of ``error``'s chain (``__cause__``, else ``__context__``): the one the bundle raised."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        nxt = error.__cause__ or error.__context__
+        if nxt is None:
+            break
+        error = nxt
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """``"<Type>: <message>"`` of :func:`innermost`, its lines joined by spaces."""
+    inner = innermost(error)
+    text = " ".join(part.strip() for part in str(inner).splitlines() if part.strip())
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+
+
+def _hook(previous):
+    def hook(kind, error, traceback):
+        if os.environ.get(VERBOSE_ENV) or issubclass(kind, KeyboardInterrupt):
+            previous(kind, error, traceback)
+        else:
+            print(one_line(error), file=sys.stderr)
+
+    hook.brainsynth = True
+    return hook
+
+
+def install_error_hook() -> None:
+    """Make an uncaught error print :func:`one_line` (once per process; a no-op when already installed)."""
+    if not getattr(sys.excepthook, "brainsynth", False):
+        sys.excepthook = _hook(sys.excepthook)
+
+
+def config_files(argv: list[str] | None = None) -> list[str]:
+    """The ``--config_file`` value of a ``monai.bundle run`` command line, as a list of paths."""
+    argv = sys.argv if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config_file"):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            value = value.strip()
+            if value.startswith("["):
+                return [str(v) for v in ast.literal_eval(value)]
+            return [v for v in value.split(",") if v]
+    return []
+
+
+def workflow_help(files: list[str]) -> str:
+    """The overridable ids of the workflow made of ``files`` (later files override earlier ones): every top-level id
+    whose value is a plain setting (number, string, boolean, null or a list of those), with that value."""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(files) if files else {}
+    plain = (int, float, str, bool, type(None))
+    rows = []
+    for key, value in config.items():
+        if key.startswith("+") or key in ("imports", "config_stack", "help", "initialize", "finalize"):
+            continue
+        if isinstance(value, plain) or (isinstance(value, list) and all(isinstance(v, plain) for v in value)):
+            if isinstance(value, str) and value.startswith("$"):
+                value = f"computed: {value[1:]}"
+            rows.append((key, value))
+    width = max((len(k) for k, _ in rows), default=0)
+    lines = [f"workflow: {' + '.join(os.path.basename(f) for f in files) or '?'}",
+             "override any id with --<id> <value>; the ids and their defaults:"]  # fmt: skip
+    lines += [f"  --{k:<{width}}  {v!r}" for k, v in rows]
+    lines.append(f"errors end in one line; set {VERBOSE_ENV}=1 for the full traceback")
+    return "\n".join(lines)
+
+
+def setup(help=False) -> None:
+    """First step of every workflow's ``initialize``: ``help`` prints :func:`workflow_help` and exits (status 0);
+    otherwise :func:`install_error_hook`."""
+    if help not in (False, None, "false", "False", 0):
+        print(workflow_help(config_files()))
+        sys.exit(0)
+    install_error_hook()

@@ -1,0 +1,75 @@
+"""What a user of ``python -m monai.bundle run ...`` sees (``scripts.runtime.command_line``): ``--help`` prints the
+workflow's ids and does no work; an error ends in one line (the bundle's own message), the traceback only with
+``BRAINSYNTH_VERBOSE=1``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, files_in
+
+from scripts.runtime import command_line
+
+
+def bundle_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", "bundle"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_help_prints_the_ids_and_does_no_work(tmp_path):
+    out = tmp_path / "out"
+    result = bundle_run("inference", "--config_file", "bundle/configs/inference.json", "--output_dir", str(out),
+                        "--help")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "workflow: inference.json" in result.stdout
+    for option in ("--input ", "--dataset_dir ", "--ckpt_path ", "--overwrite ", "--backend "):
+        assert option in result.stdout
+    assert not out.exists() and not (REPO / "bundle" / "eval").exists()
+
+
+def test_help_of_an_overlay_lists_the_merged_ids(tmp_path):
+    stack = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
+    result = bundle_run("--config_file", stack, "--output_dir", str(tmp_path / "out"), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "workflow: train.json + evaluate.json" in result.stdout
+    assert "--baselines " in result.stdout and "--split " in result.stdout and "--learning_rate " in result.stdout
+    assert files_in(tmp_path) == []
+
+
+def test_an_error_ends_in_the_one_line_of_the_bundle(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "datalist.json").write_text(json.dumps({"layout": "brats2021", "test": [{"case": "c1", "image": "x"}]}))
+    args = ("--config_file", "bundle/configs/inference.json", "--dataset_dir", str(data), "--datalist_split", "tset",
+            "--output_dir", str(tmp_path / "out"))  # fmt: skip
+    result = bundle_run(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ValueError: {data / 'datalist.json'} has no cases in split 'tset' (splits present: ['test'])"
+    )
+    assert not (tmp_path / "out").exists()
+    verbose = bundle_run(*args, env={command_line.VERBOSE_ENV: "1"})
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def test_one_line_is_the_innermost_error_with_its_lines_joined():
+    try:
+        try:
+            raise FileNotFoundError("No datalist at D/datalist.json.\nMake the phantom set with\n  python ...")
+        except FileNotFoundError as e:
+            raise RuntimeError("Failed to instantiate component 'x'") from e
+    except RuntimeError as outer:
+        assert command_line.one_line(outer) == (
+            "FileNotFoundError: No datalist at D/datalist.json. Make the phantom set with python ..."
+        )
+
+
+def test_config_files_reads_either_form_of_config_file():
+    assert command_line.config_files(["run", "--config_file", "a.json"]) == ["a.json"]
+    assert command_line.config_files(["--config_file", "['a.json','b.json']"]) == ["a.json", "b.json"]
+    assert command_line.config_files(["--config_file=a.json,b.json"]) == ["a.json", "b.json"]
+    assert command_line.config_files(["run"]) == []
