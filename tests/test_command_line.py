@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, files_in
 
 from scripts.runtime import command_line
@@ -73,3 +74,29 @@ def test_config_files_reads_either_form_of_config_file():
     assert command_line.config_files(["--config_file", "['a.json','b.json']"]) == ["a.json", "b.json"]
     assert command_line.config_files(["--config_file=a.json,b.json"]) == ["a.json", "b.json"]
     assert command_line.config_files(["run"]) == []
+
+
+def test_missing_segmenter_stops_training_at_once_with_the_command_that_makes_it(tmp_path):
+    out = tmp_path / "runs"
+    result = bundle_run("--config_file", "bundle/configs/train.json", "--dataset_dir", str(tmp_path / "nowhere"),
+                        "--output_dir", str(out), "--variant", "tcmgan")  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{out / 'segmenter' / 'model.pt'}: no pre-trained segmenter, which tcmgan needs: ")
+    assert "'bundle/configs/train_segmenter.json'" in last and last.endswith("or give --segmenter_ckpt")
+    assert not out.exists()
+
+
+def test_a_gpu_device_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the check speaks only on machines without CUDA")
+    out = tmp_path / "out"
+    result = bundle_run("inference", "--config_file", "bundle/configs/inference.json", "--output_dir", str(out),
+                        "--device", "cuda")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"--device cuda: no CUDA GPU is available to this torch {torch.__version__}; give --device cpu"
+    )
+    assert not out.exists()

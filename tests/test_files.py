@@ -77,3 +77,21 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
 
 def test_pid_running():
     assert files.pid_running(os.getpid()) and not files.pid_running(DEAD_PID)
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(tmp_path):
+    import errno
+
+    from scripts.runtime.command_line import one_line
+
+    def full_disk(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    final = tmp_path / "out" / "c1_flair.nii.gz"
+    with pytest.raises(OSError) as info:
+        files.write_atomic(str(final), full_disk)
+    assert info.value.errno == errno.ENOSPC
+    assert one_line(info.value) == f"OSError: [Errno 28] cannot write {final}: No space left on device"
+    assert files_in(tmp_path / "out") == []

@@ -20,16 +20,29 @@ import sys
 VERBOSE_ENV = "BRAINSYNTH_VERBOSE"
 
 
-def innermost(error: BaseException) -> BaseException:
-    """The last error of ``error``'s chain (``__cause__``, else ``__context__``): the one the bundle raised."""
-    seen = set()
-    while id(error) not in seen:
+def chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors behind it (``__cause__``, else ``__context__``), outermost first."""
+    errors, seen = [], set()
+    while error is not None and id(error) not in seen:
         seen.add(id(error))
-        nxt = error.__cause__ or error.__context__
-        if nxt is None:
-            break
-        error = nxt
-    return error
+        errors.append(error)
+        error = error.__cause__ or error.__context__
+    return errors
+
+
+def _raised_by_the_bundle(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}scripts{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def innermost(error: BaseException) -> BaseException:
+    """The error to show: the innermost one of ``error``'s chain that the bundle's own code raised (its message
+    names the file or option), else the innermost one."""
+    errors = chain(error)
+    ours = [e for e in errors if _raised_by_the_bundle(e)]
+    return ours[-1] if ours else errors[-1]
 
 
 def one_line(error: BaseException) -> str:

@@ -136,14 +136,15 @@ def atomic_paths(paths: Sequence[str], fsync: bool = False) -> Iterator[list[str
         The temporary paths, in the order of ``paths``.
 
     Raises:
-        Whatever the block raises; ``OSError`` when a folder cannot be created or a file cannot be renamed.
+        Whatever the block raises, except that an ``OSError`` (a full disk, a folder that cannot be created or
+        written) becomes one that names the final path: ``OSError(errno, "cannot write <path>: <reason>")``.
     """
     finals = [os.path.abspath(os.fspath(p)) for p in paths]
-    for folder in {os.path.dirname(p) for p in finals}:
-        os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(finals)
     temporaries: list[str] = []
     try:
+        for folder in {os.path.dirname(p) for p in finals}:
+            os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(finals)
         temporaries = [_new_temporary(p) for p in finals]
         yield list(temporaries)
         for tmp in temporaries:
@@ -151,6 +152,9 @@ def atomic_paths(paths: Sequence[str], fsync: bool = False) -> Iterator[list[str
                 _fsync(tmp)
         for tmp, final in zip(temporaries, finals):
             os.replace(tmp, final)
+    except OSError as e:  # a full disk, a folder one cannot write to: name the output, not a temporary
+        shown = finals[0] if len(finals) == 1 else f"{finals[0]} (and {len(finals) - 1} more)"
+        raise OSError(e.errno, f"cannot write {shown}: {e.strerror or e}") from e
     finally:
         for tmp in temporaries:
             if os.path.exists(tmp):
