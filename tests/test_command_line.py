@@ -100,3 +100,27 @@ def test_a_gpu_device_without_a_gpu_is_one_line(tmp_path):
         f"--device cuda: no CUDA GPU is available to this torch {torch.__version__}; give --device cpu"
     )
     assert not out.exists()
+
+
+def test_a_tool_stops_on_an_unknown_option_before_any_work(tmp_path):
+    """``reproduce.py --seeds 2`` used to run the whole study and only then complain about ``--seeds``."""
+    out = tmp_path / "study"
+    command = [sys.executable, "bundle/scripts/reproduce.py", "--preset", "smoke", "--seeds", "2", "--output_dir",
+               str(out)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "reproduce.py: unknown option --seeds; the options are --preset, --output_dir, --dataset_dir, --device"
+    )
+
+
+def test_check_options_knows_sub_commands_and_negated_flags():
+    def tool(output_dir, overwrite=False):
+        return output_dir
+
+    command_line.check_options(tool, ["--output_dir", "x", "--nooverwrite"], "t")
+    command_line.check_options({"make": tool}, ["make", "--output_dir=x"], "t")
+    with pytest.raises(SystemExit, match="t: unknown sub-command 'mak'; expected one of make"):
+        command_line.check_options({"make": tool}, ["mak"], "t")
+    with pytest.raises(SystemExit, match="t: unknown option --output; the options are --output_dir, --overwrite"):
+        command_line.check_options(tool, ["--output", "x"], "t")

@@ -763,8 +763,8 @@ def run_all(device=None, threads=None, output: str | None = None):
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.runtime.command_line import run_tool
 
     commands = {"inference": inference, "training": training, "data": data, "all": run_all}
     # the tables are printed as they are measured; the returned dicts are for callers in Python
-    fire.Fire({**commands, "memory_probe": _memory_probe_cli}, serialize=lambda result: None)
+    run_tool({**commands, "memory_probe": _memory_probe_cli}, serialize=lambda result: None)

@@ -324,7 +324,7 @@ def comparison_figure(examples, output_png, names=None) -> str:
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.runtime.command_line import run_tool
 
-    fire.Fire({"phantom_figure": phantom_figure, "synthesis_figure": synthesis_figure, "training_figure": training_figure,
-               "comparison_figure": comparison_figure})
+    run_tool({"phantom_figure": phantom_figure, "synthesis_figure": synthesis_figure,
+              "training_figure": training_figure, "comparison_figure": comparison_figure})

@@ -155,6 +155,6 @@ def main(output_dir: str, ckpt_path: str | None = None, targets: str = ",".join(
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.runtime.command_line import run_tool
 
-    fire.Fire(main)
+    run_tool(main)

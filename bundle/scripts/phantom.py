@@ -829,15 +829,16 @@ def contrast_table(num_cases: int = 20, seed: int = 0, shape=BRATS_SHAPE) -> str
     return "\n".join(lines)
 
 
-def main(**kwargs) -> list[str]:
+@functools.wraps(generate)  # its options, for --help and for the check of the command line
+def main(*args, **kwargs) -> list[str]:
     """Command line: :func:`generate`; a bad option or a folder that is not empty ends in one line, status 1."""
     try:
-        return generate(**kwargs)
+        return generate(*args, **kwargs)
     except (ValueError, FileExistsError) as e:
         sys.exit(f"phantom.py: {e}")
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.runtime.command_line import run_tool
 
-    fire.Fire(generate if "--help" in sys.argv or "-h" in sys.argv else main)
+    run_tool(generate if "--help" in sys.argv or "-h" in sys.argv else main)

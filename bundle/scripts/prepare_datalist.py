@@ -411,7 +411,7 @@ def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fr
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.runtime.command_line import run_tool
 
     # The summary is printed by prepare_datalist itself, so fire need not print the returned path.
-    fire.Fire(prepare_datalist, serialize=lambda _: None)
+    run_tool(prepare_datalist, serialize=lambda _: None)

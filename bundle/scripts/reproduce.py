@@ -294,6 +294,6 @@ def main(preset: str = "smoke", output_dir: str = "runs/reproduce", dataset_dir:
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.runtime.command_line import run_tool
 
-    fire.Fire(main)
+    run_tool(main)

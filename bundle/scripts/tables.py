@@ -22,6 +22,6 @@ def table1(*scores: str, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    import fire
+    from scripts.runtime.command_line import run_tool
 
-    fire.Fire({"write_table1": table1, "write_table2": write_table2})
+    run_tool({"write_table1": table1, "write_table2": write_table2})

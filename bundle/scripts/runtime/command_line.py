@@ -1,4 +1,5 @@
-"""What a user of ``python -m monai.bundle run ...`` sees: ``--help`` and one-line errors.
+"""What a user of ``python -m monai.bundle run ...`` and of the command-line tools sees: ``--help``, options checked
+before any work, and one-line errors.
 
 Every workflow config calls :func:`setup` first in ``initialize`` (``"cli"`` item):
 
@@ -8,6 +9,10 @@ Every workflow config calls :func:`setup` first in ``initialize`` (``"cli"`` ite
   (``ValueError: D/datalist.json has no cases in split 'tset' ...``) instead of MONAI's 60-80-line traceback
   whose last line is a ``RuntimeError: Failed to instantiate component`` wrapper. Set ``BRAINSYNTH_VERBOSE=1``
   for the full traceback.
+
+The command-line tools (``phantom.py``, ``prepare_datalist.py``, ``reproduce.py``, ``benchmark.py``,
+``figures.py``, ``tables.py``, ``monailabel_bundles.py``) start through :func:`run_tool`: an unknown option or
+sub-command stops them at once with one line, before any work.
 """
 
 from __future__ import annotations
@@ -112,3 +117,49 @@ def setup(help=False) -> None:
         print(workflow_help(config_files()))
         sys.exit(0)
     install_error_hook()
+
+
+def _options(argv: list[str]) -> list[str]:
+    """The ``--name`` / ``--name=value`` option names of a command line (``-``/``_`` alike, ``--noname`` kept)."""
+    return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2]
+
+
+def check_options(component, argv: list[str], prog: str) -> None:
+    """Stop a command-line tool before any work when its command line names an unknown sub-command or option.
+
+    Args:
+        component: the function ``fire.Fire`` will call, or a dict of sub-command name -> function.
+        argv: the arguments after the program name.
+        prog: the program's name, for the message.
+
+    Raises:
+        SystemExit: status 1 with one line naming the unknown option (or sub-command) and the known ones.
+    """
+    import inspect
+
+    if "--help" in argv or "-h" in argv:
+        return
+    function = component
+    if isinstance(component, dict):
+        positional = [a for a in argv if not a.startswith("-")]
+        if not positional or positional[0] not in component:
+            given = positional[0] if positional else "nothing"
+            sys.exit(f"{prog}: unknown sub-command {given!r}; expected one of {', '.join(component)}")
+        function = component[positional[0]]
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for name in _options(argv):
+        if name not in known and not (name.startswith("no") and name[2:] in known):
+            sys.exit(f"{prog}: unknown option --{name}; the options are " + ", ".join(f"--{k}" for k in known))
+
+
+def run_tool(component, **fire_options):
+    """``fire.Fire(component)`` for the bundle's command-line tools: options checked first
+    (:func:`check_options`), uncaught errors in one line (:func:`install_error_hook`)."""
+    import fire
+
+    check_options(component, sys.argv[1:], os.path.basename(sys.argv[0]))
+    install_error_hook()
+    return fire.Fire(component, **fire_options)
