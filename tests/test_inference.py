@@ -373,6 +373,7 @@ def test_cli_single_input(tmp_path, tcmgan_ckpt):
     result = run_cli("--input", str(src), "--output_dir", str(out), "--ckpt_path", str(tcmgan_ckpt))
     assert result.returncode == 0, result.stdout + result.stderr
     assert files_in(out) == sorted(f"case7_{t}.nii.gz" for t in TARGETS)
+    assert re.search(r"\[1/1\] case7: \d+\.\d s", result.stdout + result.stderr)  # one progress line per case
 
 
 def test_cli_inference_run_id_reads_the_datalist_of_dataset_dir(tmp_path, tcmgan_ckpt):

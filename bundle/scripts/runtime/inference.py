@@ -13,6 +13,7 @@
   a :class:`SliceRunner`.
 - :class:`SaveTargetsd`: one NIfTI per target, written atomically (:func:`scripts.runtime.files.atomic_paths`), in
   parallel.
+- :class:`CaseProgress`: an engine handler that logs one line per finished case (its name and seconds).
 - :class:`UnwrapTransformErrors`: an engine handler that re-raises the input error itself instead of MONAI's
   ``RuntimeError("applying transform ...")`` wrappers around it.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -557,6 +559,36 @@ class BrainSliceInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             output = MetaTensor(output).copy_meta_from(inputs, copy_attr=False)
         return output
+
+
+class CaseProgress:
+    """Engine handler: one log line per finished case, ``[k/N] <case>: <seconds> s`` (the time from loading the
+    case to its outputs written), instead of a bar that counts iterations without naming them."""
+
+    def __init__(self, case_key: str = "case"):
+        self.case_key = case_key
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+
+    def cases(self, batch) -> list[str]:
+        """The case ids of a batch: a collated dict (``{"case": [...]}``) or a list of decollated items."""
+        items = batch if isinstance(batch, (list, tuple)) else [batch]
+        names = []
+        for item in items:
+            value = item.get(self.case_key, "?") if isinstance(item, Mapping) else "?"
+            names += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        return names
+
+    def __call__(self, engine: Engine) -> None:
+        seconds = time.perf_counter() - self._start
+        total = engine.state.epoch_length or "?"
+        logger.info(f"[{engine.state.iteration}/{total}] {', '.join(self.cases(engine.state.batch))}: {seconds:.1f} s")
 
 
 class UnwrapTransformErrors:
