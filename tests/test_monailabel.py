@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, REPO, brain, save_nifti
-from monai.bundle import ConfigItem, ConfigParser, ConfigWorkflow
+from conftest import BUNDLE, REPO, brain, run_workflow, save_nifti
+from monai.bundle import ConfigItem, ConfigParser
 from monai.transforms import Compose, LoadImaged, SaveImaged
 
 from scripts.monailabel_bundles import export
@@ -51,17 +51,8 @@ def volume(tmp_path_factory) -> Path:
 def bundle_outputs(tcmgan_ckpt, volume, tmp_path_factory) -> dict:
     """The three targets as the bundle's own inference.json writes them ([0, 1] NIfTI on the input grid)."""
     out = tmp_path_factory.mktemp("inference")
-    workflow = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        input=str(volume),
-        output_dir=str(out),
-        ckpt_path=str(tcmgan_ckpt),
-        device="cpu",
-    )
-    workflow.initialize()
-    workflow.run()
+    run_workflow("inference.json", workflow_type="infer", input=str(volume), output_dir=str(out),
+                 ckpt_path=str(tcmgan_ckpt), device="cpu")  # fmt: skip
     return {t: np.asarray(nib.load(str(out / f"case_{t}.nii.gz")).dataobj) for t in TARGETS}
 
 

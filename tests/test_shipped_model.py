@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-from conftest import BUNDLE, REPO
-from monai.bundle import ConfigWorkflow
+from conftest import BUNDLE, REPO, run_workflow
 from scripts.runtime.checkpoints import synthesis_arch
 from scripts.runtime.networks import TARGETS
 
@@ -38,17 +37,8 @@ def test_shipped_model_fits_the_zoo_file_limit():
 
 
 def test_shipped_synthesis_of_the_pinned_volume_is_unchanged(tmp_path):
-    workflow = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        input=str(PINNED_INPUT),
-        output_dir=str(tmp_path),
-        backend="torch",
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_workflow("inference.json", workflow_type="infer", input=str(PINNED_INPUT), output_dir=str(tmp_path),
+                 backend="torch")  # fmt: skip
     expected = np.load(PINNED_OUTPUT)
     for target in TARGETS:
         got = nib.load(str(tmp_path / f"pinned_{target}.nii.gz"))

@@ -46,7 +46,7 @@ from scripts.runtime.files import write_json  # noqa: E402
 from scripts.runtime.inference import resolve_backend  # noqa: E402
 from scripts.runtime.losses import critic_loss, generator_loss, segmenter_update_loss  # noqa: E402
 from scripts.runtime.networks import VARIANTS, SynthesisNet, TumourSegmenter  # noqa: E402
-from scripts.runtime.trainer import draw_targets  # noqa: E402
+from scripts.runtime.data import draw_targets  # noqa: E402
 
 CONFIGS = os.path.join(BUNDLE, "configs")
 SHIPPED_MODEL = os.path.join(BUNDLE, "models", "model.pt")

@@ -192,18 +192,37 @@ def synthesis_batch(batchdata: dict, device=None, non_blocking: bool = False, **
     return image[:, T2_INDEX : T2_INDEX + 1], image[:, : len(TARGETS)]  # CHANNELS: the targets, then T2
 
 
+def draw_targets(image: torch.Tensor, label: torch.Tensor, num_targets: int = 3):
+    """A random target per sample (one ``torch.randint`` draw): step 1 of a GAN iteration
+    (:class:`scripts.runtime.trainer.TCMGANTrainer`) and the batch of S's pre-training (:func:`segmenter_batch`).
+
+    Args:
+        image: ``(B, 4, H, W)`` in :data:`scripts.runtime.conventions.CHANNELS` order.
+        label: ``(B, 1, H, W)`` internal labels.
+        num_targets: targets to draw from (the first channels).
+
+    Returns:
+        ``(x, k, y, tumour)``: the T2 ``(B, 1, H, W)``, the target indices ``(B,)``, the real targets
+        ``(B, 1, H, W)`` and the whole-tumour mask ``(B, 1, H, W)`` in ``x``'s dtype.
+    """
+    b = image.shape[0]
+    x = image[:, T2_INDEX : T2_INDEX + 1]
+    k = torch.randint(0, num_targets, (b,), device=x.device)
+    y = image[torch.arange(b, device=x.device), k].unsqueeze(1)
+    return x, k, y, (label > 0).to(x.dtype)
+
+
 def segmenter_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` for pre-training S: a real target slice of a random modality per sample.
+    """``prepare_batch`` for pre-training S: a real target slice of a random modality per sample
+    (:func:`draw_targets`).
 
     Returns ``(y (B, 1, H, W), whole tumour (B, 1, H, W), (labels (B,),), {})`` so that the trainer calls
     ``S(y, labels)``.
     """
     image = batchdata["image"].to(device=device, non_blocking=non_blocking)
     label = batchdata["label"].to(device=device, non_blocking=non_blocking)
-    b, n_targets = image.shape[0], image.shape[1] - 1
-    k = torch.randint(0, n_targets, (b,), device=image.device)
-    y = image[torch.arange(b, device=image.device), k].unsqueeze(1)
-    return y, (label > 0).to(y.dtype), (k,), {}
+    _, k, y, tumour = draw_targets(image, label, len(TARGETS))
+    return y, tumour, (k,), {}
 
 
 # --- the volume cache: checked cases, bad cases named or skipped, in memory or memory-mapped from disk ---------------

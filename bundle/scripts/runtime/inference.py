@@ -148,13 +148,18 @@ def inference_cases(
     return _still_to_do(cases, output_dir, output_ext, overwrite)
 
 
+def output_paths(output_dir: str, case: str, output_ext: str = ".nii.gz", targets=TARGETS) -> list[str]:
+    """The files inference writes for ``case``: ``output_dir/<case>_<target><output_ext>``, one per target."""
+    return [os.path.join(output_dir, f"{case}_{target}{output_ext}") for target in targets]
+
+
 def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite: bool) -> list[dict]:
     """``cases`` without those whose outputs all exist in ``output_dir`` (unless ``overwrite``), one line each."""
     if overwrite or not output_dir:
         return cases
     todo = []
     for case in cases:
-        finals = [os.path.join(output_dir, f"{case['case']}_{t}{output_ext}") for t in TARGETS]
+        finals = output_paths(output_dir, case["case"], output_ext)
         if all(os.path.isfile(f) for f in finals):
             logger.info(f"{case['case']}: kept the outputs of an earlier run in {output_dir} (--overwrite true "
                         "synthesises it again)")  # fmt: skip
@@ -293,7 +298,7 @@ class SaveTargetsd:
             )
         volumes = torch.as_tensor(pred).detach().to("cpu", torch.float32).numpy()
         affine = np.asarray(ref.affine, dtype=np.float64)
-        finals = [os.path.join(self.output_dir, f"{case}_{target}{self.output_ext}") for target in self.targets]
+        finals = output_paths(self.output_dir, case, self.output_ext, self.targets)
         with atomic_paths(finals) as temporaries:
             with ThreadPoolExecutor(max_workers=len(self.targets)) as pool:  # waits for every write, failed or not
                 jobs = [

@@ -31,7 +31,7 @@ from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 from torch.optim import Optimizer
 
-from .conventions import T2_INDEX
+from .data import draw_targets
 from .losses import critic_loss, generator_loss, segmenter_update_loss
 
 #: The scalar terms an iteration reports (StatsHandler / TensorBoard tags).
@@ -49,25 +49,6 @@ def loss_terms(output: dict) -> dict[str, float]:
     values = torch.stack([output[k].detach().float().reshape(()) for k in on_device]).tolist() if on_device else []
     floats = dict(zip(on_device, values))
     return {k: floats[k] if k in floats else float(output[k]) for k in keys}
-
-
-def draw_targets(image: torch.Tensor, label: torch.Tensor, num_targets: int = 3):
-    """Step 1 of an iteration: a random target per sample (one ``torch.randint`` draw).
-
-    Args:
-        image: ``(B, 4, H, W)`` in :data:`scripts.runtime.conventions.CHANNELS` order.
-        label: ``(B, 1, H, W)`` internal labels.
-        num_targets: targets to draw from (the first channels).
-
-    Returns:
-        ``(x, k, y, tumour)``: the T2 ``(B, 1, H, W)``, the target indices ``(B,)``, the real targets
-        ``(B, 1, H, W)`` and the whole-tumour mask ``(B, 1, H, W)`` in ``x``'s dtype.
-    """
-    b = image.shape[0]
-    x = image[:, T2_INDEX : T2_INDEX + 1]
-    k = torch.randint(0, num_targets, (b,), device=x.device)
-    y = image[torch.arange(b, device=x.device), k].unsqueeze(1)
-    return x, k, y, (label > 0).to(x.dtype)
 
 
 class TCMGANTrainer(Trainer):
