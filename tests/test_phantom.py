@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from conftest import BUNDLE
 
@@ -26,9 +27,10 @@ def _load(path):
 
 @pytest.fixture(scope="module")
 def full_case():
-    """One full-size 240x240x155 high-grade-like case (ring-enhancing tumour)."""
-    seed = next(s for s in range(50) if phantom.make_case(s, SMALL)["kind"] == "hgg")
-    return phantom.make_case(seed)
+    """One full-size 240x240x155 high-grade-like case (ring-enhancing tumour) of the fixed domain, whose contrast
+    table the tests below specify (the randomised domains are specified further down)."""
+    seed = next(s for s in range(50) if phantom.make_case(s, SMALL, "fixed")["kind"] == "hgg")
+    return phantom.make_case(seed, domain="fixed")
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -78,8 +80,8 @@ def test_brats2021_layout_files_affine_and_labels(tmp_path):
 
 
 def test_brats2018_layout_splits_hgg_and_lgg(tmp_path):
-    ids = phantom.generate(tmp_path, num_cases=2, seed=0, layout="brats2018", shape=SMALL)
-    # with seed 0, case 0 is low-grade-like (no enhancing tumour) and case 1 high-grade-like
+    ids = phantom.generate(tmp_path, num_cases=2, seed=0, layout="brats2018", shape=SMALL, domain="fixed")
+    # with seed 0 (fixed domain), case 0 is low-grade-like (no enhancing tumour) and case 1 high-grade-like
     assert ids == ["LGG/Brats18_PH_00000_1", "HGG/Brats18_PH_00001_1"]
     for cid in ids:
         stem = Path(cid).name
@@ -286,6 +288,69 @@ def test_about_a_quarter_of_cases_have_small_or_no_tumour():
     share = sum(k in ("none", "small") for k in kinds) / len(kinds)
     assert 0.1 <= share <= 0.45
     assert "hgg" in kinds and "lgg" in kinds
+
+
+# ------------------------------------------------------------------------------------------------ domains
+def _orders(table: dict, modality: str) -> set:
+    """Pairs (darker, brighter) of tissues whose means differ in ``table`` for ``modality``."""
+    tissues = list(table)
+    return {(a, b) for a in tissues for b in tissues if table[a][modality] < table[b][modality]}
+
+
+@pytest.mark.parametrize("domain", ["randomised", "shifted"])
+def test_randomised_contrast_tables_keep_each_modality_tissue_ordering(domain):
+    base = {t: dict(zip(phantom.MODALITIES, v)) for t, v in phantom.BASE_CONTRAST.items()}
+    spread = {m: [] for m in phantom.MODALITIES}
+    for seed in range(400):
+        table = phantom._domain_contrast(np.random.default_rng(seed), phantom.DOMAIN_RANGES[domain])
+        for m in phantom.MODALITIES:
+            assert _orders(base, m) <= _orders(table, m), (seed, m)
+            spread[m].append(table["gm"][m] / table["wm"][m])
+    for m in phantom.MODALITIES:  # and the tables do vary: GM/WM ratios spread by more than the fixed +-10 %
+        assert np.std(np.log(spread[m])) > 0.1, m
+
+
+@pytest.mark.parametrize("domain", ["randomised", "shifted"])
+def test_randomised_images_keep_healthy_tissue_ordering(domain):
+    # darkest first; FLAIR's GM/WM gap (0.58 vs 0.45 in the table) is kept in the tables (above) but may be lost
+    # in the images of this coarse grid to partial volume with the dark CSF beside the cortex, so only CSF counts
+    expected = {"t1": ("csf", "gm", "wm"), "t1ce": ("csf", "gm", "wm"), "t2": ("wm", "gm", "csf"),
+                "flair": ("csf", "wm"), "flair ": ("csf", "gm")}
+    for seed in range(6):
+        means = phantom.region_means(phantom.make_case(phantom.case_seed(3, seed, domain), MEDIUM, domain))
+        for m, order in expected.items():
+            values = [means[t][m.strip()] for t in order]
+            assert values == sorted(values), (domain, seed, m, values)
+
+
+def test_fixed_domain_keeps_the_contrast_table_within_its_jitter():
+    table = phantom.make_case(5, (32, 32, 24), "fixed")["contrast"]
+    for t, row in phantom.BASE_CONTRAST.items():
+        for m, v in zip(phantom.MODALITIES, row):
+            assert abs(table[t][m] / v - 1) <= phantom.CONTRAST_JITTER_CLIP + 1e-9, (t, m)
+
+
+def test_randomised_tumours_include_multifocal_and_large_oedema_cases():
+    cases = [phantom.make_case(seed, MEDIUM) for seed in range(12)]
+    multifocal = [c for c in cases if c["lesions"] > 1]
+    assert multifocal, [c["lesions"] for c in cases]
+    parts = [ndimage.label(c["label"] > 0)[1] for c in multifocal]
+    assert max(parts) >= 2  # separate foci (a satellite may also touch the main lesion)
+    share = lambda c: (c["label"] == 2).sum() / max((c["label"] > 0).sum(), 1)  # noqa: E731
+    assert max(share(c) for c in cases) > 0.8  # some tumours are mostly oedema
+
+
+def test_shifted_cases_never_reuse_a_training_seed():
+    training = {phantom.case_seed(s, i) for s in range(20) for i in range(200)}
+    held_out = {phantom.case_seed(s, i, "shifted") for s in range(20) for i in range(200)}
+    assert not training & held_out
+
+
+def test_domain_is_recorded_and_an_unknown_one_is_refused(tmp_path):
+    phantom.generate(tmp_path / "ood", num_cases=1, seed=0, shape=(32, 32, 24), domain="shifted")
+    assert json.loads((tmp_path / "ood" / "phantom.json").read_text())["domain"] == "shifted"
+    with pytest.raises(ValueError, match="valid domains are: randomised, fixed, shifted"):
+        phantom.generate(tmp_path / "bad", num_cases=1, shape=(32, 32, 24), domain="ood")
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -63,6 +63,8 @@ __all__ = [
     "contrast_table",
     "TUMOUR_KINDS",
     "TUMOUR_KIND_P",
+    "DOMAINS",
+    "DOMAIN_RANGES",
 ]
 
 BRATS_SHAPE = (240, 240, 155)  # BraTS / SRI24 grid, 1 mm isotropic
@@ -93,6 +95,35 @@ T1CE_JITTER_MIX = (0.7, 0.5)  # T1ce jitter = 0.7 x T1 jitter + 0.5 x its own (h
 # Per-case share of tumour types: no tumour, a small tumour (a few slices), low-grade-like, high-grade-like.
 TUMOUR_KINDS = ("none", "small", "lgg", "hgg")
 TUMOUR_KIND_P = (0.10, 0.15, 0.20, 0.55)
+
+# Domains (docs/phantom.md, "Domains"): how far a case's contrasts, imaging, anatomy and tumours vary.
+# - "fixed": the contrast table above with the small per-case jitter (the phantom before domain randomisation);
+# - "randomised" (the default, for training): every tissue mean of every modality drawn per case (log-normal
+#   around the table, a per-modality gamma), wider blur, bias, noise, gain and anatomical deformation, and more
+#   varied tumours (multifocal, large oedema); each modality's tissue ordering is kept;
+# - "shifted" (held-out evaluation out of distribution): ranges beyond "randomised" (gamma, blur, bias, noise,
+#   brain size, rotation, deformation), case seeds from a separate stream (see ``case_seed``).
+# A range is (low, high); a list of ranges means: one of them, chosen at random, then uniform inside it.
+DOMAINS = ("randomised", "fixed", "shifted")
+GEOMETRY_FIXED = dict(rotation_deg=6.0, zoom=(0.86, 0.95), zoom_axis=(0.97, 1.03), elastic_mm=(1.5, 3.0))
+DOMAIN_RANGES = {
+    "randomised": dict(
+        contrast_sd={"t1": 0.10, "t1ce": 0.10, "t2": 0.15, "flair": 0.10},  # log-sd of each tissue mean
+        gamma=(0.8, 1.25), gain=(300.0, 4000.0),
+        blur=(0.3, 1.2), bias=(0.04, 0.25), noise=(0.01, 0.05), t1_slice_mm=(2.0, 7.0),
+        rotation_deg=10.0, zoom=(0.82, 0.98), zoom_axis=(0.95, 1.05), elastic_mm=(1.5, 5.0),
+        kind_p=(0.08, 0.12, 0.20, 0.60), radius_scale=(0.8, 1.3), large_oedema_p=0.3, oedema_scale=(1.2, 1.6),
+        multifocal_p=0.2, lesions=(2, 3),
+    ),
+    "shifted": dict(
+        contrast_sd={"t1": 0.2, "t1ce": 0.2, "t2": 0.2, "flair": 0.2},
+        gamma=[(0.6, 0.75), (1.35, 1.6)], gain=(300.0, 4000.0),
+        blur=(1.2, 1.6), bias=(0.25, 0.35), noise=(0.05, 0.07), t1_slice_mm=(7.0, 8.0),
+        rotation_deg=16.0, zoom=[(0.74, 0.80), (0.98, 1.02)], zoom_axis=(0.93, 1.07), elastic_mm=(5.0, 7.0),
+        kind_p=(0.05, 0.10, 0.25, 0.60), radius_scale=(0.7, 1.4), large_oedema_p=0.5, oedema_scale=(1.3, 1.8),
+        multifocal_p=0.4, lesions=(2, 4),
+    ),
+}
 
 # Internal label convention returned by make_case; the writers map it to each layout's convention.
 LABEL_NECROSIS, LABEL_OEDEMA, LABEL_ENHANCING = (INTERNAL_LABELS[k] for k in ("necrosis", "edema", "enhancing"))
@@ -182,9 +213,23 @@ def brats_affine(shape=BRATS_SHAPE) -> np.ndarray:
     )
 
 
-def case_seed(seed: int, index: int) -> int:
-    """Seed of case ``index`` in a run with base ``seed``; it does not depend on how many cases are made."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+def case_seed(seed: int, index: int, domain: str = "randomised") -> int:
+    """Seed of case ``index`` in a run with base ``seed``; it does not depend on how many cases are made.
+
+    Cases of the ``shifted`` domain draw from a separate stream (``SeedSequence([seed, index, 1])``), so no held-out
+    case shares its seed, and so its anatomy and tumour, with a training case of any base seed.
+    """
+    words = [int(seed), int(index)] + ([1] if domain == "shifted" else [])
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def _uniform(rng: np.random.Generator, spec, size=None):
+    """Uniform draw from ``(low, high)``, or from one of a list of such ranges chosen at random (per value)."""
+    if isinstance(spec, tuple):
+        return rng.uniform(spec[0], spec[1], size)
+    picks = rng.integers(len(spec), size=size)
+    lows, highs = np.array([r[0] for r in spec])[picks], np.array([r[1] for r in spec])[picks]
+    return lows + (highs - lows) * rng.random(size)
 
 
 def _upsample(coarse: np.ndarray, size) -> np.ndarray:
@@ -243,9 +288,14 @@ def _check_shape(shape) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------------
 # One case
 # ----------------------------------------------------------------------------------------------------------
-def _draw_tumour(rng: np.random.Generator) -> dict:
-    """Tumour type and sizes (template millimetres) for one case; independent of the grid shape."""
-    kind = TUMOUR_KINDS[rng.choice(len(TUMOUR_KINDS), p=TUMOUR_KIND_P)]
+def _draw_tumour(rng: np.random.Generator, ranges: dict | None = None) -> dict:
+    """Tumour type and sizes (template millimetres) for one case; independent of the grid shape.
+
+    With a domain's ``ranges``: its shares of the kinds, a random size scale, sometimes a large oedema (the whole
+    tumour radius scaled up) and sometimes more lesions (``lesions`` = their number, satellites made smaller).
+    """
+    kind_p = TUMOUR_KIND_P if ranges is None else ranges["kind_p"]
+    kind = TUMOUR_KINDS[rng.choice(len(TUMOUR_KINDS), p=kind_p)]
     enhancing = kind == "hgg" or (kind == "small" and rng.random() < 0.5)
     if kind == "small":  # a nodule that shows on a few slices only
         r_wt = rng.uniform(4.0, 9.0)
@@ -258,7 +308,55 @@ def _draw_tumour(rng: np.random.Generator) -> dict:
         r_tc = r_wt * rng.uniform(0.45, 0.7)
     r_nec = r_tc * rng.uniform(0.45, 0.75) if enhancing else 0.0
     mass_effect = rng.uniform(0.25, 0.45) if kind in ("lgg", "hgg") else 0.0
-    return dict(kind=kind, enhancing=enhancing, r_wt=r_wt, r_tc=r_tc, r_nec=r_nec, mass_effect=mass_effect)
+    lesions = 1
+    if ranges is not None:
+        scale = _uniform(rng, ranges["radius_scale"])
+        r_wt, r_tc, r_nec = r_wt * scale, r_tc * scale, r_nec * scale
+        if rng.random() < ranges["large_oedema_p"]:
+            r_wt *= _uniform(rng, ranges["oedema_scale"])
+        if kind in ("lgg", "hgg") and rng.random() < ranges["multifocal_p"]:
+            lesions = int(rng.integers(ranges["lesions"][0], ranges["lesions"][1] + 1))
+    return dict(kind=kind, enhancing=enhancing, r_wt=r_wt, r_tc=r_tc, r_nec=r_nec, mass_effect=mass_effect,
+                lesions=lesions)
+
+
+def _domain_contrast(rng: np.random.Generator, ranges: dict) -> dict:
+    """A per-case tissue x modality table for a randomised domain; each modality keeps the tissue ordering of
+    ``BASE_CONTRAST``.
+
+    Each mean is the table's value times ``exp(N(0, contrast_sd))`` (a tissue's T1ce factor mostly follows its T1
+    factor, as in the fixed jitter); the drawn values of a modality are then handed out to the tissues in the
+    table's order (the smallest to the darkest tissue, and so on), and a per-modality gamma is applied relative
+    to the brightest tissue. Both steps keep the order; tissues of equal table value may come out either way.
+    """
+    base = np.array([BASE_CONTRAST[t] for t in TISSUES])  # (tissues, modalities)
+    sd = np.array([ranges["contrast_sd"][m] for m in MODALITIES])
+    eps = rng.standard_normal(base.shape) * sd
+    t1, t1ce = MODALITIES.index("t1"), MODALITIES.index("t1ce")
+    shared = [i for i, t in enumerate(TISSUES) if t != "enhancing"]
+    eps[shared, t1ce] = T1CE_JITTER_MIX[0] * eps[shared, t1] + T1CE_JITTER_MIX[1] * eps[shared, t1ce]
+    drawn = base * np.exp(eps)
+    table = np.empty_like(base)
+    for j in range(len(MODALITIES)):
+        order = np.argsort(base[:, j], kind="stable")
+        table[order, j] = np.sort(drawn[:, j])
+        top = table[:, j].max()
+        table[:, j] = top * (table[:, j] / top) ** _uniform(rng, ranges["gamma"])
+    return {t: {m: float(table[i, j]) for j, m in enumerate(MODALITIES)} for i, t in enumerate(TISSUES)}
+
+
+def _randomise_imaging(rng: np.random.Generator, ranges: dict, look: dict, pair: dict) -> None:
+    """Replace the contrast table and the imaging parameters of ``look`` and ``pair`` by a domain's draws."""
+    n = len(MODALITIES)
+    look["contrast"] = _domain_contrast(rng, ranges)
+    look["blur_sigma"] = _uniform(rng, ranges["blur"], n)
+    look["bias_amp"] = _uniform(rng, ranges["bias"], n)
+    look["noise_sd"] = _uniform(rng, ranges["noise"], n)
+    look["gain"] = _uniform(rng, ranges["gain"], n)
+    pair["t1_slice_mm"] = _uniform(rng, ranges["t1_slice_mm"])
+    pair["t1_noise_sd"] = _uniform(rng, ranges["noise"])
+    pair["t1ce_noise_sd"] = _uniform(rng, ranges["noise"]) * 0.6  # the 3D T1ce stays the least noisy
+    pair["t1ce_blur"] = _uniform(rng, ranges["blur"]) * 0.6
 
 
 def _draw_appearance(rng: np.random.Generator) -> dict:
@@ -389,7 +487,7 @@ def _uptake(rng, pair, brain, csf, aux, healthy, choroid, mm_per_template_mm, fi
     return (uptake * scale).astype(np.float32), (value * scale).astype(np.float32)
 
 
-def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
+def make_case(seed: int, shape=BRATS_SHAPE, domain: str = "randomised") -> dict:
     """Generate one phantom case in memory.
 
     Args:
@@ -398,6 +496,8 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
         shape: output grid (X, Y, Z), array axes pointing left, posterior, superior like BraTS (see
             ``brats_affine``). For the default 240x240x155 one voxel is 1 mm; for other shapes the brain is
             scaled isotropically to fit the grid.
+        domain: "randomised" (default), "fixed" or "shifted": how far contrasts, imaging, anatomy and tumours vary
+            (``DOMAINS``; docs/phantom.md). "fixed" gives exactly the cases of the phantom before randomisation.
 
     Returns:
         dict with
@@ -410,30 +510,38 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
         - ``brain``: bool (X, Y, Z) brain mask (where the images are non-zero).
         - ``uptake``: float32 (X, Y, Z) fraction of each voxel holding contrast-enhancing non-tumour tissue
           (vessels, choroid plexus, dura), shown in T1ce only; 0 outside the brain and where tumour is.
-        - ``kind``: "none", "small", "lgg" or "hgg"; ``contrast``: the jittered tissue x modality means used
+        - ``kind``: "none", "small", "lgg" or "hgg"; ``lesions``: how many tumour foci (0 without tumour, more than
+          1 for a multifocal tumour); ``contrast``: the jittered tissue x modality means used
           (dict tissue -> dict modality -> float, WM in T1 = 1 before the per-modality gain).
 
     Raises:
-        ValueError: negative seed or a bad shape.
+        ValueError: negative seed, a bad shape or an unknown domain.
     """
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     shape = _check_shape(shape)
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid domains are: {', '.join(DOMAINS)}")
+    ranges = DOMAIN_RANGES.get(domain)  # None for "fixed"
     # four independent random streams, so that e.g. the grid size does not change the tumour type (the fourth,
     # for what makes T1 and T1ce differ, leaves the first three, and so T2 and FLAIR, as they were before it)
-    rng_geo, rng_tum, rng_img, rng_pair = (np.random.default_rng(s)
-                                           for s in np.random.SeedSequence(int(seed)).spawn(4))
-    tumour = _draw_tumour(rng_tum)
+    # (a fifth stream draws the domain randomisation; spawning it leaves the first four as they were)
+    rng_geo, rng_tum, rng_img, rng_pair, rng_dom = (np.random.default_rng(s)
+                                                    for s in np.random.SeedSequence(int(seed)).spawn(5))
+    tumour = _draw_tumour(rng_tum) if ranges is None else _draw_tumour(rng_dom, ranges)
     look = _draw_appearance(rng_img)
     pair = _draw_t1_pair(rng_pair)
+    if ranges is not None:
+        _randomise_imaging(rng_dom, ranges, look, pair)
+    geo = GEOMETRY_FIXED if ranges is None else ranges
     contrast = look["contrast"]
     maps, t_center, t_extent = _template()
     fit = min(s / b for s, b in zip(shape, BRATS_SHAPE))  # output voxels per BraTS millimetre
 
     # --- random geometry: output voxel x -> template voxel M @ (x + displacement(x)) + b -----------------
-    zoom = rng_geo.uniform(0.86, 0.95) * rng_geo.uniform(0.97, 1.03, 3) * fit  # output voxels per template mm
+    zoom = _uniform(rng_geo, geo["zoom"]) * _uniform(rng_geo, geo["zoom_axis"], 3) * fit  # output voxels per template mm
     flip = np.diag([-1.0, -1.0, 1.0])  # BraTS arrays run left/posterior/superior, the template right/anterior
-    m = flip @ _rotation(rng_geo, 6.0) @ np.diag(1.0 / zoom)
+    m = flip @ _rotation(rng_geo, geo["rotation_deg"]) @ np.diag(1.0 / zoom)
     # brain centred in x and y; in z its top sits a few voxels below the last slice, like BraTS (where the
     # lower brainstem, not the vertex, is cut off)
     o_center = (np.array(shape) - 1) / 2.0 + rng_geo.uniform(-4, 4, 3) * fit
@@ -445,7 +553,7 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
     n_nodes = [int(np.ceil((s - 1) / step)) + 1 for s in shape]
     nodes = np.stack(np.meshgrid(*[np.arange(n) * float(step) for n in n_nodes], indexing="ij"))  # (3, ...)
     # elastic displacement in output voxels: smooth field with ~20 mm correlation, a few mm amplitude
-    amplitude = rng_geo.uniform(1.5, 3.0) * fit
+    amplitude = _uniform(rng_geo, geo["elastic_mm"]) * fit
     elastic = _smooth_noise(rng_geo, n_nodes, sigma=20.0 * fit / step, channels=3) * amplitude
 
     def to_template(disp):
@@ -463,6 +571,13 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
         center = _pick_centre(rng_tum, coarse_maps, coarse_brain, nodes, to_template(elastic),
                               tumour["r_tc"] / step)
         tumour["center"] = center
+        # further lesions (multifocal): smaller, each at its own place, no mass effect of their own
+        tumour["satellites"] = []
+        for _ in range(tumour["lesions"] - 1):
+            sat = dict(tumour, **{k: tumour[k] * rng_dom.uniform(0.4, 0.8) for k in ("r_wt", "r_tc", "r_nec")})
+            sat["center"] = _pick_centre(rng_dom, coarse_maps, coarse_brain, nodes, to_template(elastic),
+                                         sat["r_tc"] / step)
+            tumour["satellites"].append(sat)
         if tumour["mass_effect"] > 0:
             # sample the template closer to the centre, which pushes the anatomy outwards
             rel = nodes - center[:, None, None, None]
@@ -495,7 +610,9 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
     # --- tumour compartments as partial volumes (fractions of each voxel, inside a box around it) -----------
     frac, tumour_noise, box = {}, None, None
     if tumour["kind"] != "none":
-        frac, tumour_noise, box = _tumour_fractions(rng_tum, tumour, lo, crop_size, wm, csf)
+        lesions = [_tumour_fractions(rng_tum, tumour, lo, crop_size, wm, csf)]
+        lesions += [_tumour_fractions(rng_dom, sat, lo, crop_size, wm, csf) for sat in tumour["satellites"]]
+        frac, tumour_noise, box = _merge_lesions(lesions)
     healthy = np.ones_like(gm)  # fraction of each voxel still holding healthy tissue
     for f in frac.values():
         healthy[box] -= f
@@ -547,7 +664,7 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
     label = np.zeros(shape, np.uint8)
     if frac:
         zeros = np.zeros_like(healthy[box])
-        core = frac["necrosis"] if "necrosis" in frac else frac["nonenhancing"]
+        core = frac.get("necrosis", zeros) + frac.get("nonenhancing", zeros)
         parts = np.stack([healthy[box], core, frac["oedema"], frac.get("enhancing", zeros)])
         lab = parts.argmax(0).astype(np.uint8)  # 0 healthy, 1 necrosis/core, 2 oedema, 3 enhancing
         lab[~brain[box]] = 0
@@ -559,8 +676,29 @@ def make_case(seed: int, shape=BRATS_SHAPE) -> dict:
         out[name] = full
     out["label"] = label
     out["kind"] = tumour["kind"]
+    out["lesions"] = tumour["lesions"] if tumour["kind"] != "none" else 0
     out["contrast"] = contrast
     return out
+
+
+def _merge_lesions(lesions: list) -> tuple:
+    """One (fractions, heterogeneity, box) from several lesions' ``_tumour_fractions``: the union box, each
+    compartment the largest of the lesions' fractions, scaled down where the compartments would exceed the voxel."""
+    if len(lesions) == 1:
+        return lesions[0]
+    lo = np.min([[s.start for s in box] for _, _, box in lesions], axis=0)
+    hi = np.max([[s.stop for s in box] for _, _, box in lesions], axis=0)
+    size = tuple(int(v) for v in hi - lo)
+    frac = {k: np.zeros(size, np.float32) for f, _, _ in lesions for k in f}
+    hetero = np.zeros((2, *size), np.float32)
+    for f, h, box in lesions:
+        sub = tuple(slice(b.start - a, b.stop - a) for b, a in zip(box, lo))
+        for k, v in f.items():
+            frac[k][sub] = np.maximum(frac[k][sub], v)
+        hetero[(slice(None), *sub)] = h
+    total = sum(frac.values())
+    scale = np.where(total > 1, 1.0 / np.maximum(total, 1e-6), 1.0).astype(np.float32)
+    return {k: v * scale for k, v in frac.items()}, hetero, tuple(slice(int(a), int(z)) for a, z in zip(lo, hi))
 
 
 def _sample(maps: torch.Tensor, coords: np.ndarray) -> np.ndarray:
@@ -732,7 +870,7 @@ def _clear_earlier_run(output_dir: Path, overwrite: bool) -> None:
 
 
 def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brats2021",
-             shape=BRATS_SHAPE, overwrite: bool = False) -> list[str]:
+             shape=BRATS_SHAPE, overwrite: bool = False, domain: str = "randomised") -> list[str]:
     """Generate ``num_cases`` phantom cases and write them under ``output_dir`` in a real dataset layout.
 
     Args:
@@ -745,6 +883,9 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
         overwrite: write into a folder that is not empty, first removing what an earlier phantom run wrote there
             (its cases, ``dataset.json``, ``datalist*.json`` and ``phantom.json``); without it such a folder is
             refused, so that fewer cases never mix with the old ones.
+        domain: "randomised" (default: domain-randomised contrasts, imaging, anatomy and tumours, for training),
+            "fixed" (the narrow phantom before randomisation) or "shifted" (held-out cases beyond the randomised
+            ranges, from a separate seed stream: an out-of-distribution evaluation set). See docs/phantom.md.
 
     Returns:
         case ids: folder names relative to ``output_dir`` ("BraTS2021_00000", "HGG/Brats18_PH_00000_1",
@@ -753,7 +894,7 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     Images are int16 (rounded scanner-like units, brain >= 1, background 0); seg is uint8.
 
     Raises:
-        ValueError: unknown layout, num_cases < 1, negative seed or a bad shape.
+        ValueError: unknown layout or domain, num_cases < 1, negative seed or a bad shape.
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False.
     """
     if layout not in LAYOUTS:
@@ -765,6 +906,8 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     if isinstance(shape, str):  # e.g. "[240,240,155]" or "240,240,155" from the command line
         shape = [s for s in shape.strip("[]() ").split(",") if s.strip()]
     shape = _check_shape(shape)
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid domains are: {', '.join(DOMAINS)}")
 
     from tqdm import tqdm
 
@@ -773,12 +916,13 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     output_dir.mkdir(parents=True, exist_ok=True)
     affine = brats_affine(shape)
     case_ids = []
-    for i in tqdm(range(num_cases), desc=f"phantom {layout}", unit="case"):
-        case = make_case(case_seed(seed, i), shape)
+    for i in tqdm(range(num_cases), desc=f"phantom {layout} {domain}", unit="case"):
+        case = make_case(case_seed(seed, i, domain), shape, domain)
         case_ids.append(_write_case(case, i, output_dir, layout, affine))
     if layout == "msd":
         _write_msd_json(output_dir, case_ids)
-    record = {"num_cases": int(num_cases), "seed": int(seed), "layout": layout, "shape": list(shape), "cases": case_ids}
+    record = {"num_cases": int(num_cases), "seed": int(seed), "layout": layout, "shape": list(shape),
+              "domain": domain, "cases": case_ids}
     write_json(str(output_dir / RUN_RECORD), record, newline=True, indent=2)
     return case_ids
 
@@ -802,8 +946,9 @@ def region_means(case: dict, purity: float = 0.9) -> dict:
             for name, mask in regions.items() if mask.any()}
 
 
-def contrast_table(num_cases: int = 20, seed: int = 0, shape=BRATS_SHAPE) -> str:
-    """Markdown table of the region means as generated: mean +- sd over ``num_cases`` cases of ``generate``.
+def contrast_table(num_cases: int = 20, seed: int = 0, shape=BRATS_SHAPE, domain: str = "fixed") -> str:
+    """Markdown table of the region means as generated: mean +- sd over ``num_cases`` cases of ``generate``
+    (of the ``fixed`` domain unless ``domain`` says otherwise).
 
     Label 1 counts as necrosis in cases with an enhancing tumour and as non-enhancing tumour otherwise.
     Each case's means (``region_means``) are normalised like ``BASE_CONTRAST``: T1 and T1ce by that case's WM,
@@ -814,7 +959,7 @@ def contrast_table(num_cases: int = 20, seed: int = 0, shape=BRATS_SHAPE) -> str
     regions = ("csf", "gm", "wm", "oedema", "necrosis", "nonenhancing", "enhancing")
     values = {(r, m): [] for r in regions for m in MODALITIES}
     for i in range(num_cases):
-        means = region_means(make_case(case_seed(seed, i), shape))
+        means = region_means(make_case(case_seed(seed, i, domain), shape, domain))
         # label 1 is necrosis where the tumour enhances, non-enhancing solid tumour where it does not
         if "necrosis_or_core" in means:
             means["necrosis" if "enhancing" in means else "nonenhancing"] = means.pop("necrosis_or_core")
