@@ -12,8 +12,14 @@ import pytest
 import torch
 from monai.metrics.regression import compute_ssim_and_cs
 
+from monai.metrics import SSIMMetric
+
 from scripts.runtime.metrics import (
+    PROTOCOL_MIN_BRAIN,
+    brain_unit,
     paper_slice_scores,
+    protocol_brain,
+    protocol_scores,
     percentile_unit,
     psnr_in_mask,
     ssim_in_mask,
@@ -93,3 +99,62 @@ def test_percentile_unit_and_volume_scores():
     worse = volume_scores(vol * (1 + 0.3 * torch.rand_like(vol)), vol, brain, tumour)
     assert 0 < worse["ssim_brain"] < 1 and math.isfinite(worse["psnr_brain"])
     assert math.isnan(volume_scores(vol, vol, brain, torch.zeros_like(brain))["ssim_tumour"])
+
+
+# ------------------------------------------------------------------------------------------ quality protocol
+def _volume(shape=(60, 64, 50), seed=0):
+    """A smooth positive 'brain' (a ball) with texture, background 0, and its real/pred pair."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    ball = (grid**2).sum(0) < 0.9
+    real = (torch.rand(shape, generator=g) + 1.0) * ball
+    return real, ball
+
+
+def test_protocol_brain_drops_the_lowest_percent_of_the_t2():
+    t2, ball = _volume()
+    brain = protocol_brain(t2)
+    assert brain.sum() < ball.sum() and abs(brain.sum() / ball.sum() - 0.99) < 0.005
+    assert not brain[~ball].any()
+
+
+def test_brain_unit_maps_brain_percentiles_to_zero_and_one_and_keeps_background():
+    real, ball = _volume()
+    u = brain_unit(real * 7 + 3 * ball, ball)  # affine changes of the brain values do not matter
+    assert torch.allclose(u, brain_unit(real, ball), atol=1e-5)
+    assert u[~ball].eq(0).all() and u.max() == 1 and (u[ball] == 0).float().mean() < 0.01
+
+
+def test_protocol_slice_ssim_is_monai_ssim_of_each_slice_with_enough_brain():
+    real, ball = _volume()
+    pred = real + 0.2 * torch.rand(real.shape, generator=torch.Generator().manual_seed(1)) * ball
+    brain = protocol_brain(real)
+    scores = protocol_scores(pred, real, brain, torch.zeros_like(ball))
+    p, r = brain_unit(pred, brain), brain_unit(real, brain)
+    metric = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=11, kernel_sigma=1.5, reduction="none")
+    for key, axis in (("protocol_ssim_axial", 2), ("protocol_ssim_sagittal", 0)):
+        keep = brain.sum(dim=tuple(a for a in range(3) if a != axis)) > PROTOCOL_MIN_BRAIN
+        slices_p = p.movedim(axis, 0)[keep][:, None]
+        slices_r = r.movedim(axis, 0)[keep][:, None]
+        assert 0 < keep.sum() < len(keep)  # the threshold leaves out the small slices at the ball's poles
+        assert scores[key] == pytest.approx(float(metric(slices_p, slices_r).mean()), abs=1e-5)
+    assert math.isnan(scores["protocol_ssim_tumour"])  # no tumour
+
+
+def test_protocol_ignores_slices_with_little_brain_and_tumour_ssim_looks_at_the_tumour_only():
+    real, ball = _volume()
+    brain = protocol_brain(real)
+    axial_area = brain.sum(dim=(0, 1))
+    small = int(torch.nonzero((axial_area > 0) & (axial_area <= PROTOCOL_MIN_BRAIN))[0])
+    pred = real.clone()
+    pred[:, :, small] *= 0.3  # an error on a slice with too little brain for the axial mean...
+    pred[:4] = real[:4]  # (the ball does not reach the first sagittal slices)
+    tumour = torch.zeros_like(ball)
+    tumour[25:35, 27:37, 20:30] = True  # ...and far from this tumour
+    scores = protocol_scores(pred, real, brain, tumour)
+    # (not exactly 1: the damaged slice moves the pred's brain percentiles, and so its scaling, a little)
+    assert scores["protocol_ssim_axial"] == pytest.approx(1.0, abs=1e-4)
+    assert scores["protocol_ssim_tumour"] == pytest.approx(1.0, abs=1e-4)
+    # the sagittal slices cross the damaged axial slice
+    assert scores["protocol_ssim_sagittal"] < scores["protocol_ssim_axial"] - 1e-4
+    assert scores["protocol_psnr"] < 60

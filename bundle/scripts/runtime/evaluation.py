@@ -36,7 +36,16 @@ from monai.data import MetaTensor
 from .conventions import T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
 from .data import case_name
 from .files import write_atomic, write_csv, write_json, write_text
-from .metrics import paper_slice_scores, percentile_unit, summarise, volume_scores
+from .metrics import (
+    PROTOCOL_METRICS,
+    brain_unit,
+    paper_slice_scores,
+    percentile_unit,
+    protocol_brain,
+    protocol_scores,
+    summarise,
+    volume_scores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +53,7 @@ logger = logging.getLogger(__name__)
 METHOD_NAMES = {**VARIANT_NAMES, "t2": "T2 (baseline)", "inverted_t2": "inverted T2 (baseline)"}
 BASELINES = ("t2", "inverted_t2")
 SLICE_METRICS = ("psnr", "ssim")
-VOLUME_METRICS = ("psnr_brain", "ssim_brain", "ssim_tumour", "ssim_healthy")
+VOLUME_METRICS = ("psnr_brain", "ssim_brain", "ssim_tumour", "ssim_healthy") + PROTOCOL_METRICS
 
 #: The paper's Table 1 (BraTS 2018, 85 test subjects, 2D slices; not comparable with phantom results).
 PAPER_TABLE1 = {
@@ -159,12 +168,20 @@ class SynthesisEvaluation:
         slice_preds = self._slice_predictions(image128)
         volume_preds = self._volume_predictions(image[T2_INDEX : T2_INDEX + 1])
         brain, tumour = image[T2_INDEX] > 0, label[0] > 0
+        # the quality protocol normalises every volume itself: the T2 baseline is the raw T2, the inverted one
+        # is 1 - T2 scaled to [0, 1] over the protocol's brain (0 outside the T2's non-zero voxels)
+        t2, q_brain = image[T2_INDEX], protocol_brain(image[T2_INDEX])
+        q_preds = {m: v for m, v in volume_preds.items() if m not in BASELINES}
+        if self.baselines:
+            q_preds["t2"] = t2.expand(3, -1, -1, -1)
+            q_preds["inverted_t2"] = ((1 - brain_unit(t2, q_brain)) * (t2 > 0)).expand(3, -1, -1, -1)
 
         case_rows, slice_rows = [], []
         for method in self.methods:
             for k, target in enumerate(TARGETS):
                 psnr, ssim = paper_slice_scores(slice_preds[method][:, k : k + 1], real128[:, k : k + 1])
                 vol = volume_scores(volume_preds[method][k], image[k], brain, tumour)
+                vol.update(protocol_scores(q_preds[method][k], image[k], q_brain, tumour))
                 row = {"case": name, "method": method, "target": target, "n_slices": len(psnr)}
                 row.update(psnr=summarise(psnr.tolist())["mean"], ssim=float(ssim.mean()), **vol)
                 case_rows.append(row)
@@ -245,6 +262,38 @@ def _load_summary(item) -> dict:
         return json.load(f)
 
 
+def _protocol_table(methods: Mapping, order: Sequence[str]) -> list[str]:
+    """Markdown lines of the quality-protocol table, and each method's margin over the better trivial baseline."""
+    if not all(k in methods[m][t] for m in order for t in TARGETS for k in PROTOCOL_METRICS):
+        return []  # summaries written before the protocol existed
+    lines = ["", "**Quality protocol** (each volume clipped to its own brain 0.5-99.5 percentiles, brain = T2 above "
+             "the 1st percentile of its non-zero voxels; PSNR over the brain; SSIM = mean over axial / sagittal "
+             "slices with > 2000 brain voxels; tumour SSIM = axial SSIM maps averaged over tumour voxels; mean ± std "
+             "over cases)", "", "| Method | Target | PSNR (dB) | SSIM axial | SSIM sagittal | SSIM tumour |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for m in order:
+        for t in TARGETS:
+            s = methods[m][t]
+            lines.append(f"| {METHOD_NAMES.get(m, m)} | {TARGET_NAMES[t]} | {_fmt(s['protocol_psnr'], 2)} | "
+                         f"{_fmt(s['protocol_ssim_axial'], 3)} | {_fmt(s['protocol_ssim_sagittal'], 3)} | "
+                         f"{_fmt(s['protocol_ssim_tumour'], 3)} |")
+    models = [m for m in order if m not in BASELINES]
+    if not models or not all(b in methods for b in BASELINES):
+        return lines
+    lines += ["", "Margin over the better trivial baseline (T2 or inverted T2, chosen per target and metric; "
+              "positive = the synthesis is better):", "",
+              "| Method | Target | Δ PSNR (dB) | Δ SSIM axial | Δ SSIM sagittal | Δ SSIM tumour |", "|---|---|---|---|---|---|"]
+    for m in models:
+        for t in TARGETS:
+            cells = []
+            for k, digits in zip(PROTOCOL_METRICS, (2, 3, 3, 3)):
+                best = max(methods[b][t][k]["mean"] for b in BASELINES)
+                delta = methods[m][t][k]["mean"] - best
+                cells.append(f"{delta:+.{digits}f}" if math.isfinite(delta) else "n/a")
+            lines.append(f"| {METHOD_NAMES.get(m, m)} | {TARGET_NAMES[t]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = True) -> str:
     """Merge ``scores.json`` summaries (paths or dicts; a method met twice keeps its first scores) into
     ``table1.md``, ``table1.csv`` and ``table1.json`` in ``output_dir``; returns the Markdown."""
@@ -274,6 +323,7 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
                 f"| {METHOD_NAMES.get(m, m)} | {TARGET_NAMES[t]} | {_fmt(s['psnr_brain'], 2)} | "
                 f"{_fmt(s['ssim_brain'], 3)} | {_fmt(s['ssim_tumour'], 3)} | {_fmt(s['ssim_healthy'], 3)} |"
             )
+    lines += _protocol_table(methods, order)
     markdown = "\n".join(lines) + "\n"
     write_text(os.path.join(output_dir, "table1.md"), markdown)
     rows = []
@@ -281,7 +331,8 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
         for t in TARGETS:
             row = {"method": m, "target": t}
             for k in SLICE_METRICS + VOLUME_METRICS:
-                row[f"{k}_mean"], row[f"{k}_std"] = methods[m][t][k]["mean"], methods[m][t][k]["std"]
+                s = methods[m][t].get(k, {})  # summaries from before the protocol lack its metrics
+                row[f"{k}_mean"], row[f"{k}_std"] = s.get("mean"), s.get("std")
             rows.append(row)
     write_csv(os.path.join(output_dir, "table1.csv"), rows)
     write_json(os.path.join(output_dir, "table1.json"), {"methods": methods, "order": order}, indent=2)

@@ -13,6 +13,11 @@ instead of one 11x11x11 convolution: ~40x less work on a brain volume; equal up 
 MONAI's, it is a "valid" map (no padding): ``win - 1`` voxels shorter along each axis, its voxel ``i`` centred on
 input voxel ``i + win // 2``; a region mask is cropped the same way before averaging. An exact copy gives SSIM 1 and
 PSNR ``inf`` (MSE 0); aggregation (:func:`summarise`) reports how many values were infinite and averages the rest.
+
+- **Quality protocol** (the bar a synthesis must clear against trivial baselines, docs/evaluation.md): brain = T2
+  above the 1st percentile of its non-zero voxels; each volume clipped to its own brain 0.5-99.5 percentiles; PSNR
+  over the brain; SSIM as the mean over axial (and, separately, sagittal) slices with > 2000 brain voxels of each
+  slice's 2D SSIM; tumour SSIM = axial SSIM maps averaged over tumour voxels. :func:`protocol_scores`.
 """
 
 from __future__ import annotations
@@ -138,6 +143,72 @@ def volume_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor, t
         "ssim_tumour": ssim_in_mask(p * tumour, r * tumour, tumour),
         "ssim_healthy": ssim_in_mask(p * healthy, r * healthy, healthy),
     }
+
+
+#: The quality protocol (docs/evaluation.md, "Quality protocol"): slices with more brain voxels than this count.
+PROTOCOL_MIN_BRAIN = 2000
+PROTOCOL_METRICS = ("protocol_psnr", "protocol_ssim_axial", "protocol_ssim_sagittal", "protocol_ssim_tumour")
+
+
+def protocol_brain(t2: torch.Tensor) -> torch.Tensor:
+    """The protocol's brain: T2 voxels above the 1st percentile of the T2's non-zero voxels."""
+    t2 = t2.float()
+    nonzero = t2[t2 > 0]
+    if nonzero.numel() == 0:
+        return torch.zeros_like(t2, dtype=torch.bool)
+    return t2 > float(np.percentile(nonzero.cpu().numpy(), 1))
+
+
+def brain_unit(volume: torch.Tensor, brain: torch.Tensor, lower: float = 0.5, upper: float = 99.5) -> torch.Tensor:
+    """``volume`` clipped to the ``lower``-``upper`` percentiles of its brain voxels and scaled to [0, 1] (the whole
+    volume is mapped, so background 0 stays 0 whenever the lower bound is >= 0)."""
+    v = volume.float()
+    lo, hi = (float(x) for x in np.percentile(v[brain.bool()].cpu().numpy(), [lower, upper]))
+    if hi <= lo:
+        return torch.zeros_like(v)
+    return ((v.clamp(lo, hi) - lo) / (hi - lo)).clamp(0, 1)
+
+
+def _slice_ssim_maps(p: torch.Tensor, r: torch.Tensor, axis: int, keep: torch.Tensor, chunk: int = 32):
+    """Valid-region 2D SSIM maps ``(N, h - 10, w - 10)`` of the slices ``keep`` (bool over ``axis``)."""
+    index = torch.nonzero(keep).flatten()
+    maps = []
+    for start in range(0, len(index), chunk):
+        sel = index[start : start + chunk]
+        ps = p.index_select(axis, sel).movedim(axis, 0)[:, None]
+        rs = r.index_select(axis, sel).movedim(axis, 0)[:, None]
+        maps.append(ssim_map(ps, rs)[:, 0])
+    return torch.cat(maps) if maps else torch.zeros(0)
+
+
+def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor, tumour: torch.Tensor,
+                    axial: int = 2, sagittal: int = 0) -> dict:
+    """Quality-protocol scores of one volume against the real one (both ``(H, W, D)`` raw, RAS: axis 0 runs
+    left-right, axis 2 is axial); ``brain`` from :func:`protocol_brain` of the T2, ``tumour`` = label > 0.
+
+    Each volume is normalised by :func:`brain_unit`. ``protocol_psnr``: over brain voxels. ``protocol_ssim_axial``
+    and ``protocol_ssim_sagittal``: the mean over axial (sagittal) slices with more than ``PROTOCOL_MIN_BRAIN``
+    brain voxels of the slice's SSIM (Gaussian window 11, sigma 1.5, data range 1: the mean of its valid SSIM
+    map, as MONAI's ``SSIMMetric``). ``protocol_ssim_tumour``: the axial SSIM maps averaged over the tumour voxels
+    (inside the maps' valid region); ``nan`` without tumour.
+    """
+    brain, tumour = brain.bool(), tumour.bool()
+    p, r = brain_unit(pred, brain), brain_unit(real, brain)
+    out = {"protocol_psnr": psnr_in_mask(p, r, brain)}
+    for name, axis in (("protocol_ssim_axial", axial), ("protocol_ssim_sagittal", sagittal)):
+        others = tuple(a for a in range(3) if a != axis)
+        maps = _slice_ssim_maps(p, r, axis, brain.sum(dim=others) > PROTOCOL_MIN_BRAIN)
+        out[name] = float(maps.mean(dim=(1, 2)).mean()) if len(maps) else float("nan")
+    half = SSIM_WINDOW // 2
+    has_tumour = tumour.sum(dim=tuple(a for a in range(3) if a != axial)) > 0
+    maps = _slice_ssim_maps(p, r, axial, has_tumour)
+    if len(maps):
+        inner = tumour.index_select(axial, torch.nonzero(has_tumour).flatten()).movedim(axial, 0)
+        inner = inner[:, half:-half, half:-half]
+        out["protocol_ssim_tumour"] = float(maps[inner].mean()) if inner.any() else float("nan")
+    else:
+        out["protocol_ssim_tumour"] = float("nan")
+    return out
 
 
 def summarise(values: Sequence[float]) -> dict:
