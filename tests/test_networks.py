@@ -87,7 +87,8 @@ def test_the_state_dict_describes_the_input_preparation():
     state = net.state_dict()
     assert state["_extra_state"].dtype == torch.int64
     assert decode_description(state["_extra_state"]) == {
-        "image_size": 64, "intensity_scaling": "slice", "in_channels": 1, "targets": ["flair", "t1", "t1ce"],
+        "image_size": 64, "intensity_scaling": "slice", "in_channels": 1, "upsample": "transpose",
+        "targets": ["flair", "t1", "t1ce"],
     }  # fmt: skip
     SynthesisNet("mgan", features=4, image_size=64, intensity_scaling="slice").load_state_dict(state)
     with pytest.raises(ValueError, match=r"intensity_scaling 'slice' \(this network: 'volume'\)"):
@@ -97,10 +98,12 @@ def test_the_state_dict_describes_the_input_preparation():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (torch.tensor([2, 128, 0, 1, 0]), "version 1"),  # another layout version
-        (torch.tensor([1, 128, 0, 1, 3, 0, 1]), "version 1"),  # fewer targets than it says
-        (torch.tensor([1, 128, 5, 1, 0]), "out of range"),  # no such intensity scaling
-        ({"image_size": 128}, "version 1"),  # not a tensor
+        (torch.tensor([3, 128, 0, 1, 0, 0]), "version 2"),  # another layout version
+        (torch.tensor([2, 128, 0, 1, 0, 3, 0, 1]), "version 2"),  # fewer targets than it says
+        (torch.tensor([1, 128, 0, 1, 3, 0, 1]), "version 2"),  # the same in the version-1 layout
+        (torch.tensor([2, 128, 5, 1, 0, 0]), "out of range"),  # no such intensity scaling
+        (torch.tensor([2, 128, 0, 1, 7, 0]), "out of range"),  # no such upsampling
+        ({"image_size": 128}, "version 2"),  # not a tensor
     ],
 )
 def test_a_foreign_description_is_refused(bad, message):
@@ -108,8 +111,17 @@ def test_a_foreign_description_is_refused(bad, message):
         decode_description(bad)
 
 
+def test_a_version_1_description_reads_as_transposed_convolutions():
+    """Checkpoints written before ``upsample`` existed (the shipped model's first save) still load."""
+    assert decode_description(torch.tensor([1, 128, 0, 1, 3, 0, 1, 2])) == {
+        "image_size": 128, "intensity_scaling": "volume", "in_channels": 1, "upsample": "transpose",
+        "targets": ["flair", "t1", "t1ce"],
+    }  # fmt: skip
+
+
 def test_description_round_trips_and_refuses_unknown_names():
-    d = {"image_size": 96, "intensity_scaling": "volume", "in_channels": 3, "targets": ["t1ce", "flair"]}
+    d = {"image_size": 96, "intensity_scaling": "volume", "in_channels": 3, "upsample": "resize",
+         "targets": ["t1ce", "flair"]}
     assert decode_description(encode_description(d)) == d
     with pytest.raises(ValueError, match="unknown targets"):
         encode_description({**d, "targets": ["pd"]})

@@ -124,13 +124,13 @@ def _arch(state: Mapping, path: str, what: str) -> list[int]:
 
 
 #: What a generator checkpoint written before checkpoints described themselves was made with (the then defaults).
-LEGACY_GENERATOR = {"image_size": 128, "intensity_scaling": "volume", "in_channels": 1}
+LEGACY_GENERATOR = {"image_size": 128, "intensity_scaling": "volume", "in_channels": 1, "upsample": "transpose"}
 
 
 def synthesis_arch(path: str) -> dict:
     """Everything a generator checkpoint (model.pt) says about how to build and feed it: ``variant``,
     ``features``, ``num_targets``, ``num_downs`` (its ``arch`` buffer) and ``image_size``,
-    ``intensity_scaling``, ``in_channels``, ``targets`` (its ``_extra_state``, see
+    ``intensity_scaling``, ``in_channels``, ``upsample``, ``targets`` (its ``_extra_state``, see
     :meth:`scripts.runtime.networks.SynthesisNet.description`). A checkpoint from before ``_extra_state``
     gets :data:`LEGACY_GENERATOR` (the settings every such checkpoint was trained with by default) and
     ``"legacy": True``.
@@ -193,7 +193,8 @@ def load_generator(path: str, device="cpu") -> SynthesisNet:
     """Rebuild the generator a ``model.pt`` describes (:func:`synthesis_arch`), load its weights, in eval mode on
     ``device``. Raises as :func:`synthesis_arch`."""
     arch = synthesis_arch(path)
-    settings = ("variant", "features", "num_targets", "num_downs", "image_size", "intensity_scaling", "in_channels")
+    settings = ("variant", "features", "num_targets", "num_downs", "image_size", "intensity_scaling", "in_channels",
+                "upsample")
     net = SynthesisNet(**{k: arch[k] for k in settings}).to(device)
     return load_synthesis_weights(net, path).eval()
 

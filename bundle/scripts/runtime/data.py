@@ -91,13 +91,21 @@ class SelectBrainSlicesd(MapTransform):
     """Keep the axial slices (last axis) on which every channel of ``source_key`` has more than ``min_pixels``
     non-zero voxels (paper: 2000 on the 240x240 grid). The same slices are kept for all ``keys``.
 
+    With ``margin`` > 0 (through-plane context of ``2 * margin + 1`` slices), the kept range is widened by
+    ``margin`` slices on each side (within the volume, interior gaps filled), so that every kept slice has its
+    true neighbours; ``centre_key`` (``"centre"``) then marks, as a ``(D',)`` bool tensor, the slices that passed the
+    filter, the only ones :class:`SliceDataset` draws. Without a margin the mark is all true.
+
     Works on channel-first ``(C, H, W, D)`` arrays; raises ``ValueError`` naming the file when no slice passes.
     """
 
-    def __init__(self, keys: KeysCollection, source_key: str = "image", min_pixels: int = 2000):
+    def __init__(self, keys: KeysCollection, source_key: str = "image", min_pixels: int = 2000, margin: int = 0,
+                 centre_key: str | None = None):
         super().__init__(keys)
         self.source_key = source_key
         self.min_pixels = min_pixels
+        self.margin = int(margin)
+        self.centre_key = centre_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -107,8 +115,16 @@ class SelectBrainSlicesd(MapTransform):
         if keep.numel() == 0:
             name = getattr(img, "meta", {}).get("filename_or_obj", "<input>")
             raise ValueError(f"{name}: no axial slice has more than {self.min_pixels} brain pixels in every channel")
+        centre = torch.ones(keep.numel(), dtype=torch.bool)
+        if self.margin > 0:
+            lo, hi = max(int(keep[0]) - self.margin, 0), min(int(keep[-1]) + self.margin, counts.shape[1] - 1)
+            centre = torch.zeros(hi - lo + 1, dtype=torch.bool)
+            centre[keep - lo] = True
+            keep = torch.arange(lo, hi + 1)
         for key in self.key_iterator(d):
             d[key] = d[key].index_select(-1, keep.to(d[key].device))
+        if self.centre_key:
+            d[self.centre_key] = centre
         return d
 
 
@@ -159,12 +175,27 @@ class SliceDataset(torch.utils.data.Dataset):
     and slices are views of the cached tensors (no volume is re-read per slice); a memory-mapped numpy volume
     (``VolumeCache(cache_dir=...)``) gives copies of its slices. Item ``i`` is
     ``{key: (C, H, W) slice for key in keys, "case": case index, "slice": slice index}``.
+
+    A volume with a ``"centre"`` mark (:class:`SelectBrainSlicesd` with a margin) gives only its marked slices.
+    With ``context`` > 1 or a ``transform``, each item also has ``"source"``: the ``context`` T2 slices centred on
+    the item's slice (:func:`neighbour_slices`, the same stacking as inference, edges clamped), ``(context, H, W)``;
+    then ``transform`` (e.g. the training augmentation) is applied to the item.
     """
 
-    def __init__(self, volumes: Sequence[Mapping], keys: Sequence[str] = ("image", "label")):
+    def __init__(self, volumes: Sequence[Mapping], keys: Sequence[str] = ("image", "label"), context: int = 1,
+                 transform=None):
+        if int(context) < 1 or int(context) % 2 == 0:
+            raise ValueError(f"context must be an odd number of slices >= 1, got {context}")
         self.volumes = volumes
         self.keys = tuple(keys)
-        self.index = [(c, z) for c in range(len(volumes)) for z in range(volumes[c][self.keys[0]].shape[-1])]
+        self.context = int(context)
+        self.transform = transform
+        self.index = []
+        for c in range(len(volumes)):
+            centre = volumes[c].get("centre") if isinstance(volumes[c], Mapping) else None
+            n = volumes[c][self.keys[0]].shape[-1]
+            slices = range(n) if centre is None else np.flatnonzero(np.asarray(centre)).tolist()
+            self.index += [(c, int(z)) for z in slices]
         if not self.index:
             raise ValueError("no slices: the dataset has no cases or every case was filtered out")
 
@@ -175,8 +206,27 @@ class SliceDataset(torch.utils.data.Dataset):
         c, z = self.index[i]
         vol = self.volumes[c]
         item = {key: _slice(vol[key], z) for key in self.keys}
+        if self.context > 1 or self.transform is not None:
+            t2 = vol["image"][T2_INDEX]
+            t2 = torch.from_numpy(np.asarray(t2)) if isinstance(t2, np.ndarray) else torch.as_tensor(t2)
+            item["source"] = neighbour_slices(t2, torch.tensor([z]), self.context)[0]
+        if self.transform is not None:
+            item = dict(self.transform(item))
         item.update(case=c, slice=z)
         return item
+
+
+def neighbour_slices(volume: torch.Tensor, centres: torch.Tensor, context: int) -> torch.Tensor:
+    """The 2.5D input: for each centre slice ``z`` of ``volume`` ``(H, W, D)``, the ``context`` axial slices
+    ``z - h .. z + h`` (``h = context // 2``), an index beyond the volume clamped to its first or last slice.
+
+    Returns ``(N, context, H, W)`` for ``centres`` ``(N,)``. Training (:class:`SliceDataset`), inference
+    (:class:`scripts.runtime.inference.BrainSliceInferer`) and evaluation all stack neighbours with this function.
+    """
+    h = int(context) // 2
+    offsets = torch.arange(-h, h + 1, device=centres.device)
+    index = (centres.long()[:, None] + offsets[None]).clamp(0, volume.shape[-1] - 1)  # (N, context)
+    return volume[..., index.to(volume.device)].permute(2, 3, 0, 1)
 
 
 def _slice(volume, z: int) -> torch.Tensor:
@@ -187,8 +237,11 @@ def _slice(volume, z: int) -> torch.Tensor:
 
 
 def synthesis_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` for synthesis evaluation: (T2 ``(B, 1, H, W)``, real targets ``(B, 3, H, W)``)."""
+    """``prepare_batch`` for synthesis evaluation: (the generator's input, real targets ``(B, 3, H, W)``); the
+    input is the ``"source"`` stack when the batch has one (2.5D context), else the T2 ``(B, 1, H, W)``."""
     image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+    if "source" in batchdata:
+        return batchdata["source"].to(device=device, non_blocking=non_blocking), image[:, : len(TARGETS)]
     return image[:, T2_INDEX : T2_INDEX + 1], image[:, : len(TARGETS)]  # CHANNELS: the targets, then T2
 
 
@@ -439,6 +492,8 @@ class VolumeCache(CacheDataset):
             for key in self.array_keys:  # same (C, H, W, D) shape and values; slice z becomes one contiguous block
                 out[key] = _slice_major(torch.as_tensor(out[key]))
             return out
+        if "centre" in out and not bool(torch.as_tensor(out["centre"]).all()):  # the filter kept neighbours too
+            _save_npy_atomic(np.asarray(torch.as_tensor(out["centre"]).cpu()), f"{stem}.centre.npy")
         for key in self.array_keys:
             _save_npy_atomic(np.moveaxis(np.asarray(torch.as_tensor(out[key]).cpu()), -1, 0), f"{stem}.{key}.npy")
         return self._open(item, stem)
@@ -452,6 +507,8 @@ class VolumeCache(CacheDataset):
         d = {k: v for k, v in item.items() if k not in self.array_keys}
         for key in self.array_keys:  # (D, C, H, W) on disk -> (C, H, W, D) view; slice z is one contiguous block
             d[key] = np.moveaxis(np.load(f"{stem}.{key}.npy", mmap_mode="r"), 0, -1)
+        if os.path.isfile(f"{stem}.centre.npy"):
+            d["centre"] = torch.from_numpy(np.load(f"{stem}.centre.npy"))
         return d
 
 

@@ -34,7 +34,7 @@ import torch
 from monai.data import MetaTensor
 
 from .conventions import T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
-from .data import case_name
+from .data import case_name, neighbour_slices
 from .files import write_atomic, write_csv, write_json, write_text
 from .metrics import (
     PROTOCOL_METRICS,
@@ -116,7 +116,7 @@ class SynthesisEvaluation:
     # --- one case -------------------------------------------------------------------------------------------------
 
     def _synthesise_slices(self, t2: torch.Tensor) -> torch.Tensor:
-        """G over ``(N, 1, h, w)`` T2 slices in [-1, 1] -> ``(N, 3, h, w)`` in [0, 1]."""
+        """G over ``(N, k, h, w)`` T2 slices (k = 1, or a 2.5D stack) in [-1, 1] -> ``(N, 3, h, w)`` in [0, 1]."""
         out = self.inferer.runner(t2.to(self.device), self.network)
         return _to_unit(out).cpu()
 
@@ -132,14 +132,15 @@ class SynthesisEvaluation:
         restored = torch.as_tensor(restored).float()
         return restored * (t2 > 0).float()
 
-    def _slice_predictions(self, image128: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Method -> ``(N, 3, h, w)`` predictions on the kept 128x128 slices (channel-first ``(4, h, w, N)`` input)."""
+    def _slice_predictions(self, image128: torch.Tensor, network_input: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Method -> ``(N, 3, h, w)`` predictions on the kept 128x128 slices (channel-first ``(4, h, w, N)`` input;
+        ``network_input`` ``(N, k, h, w)``: G's input for them, the T2 slices or their 2.5D stacks)."""
         t2 = image128[T2_INDEX : T2_INDEX + 1].permute(3, 0, 1, 2)  # (N, 1, h, w), [-1, 1]
         t2_unit = _to_unit(t2)
         brain = (t2 > -1).float()
         preds = {}
         if self.network is not None:
-            preds[self.method] = self._synthesise_slices(t2)
+            preds[self.method] = self._synthesise_slices(network_input)
         if self.baselines:
             preds["t2"] = t2_unit.expand(-1, 3, -1, -1)
             preds["inverted_t2"] = ((1 - t2_unit) * brain).expand(-1, 3, -1, -1)
@@ -164,8 +165,17 @@ class SynthesisEvaluation:
         image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"])
         sliced = self.slice_transform({"image": data["image"], "label": data["label"]})
         image128, label128 = torch.as_tensor(sliced["image"]).float(), torch.as_tensor(sliced["label"])
+        # the slices the brain filter kept (with 2.5D context the volume also holds their neighbours)
+        centre = sliced.get("centre")
+        keep = torch.arange(image128.shape[-1]) if centre is None else torch.nonzero(torch.as_tensor(centre)).flatten()
+        context = int(getattr(self.network, "in_channels", 1)) if self.network is not None else 1
+        if context > 1:
+            network_input = neighbour_slices(image128[T2_INDEX], keep, context)
+        else:
+            network_input = image128[T2_INDEX : T2_INDEX + 1, ..., keep].permute(3, 0, 1, 2)
+        image128, label128 = image128[..., keep], label128[..., keep]
         real128 = _to_unit(image128[: len(TARGETS)].permute(3, 0, 1, 2))  # (N, 3, h, w)
-        slice_preds = self._slice_predictions(image128)
+        slice_preds = self._slice_predictions(image128, network_input)
         volume_preds = self._volume_predictions(image[T2_INDEX : T2_INDEX + 1])
         brain, tumour = image[T2_INDEX] > 0, label[0] > 0
         # the quality protocol normalises every volume itself: the T2 baseline is the raw T2, the inverted one

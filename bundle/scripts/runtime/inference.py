@@ -43,7 +43,7 @@ from monai.transforms import LoadImaged
 
 from .checkpoints import LEGACY_GENERATOR, synthesis_arch
 from .conventions import SOURCE, TARGETS
-from .data import load_split, read_datalist
+from .data import load_split, neighbour_slices, read_datalist
 from .files import atomic_paths
 
 logger = logging.getLogger(__name__)
@@ -491,7 +491,9 @@ class BrainSliceInferer(Inferer):
 
     ``inputs`` ``(B, 1, H, W, D)`` in [-1, 1] with background exactly ``background`` (what
     :class:`scripts.runtime.data.ScaleBrainIntensityd` gives voxels <= 0) -> ``(B, C_out, H, W, D)``, where the network maps
-    ``(N, 1, H, W)`` to ``(N, C_out, H, W)`` (all targets of a slice in one batched call).
+    ``(N, 1, H, W)`` to ``(N, C_out, H, W)`` (all targets of a slice in one batched call). A network with
+    ``in_channels`` k > 1 (2.5D) gets each slice with its neighbours, ``(N, k, H, W)``, stacked by
+    :func:`scripts.runtime.data.neighbour_slices` exactly as in training (edges clamped).
 
     A slice whose every voxel equals ``background`` is not sent through the network: the network's output for one
     all-background slice is computed once (as one more sample of the last batch) and copied to every such slice. The
@@ -530,14 +532,18 @@ class BrainSliceInferer(Inferer):
         """The runner's backend (``"torch"`` after the ONNX Runtime path failed)."""
         return self.runner.backend
 
-    def brain_slices(self, volume: torch.Tensor) -> torch.Tensor:
-        """Indices of the slices (last axis) of ``volume`` ``(C, H, W, D)`` with a voxel other than background."""
-        return torch.nonzero((volume != self.background).flatten(0, 2).any(dim=0)).flatten()
+    def brain_slices(self, volume: torch.Tensor, context: int = 1) -> torch.Tensor:
+        """Indices of the slices (last axis) of ``volume`` ``(C, H, W, D)`` with a voxel other than background, or,
+        for a ``context`` of k slices, whose k-slice neighbourhood has one."""
+        has = (volume != self.background).flatten(0, 2).any(dim=0)
+        if context > 1:
+            has = torch.nn.functional.max_pool1d(has[None, None].float(), context, 1, context // 2)[0, 0] > 0
+        return torch.nonzero(has).flatten()
 
-    def slices_to_run(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(brain, run)`` for a volume ``(C, H, W, D)``: the indices of its brain slices, and of the slices sent
-        through the network (the brain slices, then the first all-background slice when there is one)."""
-        brain = self.brain_slices(volume)
+    def slices_to_run(self, volume: torch.Tensor, context: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(brain, run)`` for a volume ``(C, H, W, D)``: the indices of its brain slices (:meth:`brain_slices`), and
+        of the slices sent through the network (the brain slices, then the first other slice when there is one)."""
+        brain = self.brain_slices(volume, context)
         empty = torch.ones(volume.shape[-1], dtype=torch.bool, device=volume.device)
         empty[brain] = False
         return brain, torch.cat([brain, torch.nonzero(empty).flatten()[:1]])
@@ -550,10 +556,15 @@ class BrainSliceInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"expected a (B, C, H, W, D) volume batch, got shape {tuple(inputs.shape)}")
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        context = int(getattr(network, "in_channels", 1))  # a 2.5D generator takes k neighbouring slices
         results = []
         for volume in x:
-            brain, run = self.slices_to_run(volume)
-            pred = self.runner(volume[..., run].permute(3, 0, 1, 2).contiguous(), network, *args, **kwargs)
+            brain, run = self.slices_to_run(volume, context)
+            if context > 1:
+                slices = neighbour_slices(volume[0], run, context)
+            else:
+                slices = volume[..., run].permute(3, 0, 1, 2)
+            pred = self.runner(slices.contiguous(), network, *args, **kwargs)
             pred = pred.to(volume.dtype)  # under autocast the network answers in float16 / bfloat16
             out = torch.empty((pred.shape[1], *volume.shape[1:]), dtype=volume.dtype, device=pred.device)
             if run.numel() > brain.numel():  # the one all-background slice run stands for every such slice

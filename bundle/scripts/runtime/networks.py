@@ -32,44 +32,58 @@ from .conventions import CHANNELS, TARGETS, VARIANTS  # noqa: F401  (re-exported
 INTENSITY_SCALINGS = ("volume", "slice")
 
 
-#: Version of the ``_extra_state`` layout written by :func:`encode_description`.
-DESCRIPTION_VERSION = 1
+#: How the generator's decoder doubles the resolution: the paper's 4x4 stride-2 transposed convolution, or a
+#: bilinear resize followed by a 3x3 convolution (no checkerboard by construction; the recommended model).
+UPSAMPLINGS = ("transpose", "resize")
+
+#: Version of the ``_extra_state`` layout written by :func:`encode_description` (1: without ``upsample``).
+DESCRIPTION_VERSION = 2
 
 
 def encode_description(description: dict) -> torch.Tensor:
-    """A generator description ``{"image_size", "intensity_scaling", "in_channels", "targets"}`` as the int64
-    tensor ``[version, image_size, index in INTENSITY_SCALINGS, in_channels, len(targets), *indices in CHANNELS]``.
+    """A generator description ``{"image_size", "intensity_scaling", "in_channels", "upsample", "targets"}`` as the
+    int64 tensor ``[version, image_size, index in INTENSITY_SCALINGS, in_channels, index in UPSAMPLINGS,
+    len(targets), *indices in CHANNELS]``.
 
     Raises:
-        ValueError: an unknown intensity scaling or target.
+        ValueError: an unknown intensity scaling, upsampling or target.
     """
     scaling, targets = description["intensity_scaling"], list(description["targets"])
+    upsample = description.get("upsample", "transpose")
     if scaling not in INTENSITY_SCALINGS:
         raise ValueError(f"unknown intensity_scaling {scaling!r}; expected one of {INTENSITY_SCALINGS}")
+    if upsample not in UPSAMPLINGS:
+        raise ValueError(f"unknown upsample {upsample!r}; expected one of {UPSAMPLINGS}")
     unknown = [t for t in targets if t not in CHANNELS]
     if unknown:
         raise ValueError(f"unknown targets {unknown}; expected some of {CHANNELS}")
     values = [DESCRIPTION_VERSION, int(description["image_size"]), INTENSITY_SCALINGS.index(scaling)]
-    values += [int(description["in_channels"]), len(targets), *[CHANNELS.index(t) for t in targets]]
+    values += [int(description["in_channels"]), UPSAMPLINGS.index(upsample)]
+    values += [len(targets), *[CHANNELS.index(t) for t in targets]]
     return torch.tensor(values, dtype=torch.int64)
 
 
 def decode_description(state) -> dict:
-    """The inverse of :func:`encode_description`.
+    """The inverse of :func:`encode_description`; a version-1 description (before ``upsample``) reads as
+    ``"transpose"``.
 
     Raises:
         ValueError: ``state`` is not such a tensor (another layout, version or length).
     """
     values = state.tolist() if isinstance(state, torch.Tensor) and state.ndim == 1 else None
-    if not values or values[0] != DESCRIPTION_VERSION or len(values) < 5 or len(values) != 5 + values[4]:
+    if values and values[0] == 1 and len(values) >= 5:  # version 1: no upsample entry
+        values = [2, *values[1:4], 0, *values[4:]]
+    if not values or values[0] != DESCRIPTION_VERSION or len(values) < 6 or len(values) != 6 + values[5]:
         raise ValueError(f"{state!r} is not a brainsynth generator description (version {DESCRIPTION_VERSION})")
-    if not 0 <= values[2] < len(INTENSITY_SCALINGS) or not all(0 <= i < len(CHANNELS) for i in values[5:]):
+    if (not 0 <= values[2] < len(INTENSITY_SCALINGS) or not 0 <= values[4] < len(UPSAMPLINGS)
+            or not all(0 <= i < len(CHANNELS) for i in values[6:])):
         raise ValueError(f"{state!r} is not a brainsynth generator description (an index out of range)")
     return {
         "image_size": values[1],
         "intensity_scaling": INTENSITY_SCALINGS[values[2]],
         "in_channels": values[3],
-        "targets": [CHANNELS[i] for i in values[5:]],
+        "upsample": UPSAMPLINGS[values[4]],
+        "targets": [CHANNELS[i] for i in values[6:]],
     }
 
 
@@ -98,10 +112,22 @@ class Pix2PixUNet(nn.Module):
 
     Input ``(B, in_channels, H, W)`` with H and W divisible by ``2**num_downs``; output
     ``(B, out_channels, H, W)`` in ``[-1, 1]``.
+
+    ``upsample="resize"`` replaces each transposed convolution by a bilinear 2x resize and a 3x3 convolution
+    (same widths), which cannot produce the checkerboard texture of strided transposed convolutions.
     """
 
-    def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, num_downs: int = 7):
+    def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, num_downs: int = 7,
+                 upsample: str = "transpose"):
         super().__init__()
+        if upsample not in UPSAMPLINGS:
+            raise ValueError(f"unknown upsample {upsample!r}; expected one of {UPSAMPLINGS}")
+
+        def up(c_in: int, c_out: int) -> list[nn.Module]:
+            if upsample == "transpose":
+                return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
+            return [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(c_in, c_out, 3, 1, 1)]
+
         widths = [features * min(2**i, 8) for i in range(num_downs)]
         self.down = nn.ModuleList()
         for i, width in enumerate(widths):
@@ -113,12 +139,8 @@ class Pix2PixUNet(nn.Module):
         self.up = nn.ModuleList()
         for i in range(num_downs - 1, 0, -1):  # innermost first; each output is concatenated with down[i - 1]
             in_width = widths[i] if i == num_downs - 1 else 2 * widths[i]
-            self.up.append(
-                nn.Sequential(
-                    nn.ReLU(), nn.ConvTranspose2d(in_width, widths[i - 1], 4, 2, 1), nn.InstanceNorm2d(widths[i - 1])
-                )
-            )
-        self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(2 * widths[0], out_channels, 4, 2, 1), nn.Tanh())
+            self.up.append(nn.Sequential(nn.ReLU(), *up(in_width, widths[i - 1]), nn.InstanceNorm2d(widths[i - 1])))
+        self.out = nn.Sequential(nn.ReLU(), *up(2 * widths[0], out_channels), nn.Tanh())
         for m in self.modules():  # pix2pix init: N(0, 0.02) weights, zero biases
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -147,7 +169,8 @@ class SynthesisNet(nn.Module):
         image_size: side of the square slices the network was trained on (the workflows resize to it).
         intensity_scaling: how the T2 was scaled to [-1, 1] in training, ``"volume"`` or ``"slice"`` (see
             ``scripts.runtime.data.ScaleBrainIntensityd``).
-        in_channels: T2 slices per input (1; more for through-plane context).
+        in_channels: T2 slices per input (1; an odd k > 1 for through-plane context: the slice and its neighbours).
+        upsample: ``"transpose"`` (the paper's transposed convolutions) or ``"resize"`` (see :class:`Pix2PixUNet`).
 
     ``state_dict()`` carries, besides the weights and the ``arch`` buffer, an ``_extra_state`` entry, the encoded
     :meth:`description` ``{"image_size", "intensity_scaling", "in_channels", "targets"}``, so a ``model.pt``
@@ -166,6 +189,7 @@ class SynthesisNet(nn.Module):
         image_size: int = 128,
         intensity_scaling: str = "volume",
         in_channels: int = 1,
+        upsample: str = "transpose",
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -179,10 +203,11 @@ class SynthesisNet(nn.Module):
         self.image_size = int(image_size)
         self.intensity_scaling = intensity_scaling
         self.in_channels = int(in_channels)
+        self.upsample = upsample
         self.conditional = variant != "pix2pix"
         n_gen = 1 if self.conditional else num_targets
         in_ch = self.in_channels + num_targets if self.conditional else self.in_channels
-        self.generators = nn.ModuleList([Pix2PixUNet(in_ch, 1, features, num_downs) for _ in range(n_gen)])
+        self.generators = nn.ModuleList([Pix2PixUNet(in_ch, 1, features, num_downs, upsample) for _ in range(n_gen)])
         self.register_buffer("arch", torch.tensor([VARIANTS.index(variant), features, num_targets, num_downs]))
 
     def description(self) -> dict:
@@ -192,6 +217,7 @@ class SynthesisNet(nn.Module):
             "image_size": self.image_size,
             "intensity_scaling": self.intensity_scaling,
             "in_channels": self.in_channels,
+            "upsample": self.upsample,
             "targets": list(TARGETS[: self.num_targets]),
         }
 
@@ -347,7 +373,7 @@ class SingleTargetSynthesisNet(SynthesisNet):
     into it unchanged (MONAI Label loads with ``strict=False``, which would silently skip mismatched keys).
 
     Args:
-        variant, features, num_targets, num_downs, image_size, intensity_scaling, in_channels: as
+        variant, features, num_targets, num_downs, image_size, intensity_scaling, in_channels, upsample: as
             :class:`SynthesisNet` (they must match the checkpoint).
         target: one of :data:`TARGETS` (case-insensitive).
 
@@ -365,8 +391,10 @@ class SingleTargetSynthesisNet(SynthesisNet):
         image_size: int = 128,
         intensity_scaling: str = "volume",
         in_channels: int = 1,
+        upsample: str = "transpose",
     ):
-        super().__init__(variant, features, num_targets, num_downs, image_size, intensity_scaling, in_channels)
+        super().__init__(variant, features, num_targets, num_downs, image_size, intensity_scaling, in_channels,
+                         upsample)
         if str(target).lower() not in TARGETS:
             raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
         self.target = str(target).lower()

@@ -57,7 +57,9 @@ class TCMGANTrainer(Trainer):
     Args:
         device: device of the networks and batches.
         max_epochs: epochs to run.
-        train_data_loader: loader yielding dicts with ``image`` ``(B, 4, H, W)`` and ``label`` ``(B, 1, H, W)``.
+        train_data_loader: loader yielding dicts with ``image`` ``(B, 4, H, W)`` and ``label`` ``(B, 1, H, W)``, and
+            optionally ``source`` ``(B, k, H, W)``: G's input instead of the T2 channel (k neighbouring T2 slices,
+            augmented; the critic then gets its centre slice as the source).
         g_network: a :class:`scripts.runtime.networks.SynthesisNet` (``g(x, labels)`` synthesises one target per sample).
         g_optimizer, d_optimizer: optimizers of G and D.
         d_network: critic ``d(source, target, labels) -> (src, cls or None)``.
@@ -133,6 +135,11 @@ class TCMGANTrainer(Trainer):
     def _iteration(self, engine: TCMGANTrainer, batchdata: dict) -> dict:
         image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         x, k, y, tumour = draw_targets(image, label, self.num_targets)
+        g_in = x  # G's input: the T2 slice, or the "source" stack (2.5D context and/or augmented T2)
+        if "source" in batchdata:
+            g_in = batchdata["source"].to(engine.state.device, non_blocking=engine.non_blocking)
+            centre = g_in.shape[1] // 2
+            x = g_in[:, centre : centre + 1]  # the critic sees the centre slice G saw
         out: dict[str, Any] = {"t2": x, "real": y, "modality": k}
         g, d, s = self.g_network, self.d_network, self.seg_network
         g.train()
@@ -143,7 +150,7 @@ class TCMGANTrainer(Trainer):
         # critic step(s), eq. (6)
         for _ in range(self.d_train_steps):
             with torch.no_grad():
-                fake = g(x, k)
+                fake = g(g_in, k)
             self.d_optimizer.zero_grad(set_to_none=True)
             d_loss, d_terms = critic_loss(d, x, y, fake, k, self.lambda_cls, self.lambda_gp, self.reduction)
             d_loss.backward()
@@ -152,7 +159,7 @@ class TCMGANTrainer(Trainer):
         # generator step, eq. (7) with the tumour-consistency term eq. (4)
         d.requires_grad_(False)
         self.g_optimizer.zero_grad(set_to_none=True)
-        fake = g(x, k)
+        fake = g(g_in, k)
         g_loss, g_terms = generator_loss(
             d, x, y, fake, k, self.lambda_cls, self.lambda_l1, self.lambda_seg, self.reduction,
             segmenter=s, tumour=tumour, dice=self.seg_loss_function,
