@@ -22,6 +22,7 @@ OVERLAYS = (
     "train_downstream.json",
     "evaluate_downstream.json",
     "multi_gpu_train.json",
+    "recommended.json",
 )
 
 

@@ -50,7 +50,8 @@ from .metrics import (
 logger = logging.getLogger(__name__)
 
 #: Display names of the methods (the variants, then the baselines), in table order.
-METHOD_NAMES = {**VARIANT_NAMES, "t2": "T2 (baseline)", "inverted_t2": "inverted T2 (baseline)"}
+METHOD_NAMES = {**VARIANT_NAMES, "recommended": "recommended (TC-MGAN, 2.5D, resize-conv, augmented)",
+                "t2": "T2 (baseline)", "inverted_t2": "inverted T2 (baseline)"}
 BASELINES = ("t2", "inverted_t2")
 SLICE_METRICS = ("psnr", "ssim")
 VOLUME_METRICS = ("psnr_brain", "ssim_brain", "ssim_tumour", "ssim_healthy") + PROTOCOL_METRICS
