@@ -156,3 +156,17 @@ def test_recommended_model_infers_in_the_input_grid_with_exact_background(recomm
         data = np.asarray(img.dataobj)
         assert data.shape == t2.shape and np.allclose(img.affine, affine)
         assert (data[t2 == 0] == 0).all()  # background stays exactly background
+
+
+@pytest.mark.parametrize("view", ["axial", "sagittal"])
+def test_synthesis_figure_shows_axial_and_sagittal_views(recommended_run, phantom_dir, tmp_path, view):
+    """The figure of #13: the synthesis beside the real targets with the tumour outlined, in both views."""
+    from scripts.figures import synthesis_figure
+
+    out = tmp_path / "inference"
+    run_workflow("inference.json", dataset_dir=str(phantom_dir), output_dir=str(out),
+                 ckpt_path=str(recommended_run / "recommended" / "model.pt"))  # fmt: skip
+    png = synthesis_figure(str(phantom_dir), str(out), str(tmp_path / f"{view}.png"), view=view)
+    assert png.endswith(f"{view}.png") and (tmp_path / f"{view}.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="view must be"):
+        synthesis_figure(str(phantom_dir), str(out), str(tmp_path / "x.png"), view="coronal")

@@ -142,9 +142,10 @@ def _load_case_arrays(dataset_dir, entry) -> dict:
     return vols
 
 
-def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="test", slice_index=None) -> str:
+def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="test", slice_index=None,
+                     view="axial") -> str:
     """Compare the synthesis with the real images: T2 | synthesised FLAIR, T1, T1ce (top row) and the real
-    FLAIR, T1, T1ce with the whole-tumour contour (bottom row), on one axial slice.
+    FLAIR, T1, T1ce with the whole-tumour contour (bottom row), on one axial or sagittal slice.
 
     Args:
         dataset_dir: folder holding ``datalist.json`` (the real images).
@@ -152,7 +153,9 @@ def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="t
         output_png: PNG to write.
         case: case id (default: the first case of ``split`` that has outputs).
         split: datalist split to look in.
-        slice_index: axial slice (default: the slice with the most tumour, else the middle of the brain).
+        slice_index: the slice (default: the slice with the most tumour, else the middle of the brain).
+        view: ``"axial"`` (radiological) or ``"sagittal"`` (anterior left, superior up): a model that works slice
+            by slice shows its slice-to-slice inconsistency as horizontal stripes in the sagittal view.
 
     Real images are windowed to their brain 0.5-99.5 percentiles; the synthesis is shown on its [0, 1] scale.
     Returns the PNG path.
@@ -178,16 +181,23 @@ def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="t
     entry, cid = entries[have[0]], ids[have[0]]
     real = _load_case_arrays(dataset_dir, entry)
     synth = {t: np.asarray(nib.load(str(out / f"{cid}_{t}.nii.gz")).dataobj, dtype=np.float32) for t in targets}
+    if view not in ("axial", "sagittal"):
+        raise ValueError(f"view must be 'axial' or 'sagittal', got {view!r}")
     brain = real["t2"] > 0
     tumour = real["seg"] > 0 if real["seg"] is not None else np.zeros_like(brain)
+    axis = 2 if view == "axial" else 0
+    others = tuple(a for a in range(3) if a != axis)
     if slice_index is None:
-        per_slice = tumour.sum(axis=(0, 1))
-        zs = np.nonzero(brain.any(axis=(0, 1)))[0]
+        per_slice = tumour.sum(axis=others)
+        zs = np.nonzero(brain.any(axis=others))[0]
         slice_index = int(per_slice.argmax()) if per_slice.max() > 0 else int((zs[0] + zs[-1]) // 2)
     k = int(slice_index)
+    shown = view
 
-    def view(a):  # radiological view of BraTS-stored arrays: rows anterior..posterior, columns right..left
-        return a[:, :, k].T
+    def view(a):
+        if shown == "axial":  # radiological view of BraTS-stored arrays: rows anterior..posterior, columns right..left
+            return a[:, :, k].T
+        return a[k, ::-1, ::-1].T  # sagittal: rows superior..inferior, columns anterior..posterior
 
     def window(a):
         inside = a[brain]
@@ -203,12 +213,12 @@ def synthesis_figure(dataset_dir, inference_dir, output_png, case=None, split="t
         axes[0, j].set_title(f"synthesised {TITLES[t]}", color="white")
         axes[1, j].imshow(view(real[t]), cmap="gray", vmin=0, vmax=window(real[t])[1])
         axes[1, j].set_title(f"real {TITLES[t]}", color="white")
-        if tumour[:, :, k].any():
+        if np.take(tumour, k, axis=axis).any():
             for row in (0, 1):
                 axes[row, j].contour(view(tumour.astype(np.float32)), levels=[0.5], colors="yellow", linewidths=0.7)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(f"{cid}  axial slice {k}", color="white")
+    fig.suptitle(f"{cid}  {shown} slice {k}", color="white")
     fig.tight_layout()
     return _save(fig, output_png, dpi=90)
 
