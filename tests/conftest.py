@@ -80,9 +80,9 @@ def train_workflow(dataset_dir, output_dir, variant: str = "mgan", run: bool = F
 # --- files the tests write ---------------------------------------------------------------------------------------
 
 
-def save_generator(path, variant: str = "tcmgan", features: int = 4, seed: int | None = 0) -> Path:
+def save_generator(path, variant: str = "tcmgan", features: int = 4, seed: int | None = 0, **settings) -> Path:
     """An untrained generator saved as training writes ``model.pt`` (``SynthesisNet.state_dict()``, with its
-    ``arch`` buffer and self-description)."""
+    ``arch`` buffer and self-description); ``settings``: other ``SynthesisNet`` arguments (``in_channels``, ...)."""
     import torch
     from scripts.runtime.networks import SynthesisNet
 
@@ -90,7 +90,7 @@ def save_generator(path, variant: str = "tcmgan", features: int = 4, seed: int |
     path.parent.mkdir(parents=True, exist_ok=True)
     if seed is not None:
         torch.manual_seed(seed)
-    torch.save(SynthesisNet(variant, features=features).state_dict(), path)
+    torch.save(SynthesisNet(variant, features=features, **settings).state_dict(), path)
     return path
 
 
@@ -176,6 +176,14 @@ def generator_ckpt(tmp_path_factory) -> Path:
 def tcmgan_ckpt(tmp_path_factory) -> Path:
     """A tiny untrained TC-MGAN generator (features 4, seed 0), a plain state dict as training writes model.pt."""
     return save_generator(tmp_path_factory.mktemp("tcmgan") / "model.pt", "tcmgan")
+
+
+@pytest.fixture(scope="session")
+def recommended_ckpt(tmp_path_factory) -> Path:
+    """A tiny untrained generator shaped like the recommended (and shipped) model: TC-MGAN, 3 T2 slices in,
+    resize-convolution upsampling."""
+    return save_generator(tmp_path_factory.mktemp("recommended") / "model.pt", "tcmgan", in_channels=3,
+                          upsample="resize")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
