@@ -103,6 +103,13 @@ def test_mgan_has_no_segmenter(phantom_dir, tmp_path):
     assert trainer.state.output["g_seg"] == 0 and trainer.state.output["g_cls"] > 0
 
 
+def test_a_run_without_any_validation_still_writes_its_model(phantom_dir, tmp_path):
+    """max_epochs below val_interval: no epoch is validated, so the last epoch is saved (with a warning)."""
+    wf = train_workflow(phantom_dir, tmp_path, "mgan", run=True, val_interval=3)
+    assert wf.parser.get_parsed_content("validate#evaluator").state.epoch == 0  # never validated
+    assert (tmp_path / "mgan" / "model.pt").is_file()
+
+
 def test_resume_restores_iteration_optimizer_and_schedule(phantom_dir, tmp_path):
     _trained("mgan", phantom_dir, tmp_path, max_epochs=4)
     saved = load_checkpoint(str(tmp_path / "mgan" / "checkpoint.pt"))

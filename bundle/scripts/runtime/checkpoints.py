@@ -306,7 +306,8 @@ class TrainingCheckpoint:
 class ModelSaver:
     """Write ``network.state_dict()`` atomically to ``path`` at the end of each epoch whose validation is the
     best so far (``evaluator`` given: its ``best_metric_epoch`` equals the trainer's epoch), or of every epoch
-    (no evaluator). Attach it after the ``ValidationHandler`` so that validation has run.
+    (no evaluator). Attach it after the ``ValidationHandler`` so that validation has run. A run that ends without
+    having saved (no validation ran: ``max_epochs`` < ``val_interval``) saves its last epoch, with a warning.
 
     Args:
         network: the network (a DDP wrapper is unwrapped).
@@ -320,6 +321,7 @@ class ModelSaver:
                  record: Mapping | None = None):  # fmt: skip
         self.network, self.path, self.evaluator = network, path, evaluator
         self.record = dict(record) if record is not None else None
+        self.saved = False
 
     def attach(self, engine: Engine) -> None:
         """Save at the end of epochs; in a distributed run only rank 0 writes (other ranks attach nothing)."""
@@ -329,7 +331,12 @@ class ModelSaver:
 
     def __call__(self, engine: Engine | None) -> None:
         if self.evaluator is not None and getattr(self.evaluator.state, "best_metric_epoch", -1) != engine.state.epoch:
-            return
+            last = engine is not None and engine.state.epoch >= (engine.state.max_epochs or 0)
+            if self.saved or not last:
+                return
+            logging.getLogger(__name__).warning(
+                f"no validation ran in this run (val_interval > max_epochs?): {self.path} holds its last epoch")
+        self.saved = True
         net = getattr(self.network, "module", self.network)  # unwrap DDP
         # CPU tensors: the file loads on a machine without the training GPU (ckpt_export, MONAI Label, CPU inference)
         weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
