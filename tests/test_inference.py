@@ -357,6 +357,32 @@ def test_uncompressed_output_holds_the_same_volumes(tmp_path, tcmgan_ckpt):
         inference.SaveTargetsd(output_ext=".mha")
 
 
+@pytest.mark.parametrize("targets, written", [("t1ce", ["t1ce"]), ("flair,T1", ["flair", "t1"]),
+                                               (["t1", "t1ce"], ["t1", "t1ce"])])  # fmt: skip
+def test_targets_writes_only_the_chosen_ones_with_the_same_volumes(tmp_path, tcmgan_ckpt, targets, written):
+    src = save_nifti(tmp_path / "c1_t2.nii.gz", brain((32, 32, 8)), BRATS_AFFINE)
+    synthesise(tmp_path / "all", tcmgan_ckpt, input=str(src))
+    synthesise(tmp_path / "some", tcmgan_ckpt, input=str(src), targets=targets)
+    assert files_in(tmp_path / "some") == sorted(f"c1_{t}.nii.gz" for t in written)
+    for t in written:
+        np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "some" / f"c1_{t}.nii.gz")).dataobj),
+                                      np.asarray(nib.load(str(tmp_path / "all" / f"c1_{t}.nii.gz")).dataobj))
+    # a rerun with the same targets counts the case as done; asking for another target synthesises it
+    assert inference.inference_cases(input=str(src), output_dir=str(tmp_path / "some"), overwrite=False,
+                                     targets=targets) == []  # fmt: skip
+    assert len(inference.inference_cases(input=str(src), output_dir=str(tmp_path / "some"), overwrite=False)) == 1
+
+
+def test_an_unknown_target_is_one_error_before_any_work(tmp_path, tcmgan_ckpt):
+    src = save_nifti(tmp_path / "c1_t2.nii.gz", brain((32, 32, 8)))
+    result = run_cli("--input", str(src), "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(tcmgan_ckpt),
+                     "--targets", "t2,flair")  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ValueError: --targets t2,flair: unknown target(s) ['t2']; choose from flair, t1, t1ce")
+    assert files_in(tmp_path / "out") == []
+
+
 # --- the command line ---------------------------------------------------------------------------------------------
 
 

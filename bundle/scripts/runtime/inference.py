@@ -90,6 +90,7 @@ def inference_cases(
     output_dir: str = "",
     output_ext: str = ".nii.gz",
     overwrite: bool = True,
+    targets=None,
 ) -> list[dict]:
     """The cases to synthesise, each ``{"image": T2 path, "case": case id}`` (plus ``"t2_channel"`` for a 4D
     multi-channel file of a datalist).
@@ -106,6 +107,7 @@ def inference_cases(
         split: the datalist key to read (``gan``, ``seg`` or ``test``).
         output_dir, output_ext: where the outputs go (as :class:`SaveTargetsd`).
         overwrite: synthesise every case again, replacing earlier outputs.
+        targets: the targets written (:func:`parse_targets`; default all); a case counts as done when those exist.
 
     Raises:
         FileNotFoundError: the input, the datalist or a listed T2 file does not exist (the message names it).
@@ -115,7 +117,7 @@ def inference_cases(
         if not os.path.exists(input):
             raise FileNotFoundError(f"{input}: no such file or folder (the --input T2 volume)")
         return _still_to_do([{"image": os.path.abspath(input), "case": case_id(input)}], output_dir, output_ext,
-                            overwrite)  # fmt: skip
+                            overwrite, targets)  # fmt: skip
     if not datalist:
         raise ValueError("nothing to do: give --input <T2 volume>, --datalist <json> or --dataset_dir <folder>")
     entries = load_split(datalist, split)  # raises with a how-to message when the datalist is missing
@@ -145,7 +147,25 @@ def inference_cases(
     duplicates = sorted({c for c in ids if ids.count(c) > 1})
     if duplicates:
         raise ValueError(f"{datalist}: case ids appear more than once in {split!r}: {duplicates}")
-    return _still_to_do(cases, output_dir, output_ext, overwrite)
+    return _still_to_do(cases, output_dir, output_ext, overwrite, targets)
+
+
+def parse_targets(targets) -> tuple[str, ...]:
+    """The targets to write, from ``--targets``: a list/tuple of names or one comma-separated string
+    (``"t1ce"``, ``"flair,t1"``), case-insensitive, in :data:`TARGETS` order; ``None`` or empty: all.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    if targets is None or targets == "" or targets == []:
+        return tuple(TARGETS)
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        given = ",".join(str(n) for n in (targets.split(",") if isinstance(targets, str) else targets))
+        raise ValueError(f"--targets {given}: unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in names)
 
 
 def output_paths(output_dir: str, case: str, output_ext: str = ".nii.gz", targets=TARGETS) -> list[str]:
@@ -153,13 +173,13 @@ def output_paths(output_dir: str, case: str, output_ext: str = ".nii.gz", target
     return [os.path.join(output_dir, f"{case}_{target}{output_ext}") for target in targets]
 
 
-def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite: bool) -> list[dict]:
+def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite: bool, targets=None) -> list[dict]:
     """``cases`` without those whose outputs all exist in ``output_dir`` (unless ``overwrite``), one line each."""
     if overwrite or not output_dir:
         return cases
     todo = []
     for case in cases:
-        finals = output_paths(output_dir, case["case"], output_ext)
+        finals = output_paths(output_dir, case["case"], output_ext, parse_targets(targets))
         if all(os.path.isfile(f) for f in finals):
             logger.info(f"{case['case']}: kept the outputs of an earlier run in {output_dir} (--overwrite true "
                         "synthesises it again)")  # fmt: skip
@@ -258,6 +278,7 @@ class SaveTargetsd:
             written, so the outputs have exactly the input's shape and affine.
         case_key: the case id, used in the file names.
         targets: channel names, in channel order.
+        write: the targets to write (:func:`parse_targets`: names or a comma-separated string; default all).
         descrip: NIfTI ``descrip`` template (``{target}`` is filled in; at most 80 characters).
         output_ext: ``".nii.gz"`` (default: gzip level 1, ~3x smaller) or ``".nii"`` (uncompressed: 36 MB per
             BraTS-size volume, written several times faster; for large batches on a GPU, where compressing
@@ -282,11 +303,13 @@ class SaveTargetsd:
         targets=TARGETS,
         descrip: str = DESCRIP,
         output_ext: str = ".nii.gz",
+        write=None,
     ):
         if output_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
         self.key, self.output_dir, self.ref_key, self.case_key = key, output_dir, ref_key, case_key
         self.targets, self.descrip, self.output_ext = tuple(targets), descrip, output_ext
+        self.write = parse_targets(write)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -296,14 +319,16 @@ class SaveTargetsd:
                 f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(self.targets)} channels on "
                 f"the input grid {tuple(ref.shape[1:])}"
             )
-        volumes = torch.as_tensor(pred).detach().to("cpu", torch.float32).numpy()
+        keep = [i for i, t in enumerate(self.targets) if t in self.write]
+        volumes = torch.as_tensor(pred).detach()[keep].to("cpu", torch.float32).numpy()
+        targets = [self.targets[i] for i in keep]
         affine = np.asarray(ref.affine, dtype=np.float64)
-        finals = output_paths(self.output_dir, case, self.output_ext, self.targets)
+        finals = output_paths(self.output_dir, case, self.output_ext, targets)
         with atomic_paths(finals) as temporaries:
-            with ThreadPoolExecutor(max_workers=len(self.targets)) as pool:  # waits for every write, failed or not
+            with ThreadPoolExecutor(max_workers=len(targets)) as pool:  # waits for every write, failed or not
                 jobs = [
                     pool.submit(nib.save, self._nifti(volume, affine, target), tmp)
-                    for volume, target, tmp in zip(volumes, self.targets, temporaries)
+                    for volume, target, tmp in zip(volumes, targets, temporaries)
                 ]
             for job in jobs:
                 job.result()  # re-raise the first failure
