@@ -144,7 +144,8 @@ def inputs_of(input, scratch: str) -> dict:
 
 
 def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, threads: int | None = None,
-               ckpt_path=None, overwrite: bool = False, split: str = "test", verbose: bool = False) -> None:
+               ckpt_path=None, overwrite: bool = False, split: str = "test", check_contrast: bool = False,
+               verbose: bool = False) -> None:
     """Synthesise FLAIR, T1 and T1ce (or ``targets``) from T2 volumes: ``inference.json``.
 
     Args:
@@ -156,6 +157,7 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
         ckpt_path: generator weights (default the shipped ``bundle/models/model.pt``).
         overwrite: synthesise cases whose outputs exist again (default: keep them, one line each).
         split: the split of a datalist input.
+        check_contrast: refuse a volume that does not look like a T2 (a T1, T1ce or FLAIR given by mistake).
         verbose: full tracebacks.
     """
     if threads is not None:
@@ -169,7 +171,7 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
         if "datalist" in sources and "datalist_split" not in sources:
             sources["datalist_split"] = split
         _workflow(["inference.json"], verbose, output_dir=str(output_dir), targets=targets, device=device,
-                  ckpt_path=ckpt_path, overwrite=flag(overwrite), **sources)  # fmt: skip
+                  ckpt_path=ckpt_path, overwrite=flag(overwrite), check_contrast=flag(check_contrast), **sources)  # fmt: skip
 
 
 def train(dataset_dir, output_dir, variant: str = "tcmgan", segmenter: bool = False, features=None,

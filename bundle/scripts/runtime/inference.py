@@ -219,13 +219,16 @@ class LoadT2d(LoadImaged):
         ValueError: the file cannot be read as an image (not an image, corrupt or truncated), it is not a 3D
             volume (2D, or 4D given as a single input), it holds NaN or Inf, it is constant, or more than
             :data:`MAX_NEGATIVE_FRACTION` of its non-zero voxels are negative (not raw MR intensities with
-            background 0, e.g. z-scored).
+            background 0, e.g. z-scored); with ``check_contrast``, it does not look like a T2
+            (:func:`scripts.runtime.contrast.t2_probability` below 0.5: CSF not bright).
     """
 
-    def __init__(self, keys: KeysCollection = "image", channel_key: str = "t2_channel", **kwargs):
+    def __init__(self, keys: KeysCollection = "image", channel_key: str = "t2_channel", check_contrast: bool = False,
+                 **kwargs):  # fmt: skip
         kwargs.setdefault("image_only", True)
         super().__init__(keys, **kwargs)
         self.channel_key = channel_key
+        self.check_contrast = bool(check_contrast)
 
     def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
         d = dict(data)
@@ -239,7 +242,25 @@ class LoadT2d(LoadImaged):
             except Exception as e:  # every reader error becomes one message naming the file (with the reason)
                 raise ValueError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
             d[key] = _checked_volume(img, path, channel)
+            if self.check_contrast:
+                _check_t2_contrast(d[key], path)
         return d
+
+
+def _check_t2_contrast(img: torch.Tensor, path: str) -> None:
+    """Refuse a volume that does not look like a T2 (see :mod:`scripts.runtime.contrast`)."""
+    from .contrast import t2_probability
+
+    volume = (img.as_tensor() if isinstance(img, MetaTensor) else img).float().numpy()
+    try:
+        p = t2_probability(volume)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if p < 0.5:
+        raise ValueError(
+            f"{path}: does not look like a T2 (T2 probability {p:.2f}: its CSF is not bright; a T1, T1ce or FLAIR?); "
+            "give --check_contrast false to synthesise from it anyway"
+        )
 
 
 def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.Tensor:
