@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts.runtime.command_line import VERBOSE_ENV, run_tool  # noqa: E402
-from scripts.runtime.inference import _EXTENSIONS, case_id  # noqa: E402
+from scripts.runtime.inference import _EXTENSIONS, case_id, volume_stem  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE / "configs"
@@ -74,16 +74,9 @@ def find_t2_volumes(folder) -> list[str]:
     ``-t2w``, ``.T2w`` ..., any case) before its extension. Sorted."""
     found = []
     for path in sorted(Path(folder).rglob("*")):
-        if _is_volume(path) and case_id(str(path)) != _stem(path.name):
+        if _is_volume(path) and case_id(str(path)) != volume_stem(path.name):
             found.append(str(path))
     return found
-
-
-def _stem(name: str) -> str:
-    for ext in _EXTENSIONS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def read_list(path) -> list[str]:

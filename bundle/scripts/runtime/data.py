@@ -178,8 +178,8 @@ class SliceDataset(torch.utils.data.Dataset):
 
     A volume with a ``"centre"`` mark (:class:`SelectBrainSlicesd` with a margin) gives only its marked slices.
     With ``context`` > 1 or a ``transform``, each item also has ``"source"``: the ``context`` T2 slices centred on
-    the item's slice (:func:`neighbour_slices`, the same stacking as inference, edges clamped), ``(context, H, W)``;
-    then ``transform`` (e.g. the training augmentation) is applied to the item.
+    the item's slice (the indices of :func:`neighbour_index`, as inference's :func:`neighbour_slices`; edges
+    clamped), ``(context, H, W)``; then ``transform`` (e.g. the training augmentation) is applied to the item.
     """
 
     def __init__(self, volumes: Sequence[Mapping], keys: Sequence[str] = ("image", "label"), context: int = 1,
@@ -206,10 +206,10 @@ class SliceDataset(torch.utils.data.Dataset):
         c, z = self.index[i]
         vol = self.volumes[c]
         item = {key: _slice(vol[key], z) for key in self.keys}
-        if self.context > 1 or self.transform is not None:
-            t2 = vol["image"][T2_INDEX]
-            t2 = torch.from_numpy(np.asarray(t2)) if isinstance(t2, np.ndarray) else torch.as_tensor(t2)
-            item["source"] = neighbour_slices(t2, torch.tensor([z]), self.context)[0]
+        if self.context > 1 or self.transform is not None:  # only the k slices are read, views or memmap copies
+            depth = vol["image"].shape[-1]
+            index = neighbour_index(torch.tensor([z]), self.context, depth)[0].tolist()
+            item["source"] = torch.stack([_slice(vol["image"], j)[T2_INDEX] for j in index])
         if self.transform is not None:
             item = dict(self.transform(item))
         item.update(case=c, slice=z)
@@ -223,10 +223,15 @@ def neighbour_slices(volume: torch.Tensor, centres: torch.Tensor, context: int) 
     Returns ``(N, context, H, W)`` for ``centres`` ``(N,)``. Training (:class:`SliceDataset`), inference
     (:class:`scripts.runtime.inference.BrainSliceInferer`) and evaluation all stack neighbours with this function.
     """
+    index = neighbour_index(centres, context, volume.shape[-1])
+    return volume[..., index.to(volume.device)].permute(2, 3, 0, 1)
+
+
+def neighbour_index(centres: torch.Tensor, context: int, depth: int) -> torch.Tensor:
+    """``(N, context)`` slice indices ``z - h .. z + h`` of each centre, clamped to ``[0, depth - 1]``."""
     h = int(context) // 2
     offsets = torch.arange(-h, h + 1, device=centres.device)
-    index = (centres.long()[:, None] + offsets[None]).clamp(0, volume.shape[-1] - 1)  # (N, context)
-    return volume[..., index.to(volume.device)].permute(2, 3, 0, 1)
+    return (centres.long()[:, None] + offsets[None]).clamp(0, depth - 1)
 
 
 def _slice(volume, z: int) -> torch.Tensor:

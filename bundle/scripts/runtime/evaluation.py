@@ -273,6 +273,15 @@ def _load_summary(item) -> dict:
         return json.load(f)
 
 
+def _target_rows(methods: Mapping, order: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """One Markdown row per method and target: ``metrics`` as mean ± std (PSNR with 2 decimals, SSIM with 3)."""
+    return [
+        f"| {METHOD_NAMES.get(m, m)} | {TARGET_NAMES[t]} | "
+        + " | ".join(_fmt(methods[m][t][k], 2 if "psnr" in k else 3) for k in metrics) + " |"
+        for m in order for t in TARGETS
+    ]  # fmt: skip
+
+
 def _protocol_table(methods: Mapping, order: Sequence[str]) -> list[str]:
     """Markdown lines of the quality-protocol table, and each method's margin over the better trivial baseline."""
     if not all(k in methods[m][t] for m in order for t in TARGETS for k in PROTOCOL_METRICS):
@@ -282,12 +291,7 @@ def _protocol_table(methods: Mapping, order: Sequence[str]) -> list[str]:
              "slices with > 2000 brain voxels; tumour SSIM = axial SSIM maps averaged over tumour voxels; mean ± std "
              "over cases)", "", "| Method | Target | PSNR (dB) | SSIM axial | SSIM sagittal | SSIM tumour |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for m in order:
-        for t in TARGETS:
-            s = methods[m][t]
-            lines.append(f"| {METHOD_NAMES.get(m, m)} | {TARGET_NAMES[t]} | {_fmt(s['protocol_psnr'], 2)} | "
-                         f"{_fmt(s['protocol_ssim_axial'], 3)} | {_fmt(s['protocol_ssim_sagittal'], 3)} | "
-                         f"{_fmt(s['protocol_ssim_tumour'], 3)} |")
+    lines += _target_rows(methods, order, PROTOCOL_METRICS)
     models = [m for m in order if m not in BASELINES]
     if not models or not all(b in methods for b in BASELINES):
         return lines
@@ -327,13 +331,7 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
               "PSNR/SSIM inside the brain, BraSyn-style SSIM inside the tumour and the healthy brain; mean ± std "
               "over cases)", "", "| Method | Target | PSNR brain (dB) | SSIM brain | SSIM tumour | SSIM healthy |",
               "|---|---|---|---|---|---|"]  # fmt: skip
-    for m in order:
-        for t in TARGETS:
-            s = methods[m][t]
-            lines.append(
-                f"| {METHOD_NAMES.get(m, m)} | {TARGET_NAMES[t]} | {_fmt(s['psnr_brain'], 2)} | "
-                f"{_fmt(s['ssim_brain'], 3)} | {_fmt(s['ssim_tumour'], 3)} | {_fmt(s['ssim_healthy'], 3)} |"
-            )
+    lines += _target_rows(methods, order, VOLUME_METRICS[:4])
     lines += _protocol_table(methods, order)
     markdown = "\n".join(lines) + "\n"
     write_text(os.path.join(output_dir, "table1.md"), markdown)

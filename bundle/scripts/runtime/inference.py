@@ -64,13 +64,17 @@ def case_id(path: str) -> str:
     ``/d/BraTS2021_00000_t2.nii.gz`` -> ``BraTS2021_00000``; ``/d/sub-01_T2w.nrrd`` -> ``sub-01``;
     a DICOM series folder ``/d/series7/`` -> ``series7``.
     """
-    name = os.path.basename(os.path.normpath(path))
-    for ext in _EXTENSIONS:
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
+    name = volume_stem(os.path.basename(os.path.normpath(path)))
     stripped = _T2_TAG.sub("", name)
     return stripped or name
+
+
+def volume_stem(name: str) -> str:
+    """A file name without its image extension (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` ...)."""
+    for ext in _EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def _t2_index(datalist: str, channels) -> int:
