@@ -32,6 +32,23 @@ def test_inference_benchmark_times_the_workflow_against_the_same_slices(tmp_path
     assert row["backend"] == "onnxruntime"  # the CPU default; its bare forward is the same session
     row = benchmark.time_inference(str(tmp_path / "c_t2.nii.gz"), ckpt, "cpu", repeats=1, backend="torch")
     assert row["backend"] == "torch" and row["slices_run"] == "15 / 20"
+    row = benchmark.time_inference(str(tmp_path / "c_t2.nii.gz"), ckpt, "cpu", repeats=1, precision="bf16")
+    assert row["precision"] == "bf16" and row["backend"] == "torch"  # bf16 runs with torch autocast
+
+
+def test_throughput_benchmark_compares_both_pipelines_and_precisions_with_the_io_floor(phantom_dir, tmp_path):
+    result = benchmark.throughput(dataset_dir=str(phantom_dir), widths="4", device="cpu", precision="fp32,bf16",
+                                  output=str(tmp_path / "t.json"))  # fmt: skip
+    floor, *rows = result["rows"]
+    assert floor["mode"].startswith("I/O floor") and floor["volumes_per_min"] > 0
+    assert [(r["precision"], r["mode"]) for r in rows] == [
+        (p, m) for p in ("fp32", "bf16") for m in ("one case after another", "read ahead + background write")
+    ]
+    assert all(r["cases"] == floor["cases"] > 0 and r["volumes_per_min"] > 0 for r in rows)
+    assert all(r["of_floor"] == pytest.approx(floor["s_per_volume"] / r["s_per_volume"]) for r in rows)
+    assert [r["engine"] for r in rows] == ["onnxruntime", "onnxruntime", "bf16", "bf16"]
+    assert "psnr_min" not in rows[0] and all(20 < r["psnr_min"] <= r["psnr_mean"] for r in rows[2:])
+    assert json.loads((tmp_path / "t.json").read_text())["benchmark"] == "throughput"
 
 
 def test_training_benchmark_compares_trainer_and_plain_loop_on_the_same_batches(phantom_dir):

@@ -1,6 +1,7 @@
 """How much the bundle costs on top of bare PyTorch, measured on this machine: ratios, not absolute times.
 
     python bundle/scripts/benchmark.py inference   # inference.json on one 240x240x155 case vs the bare forward
+    python bundle/scripts/benchmark.py throughput  # volumes/min over many cases vs the I/O floor; bf16 vs fp32
     python bundle/scripts/benchmark.py training    # the bundle's GAN trainer (train.json) vs a plain loop
     python bundle/scripts/benchmark.py data        # slice loader vs one training step; memory vs number of cases
     python bundle/scripts/benchmark.py all --output report.json
@@ -16,6 +17,9 @@ ratios. Phantom data (``scripts.phantom``) is made in a temporary folder when no
   start-up excluded) vs the bare forward of the same network on exactly the slices the workflow ran, and on all
   slices, with the workflow's engine (eager PyTorch, or the ONNX Runtime session of ``--backend onnxruntime`` /
   ``auto`` on a CPU); slices/s and volumes/min; where the workflow's time goes.
+- ``throughput``: volumes/min of ``inference.json`` over many cases, one after another and with reading ahead and
+  background writing, against an I/O-only floor (read the T2s, write three volumes each, no network); fp32 and
+  bf16, with the PSNR of bf16's outputs against fp32's.
 - ``training``: per variant, iterations/s of ``TCMGANTrainer`` built from ``train.json`` with its handlers and data
   loader vs a plain PyTorch loop (:func:`plain_gan_step`) doing the same forward/backward/optimizer steps on the
   same batches (both call the loss functions of ``scripts.runtime.losses``).
@@ -180,7 +184,9 @@ class _TimedInferer:
 
 
 #: inference.json settings a row of ``inference`` varies, and the benchmark's defaults for them
-INFERENCE_SETTINGS = {"sw_batch_size": 64, "compile": False, "amp": False, "output_ext": ".nii.gz", "backend": "auto"}
+#: (one case at a time, nothing overlapped, so that each stage's time is its own; ``throughput`` measures the overlap)
+INFERENCE_SETTINGS = {"sw_batch_size": 64, "compile": False, "amp": False, "output_ext": ".nii.gz", "backend": "auto",
+                      "precision": "fp32", "prefetch": 0, "background_write": False}  # fmt: skip
 
 
 def _inference_workflow(input: str, ckpt_path: str, output_dir: str, device, **settings):
@@ -238,11 +244,13 @@ def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, **setti
         every = volume.permute(3, 0, 1, 2).contiguous()
 
         session = inferer.runner.session  # not None: the workflow ran ONNX Runtime
+        bf16 = inferer.runner.last_engine == "bf16"
+        autocast = {"dtype": torch.bfloat16, "enabled": True} if bf16 else {"enabled": bool(amp)}
 
         def bare(slices, even_split):
             n = slices.shape[0]
             size = -(-n // -(-n // sw_batch_size)) if even_split else sw_batch_size
-            with torch.inference_mode(), torch.autocast(device.type, enabled=bool(amp)):
+            with torch.inference_mode(), torch.autocast(device.type, **autocast):
                 for start in range(0, n, size):
                     if session is not None:
                         session.run(None, {"slices": slices[start : start + size].contiguous().numpy()})
@@ -264,6 +272,7 @@ def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, **setti
         "threads": torch.get_num_threads(),
         "features": int(network.arch[1]),
         "backend": "onnxruntime" if session is not None else "torch",
+        "precision": "bf16" if bf16 else "fp32",
         "compile": bool(settings["compile"]) and session is None,
         "amp": bool(amp),
         "output_ext": settings["output_ext"],
@@ -290,6 +299,7 @@ INFERENCE_COLUMNS = {
     "threads": "threads",
     "features": "width",
     "backend": "backend",
+    "precision": "precision",
     "compile": "compiled",
     "amp": "amp",
     "output_ext": "written as",
@@ -329,20 +339,24 @@ def inference(
     compile=False,
     amp=False,
     output_ext=".nii.gz",
+    precision="fp32",
     threads=None,
     output: str | None = None,
 ):
-    """Inference workflow vs bare forward (module doc). ``input``: a 240x240x155 T2 volume (default: one phantom
+    """Inference workflow vs bare forward (module doc), one case at a time without overlap (``throughput``
+    measures many cases with reading and writing overlapped). ``input``: a 240x240x155 T2 volume (default: one phantom
     case made here). ``widths``: generator widths; the shipped model.pt is used for its own width, random weights
     for the others. ``backend``: inference.json's (``auto``, ``torch``, ``onnxruntime``; several comma-separated
     give a row each). ``compile`` and ``amp``: False, True, or "both" (a row for each; ``compile`` only with the
     torch backend, ``amp`` only on a GPU, as the workflow's autocast is for CUDA). ``output_ext``: ``.nii.gz``,
-    ``.nii`` or both (``.nii.gz,.nii``), the workflow's outputs. ``threads``: torch CPU threads."""
+    ``.nii`` or both (``.nii.gz,.nii``), the workflow's outputs. ``precision``: ``fp32``, ``bf16`` or both
+    (``fp32,bf16``; bf16 runs with torch, whatever the backend). ``threads``: torch CPU threads."""
     set_threads(threads)
     widths = [int(w) for w in _values(widths)]
     grid = [
-        {"backend": b, "compile": c, "amp": a, "output_ext": e}
+        {"backend": b, "compile": c, "amp": a, "output_ext": e, "precision": q}
         for b in _values(backend) for c in _choices(compile) for a in _choices(amp) for e in _values(output_ext)
+        for q in _values(precision)
     ]  # fmt: skip
     shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
     meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
@@ -360,6 +374,8 @@ def inference(
                         engine = resolve_backend(settings["backend"], dev.type)
                     except (ValueError, ImportError):  # onnxruntime on a GPU, or not installed: no such row
                         continue
+                    if settings["precision"] == "bf16" and (settings["compile"] or settings["backend"] != grid[0]["backend"]):
+                        continue  # bf16 runs eager torch whatever the backend and compile: one row of it
                     if (settings["amp"] and dev.type != "cuda") or (settings["compile"] and engine != "torch"):
                         continue  # autocast is for CUDA; compile for the torch backend
                     rows.append(time_inference(input, ckpt, dev, repeats, sw_batch_size=sw_batch_size, **settings))
@@ -367,6 +383,140 @@ def inference(
     meta["load_after"] = load()
     meta["input"] = input
     return _report("inference", rows, INFERENCE_COLUMNS, meta, output)
+
+
+# --- throughput ---------------------------------------------------------------------------------------------------
+
+
+def io_floor(cases: list[dict], output_dir: str, output_ext: str = ".nii.gz") -> float:
+    """Seconds to read each case's T2 (``LoadT2d``, with its checks) and write three volumes of its grid
+    (``SaveTargetsd``, in the workflow's format), one case after another, without preprocessing or network: what
+    no inference can go below. The written volumes are the T2 scaled to [0, 1], so they compress like outputs."""
+    from monai.data import MetaTensor
+
+    from scripts.runtime.inference import LoadT2d, SaveTargetsd
+
+    load, save = LoadT2d("image"), SaveTargetsd(output_dir=output_dir, output_ext=output_ext)
+    start = time.perf_counter()
+    for case in cases:
+        t2 = load({"image": case["image"]})["image"]
+        scaled = (t2 / t2.max())[None]
+        save({"pred": scaled.expand(3, *t2.shape), "mask": MetaTensor(scaled, affine=t2.affine), "case": case["case"]})
+    return time.perf_counter() - start
+
+
+def _brain_psnr(a_dir: str, b_dir: str, names: list[str], masks: dict[str, "np.ndarray"]) -> tuple[float, float]:
+    """(lowest, mean) over ``names`` of the PSNR of the difference of two runs' outputs (intensities in [0, 1]),
+    over the voxels of each case's ``masks`` (the T2's brain)."""
+    import nibabel as nib
+    import numpy as np
+
+    values = []
+    for name in names:
+        mask = masks[name.rsplit("_", 1)[0]]
+        a = np.asanyarray(nib.load(os.path.join(a_dir, name)).dataobj)[mask]
+        b = np.asanyarray(nib.load(os.path.join(b_dir, name)).dataobj)[mask]
+        mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+        values.append(10 * np.log10(1.0 / mse) if mse > 0 else float("inf"))
+    return min(values), float(np.mean(values))
+
+
+def throughput(
+    dataset_dir: str | None = None,
+    num_cases: int = 8,
+    widths="16",
+    device=None,
+    precision="fp32,bf16",
+    output_ext=".nii.gz",
+    threads=None,
+    output: str | None = None,
+):
+    """Volumes per minute of ``inference.json`` over many cases, against the I/O floor (:func:`io_floor`).
+
+    For each device and width, and each ``precision``: the workflow one case after another (``--prefetch 0
+    --background_write false``) and with reading ahead and writing in the background (the defaults); each run is
+    timed on its second pass over the cases (the first warms up: ONNX export, allocations). bf16 rows give the
+    PSNR of their outputs against the fp32 outputs of the same run, over each case's brain (lowest and mean over
+    volumes and targets). ``dataset_dir``: a folder with ``datalist.json`` (its ``test`` split; default:
+    ``num_cases`` phantom cases made here, BraTS grid)."""
+    import nibabel as nib
+    import numpy as np
+
+    set_threads(threads)
+    widths = [int(w) for w in _values(widths)]
+    precisions = _values(precision)
+    shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
+    meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not dataset_dir:
+            dataset_dir = phantom_dataset(os.path.join(tmp, "data"), num_cases)
+            datalist = os.path.join(tmp, "cases.json")
+            with open(os.path.join(dataset_dir, "datalist.json")) as f:
+                content = json.load(f)
+            write_json(datalist, {**content, "test": [c for s in ("gan", "seg", "test") for c in content.get(s, [])]})
+        else:
+            datalist = os.path.join(dataset_dir, "datalist.json")
+        from scripts.runtime.inference import inference_cases
+
+        cases = inference_cases(datalist=datalist, split="test")
+        masks = {c["case"]: np.asanyarray(nib.load(c["image"]).dataobj) > 0 for c in cases}
+        floor_s = io_floor(cases, os.path.join(tmp, "floor"), output_ext)
+        floor = {"mode": "I/O floor (read + write, no network)", "cases": len(cases),
+                 "s_per_volume": floor_s / len(cases), "volumes_per_min": 60 * len(cases) / floor_s}  # fmt: skip
+        rows.append(floor)
+        print(table(rows[-1:], THROUGHPUT_COLUMNS).splitlines()[-1], flush=True)
+        for dev in devices(device):
+            for width in widths:
+                ckpt = SHIPPED_MODEL if shipped == width else None
+                ckpt = ckpt or random_generator_ckpt(os.path.join(tmp, f"model_f{width}.pt"), width)
+                reference = None
+                for prec in precisions:
+                    for overlapped in (False, True):
+                        out = os.path.join(tmp, f"out_{dev.type}_{width}_{prec}_{overlapped}")
+                        settings = {"precision": prec, "prefetch": 1 if overlapped else 0,
+                                    "background_write": overlapped, "output_ext": output_ext}  # fmt: skip
+                        from monai.bundle import ConfigWorkflow
+
+                        wf = ConfigWorkflow(
+                            config_file=os.path.join(CONFIGS, "inference.json"), workflow_type="infer",
+                            bundle_root=BUNDLE, datalist=datalist, datalist_split="test", ckpt_path=ckpt,
+                            output_dir=out, device=str(dev), overwrite=True, **settings,
+                        )  # fmt: skip
+                        wf.initialize()
+                        evaluator = wf.parser.get_parsed_content("evaluator")
+                        evaluator.run()  # warm-up pass
+                        seconds, _ = timed(evaluator.run, dev)
+                        engine = wf.parser.get_parsed_content("inferer").runner.last_engine
+                        row = {"device": dev.type, "features": width, "precision": prec, "engine": engine,
+                               "mode": "read ahead + background write" if overlapped else "one case after another",
+                               "cases": len(cases), "s_per_volume": seconds / len(cases),
+                               "volumes_per_min": 60 * len(cases) / seconds,
+                               "of_floor": floor["s_per_volume"] / (seconds / len(cases))}  # fmt: skip
+                        names = sorted(f for f in os.listdir(out) if not f.startswith("."))
+                        if reference is None and prec == "fp32":
+                            reference = out
+                        elif reference is not None and prec != "fp32":
+                            row["psnr_min"], row["psnr_mean"] = _brain_psnr(reference, out, names, masks)
+                        rows.append(row)
+                        print(table(rows[-1:], THROUGHPUT_COLUMNS).splitlines()[-1], flush=True)
+    meta["load_after"] = load()
+    return _report("throughput", rows, THROUGHPUT_COLUMNS, meta, output)
+
+
+THROUGHPUT_COLUMNS = {
+    "device": "device",
+    "features": "width",
+    "precision": "precision",
+    "engine": "network engine",
+    "mode": "pipeline",
+    "cases": "cases",
+    "s_per_volume": "s / volume",
+    "volumes_per_min": "volumes/min",
+    "of_floor": "share of the I/O floor's rate",
+    "psnr_min": "PSNR vs fp32, lowest (dB)",
+    "psnr_mean": "PSNR vs fp32, mean (dB)",
+}
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -752,9 +902,11 @@ def _memory_probe_cli(datalist: str, cache_dir: str = "", touch: bool = True) ->
 
 
 def run_all(device=None, threads=None, output: str | None = None):
-    """``all``: ``inference``, ``training`` and ``data`` with their defaults; ``output``: one JSON with the three."""
+    """``all``: ``inference``, ``throughput``, ``training`` and ``data`` with their defaults; ``output``: one JSON
+    with the four."""
     results = {
         "inference": inference(device=device, threads=threads),
+        "throughput": throughput(device=device, threads=threads),
         "training": training(device=device, threads=threads),
         "data": data(device=device, threads=threads),
     }
@@ -765,6 +917,6 @@ def run_all(device=None, threads=None, output: str | None = None):
 if __name__ == "__main__":
     from scripts.runtime.command_line import run_tool
 
-    commands = {"inference": inference, "training": training, "data": data, "all": run_all}
+    commands = {"inference": inference, "throughput": throughput, "training": training, "data": data, "all": run_all}
     # the tables are printed as they are measured; the returned dicts are for callers in Python
     run_tool({**commands, "memory_probe": _memory_probe_cli}, serialize=lambda result: None)

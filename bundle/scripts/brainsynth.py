@@ -1,7 +1,7 @@
 """brainsynth: one command for the bundle's everyday jobs, a thin front-end to its MONAI bundle workflows.
 
     python bundle/scripts/brainsynth.py synthesise INPUT --output_dir O [--targets t1ce] [--device cpu]
-        [--threads 4] [--ckpt_path P] [--overwrite true]
+        [--threads 4] [--ckpt_path P] [--overwrite true] [--precision fp32]
     python bundle/scripts/brainsynth.py train --dataset_dir D --output_dir O [--variant tcmgan|...|recommended]
     python bundle/scripts/brainsynth.py train --dataset_dir D --output_dir O --segmenter true
     python bundle/scripts/brainsynth.py evaluate --dataset_dir D --ckpt_path P --output_dir O
@@ -138,7 +138,7 @@ def inputs_of(input, scratch: str) -> dict:
 
 def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, threads: int | None = None,
                ckpt_path=None, overwrite: bool = False, split: str = "test", check_contrast: bool = False,
-               verbose: bool = False) -> None:
+               precision: str = "auto", verbose: bool = False) -> None:
     """Synthesise FLAIR, T1 and T1ce (or ``targets``) from T2 volumes: ``inference.json``.
 
     Args:
@@ -151,8 +151,13 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
         overwrite: synthesise cases whose outputs exist again (default: keep them, one line each).
         split: the split of a datalist input.
         check_contrast: refuse a volume that does not look like a T2 (a T1, T1ce or FLAIR given by mistake).
+        precision: ``auto`` (bf16 on a CPU that computes it natively, else fp32), ``fp32`` or ``bf16``.
         verbose: full tracebacks.
     """
+    from scripts.runtime.inference import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if threads is not None:
         import torch
 
@@ -164,7 +169,8 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
         if "datalist" in sources and "datalist_split" not in sources:
             sources["datalist_split"] = split
         _workflow(["inference.json"], verbose, output_dir=str(output_dir), targets=targets, device=device,
-                  ckpt_path=ckpt_path, overwrite=flag(overwrite), check_contrast=flag(check_contrast), **sources)  # fmt: skip
+                  ckpt_path=ckpt_path, overwrite=flag(overwrite), check_contrast=flag(check_contrast),
+                  precision=precision, **sources)  # fmt: skip
 
 
 def train(dataset_dir, output_dir, variant: str = "tcmgan", segmenter: bool = False, features=None,
