@@ -194,3 +194,17 @@ def test_train_evaluate_and_table(phantom_dir, generator_ckpt, tmp_path):
             run_name="synth", inputs="real", min_brain_pixels=TINY["min_brain_pixels"], cache_num_workers=0,
         )
     assert "trained on inputs 'synth'" in "".join(str(e) for e in error_chain(err.value))
+
+
+def test_sanity_check_asks_real_modalities_to_beat_t2_by_more_than_the_seed_spread():
+    from scripts.runtime.downstream import sanity_check
+
+    def row(mean, std, seeds):
+        return {"dice_wt": {"mean": mean, "std": std, "n_seeds": seeds}}
+
+    ok, sentence = sanity_check(row(0.60, 0.02, 3), row(0.70, 0.03, 3))
+    assert ok and "passed" in sentence and "+0.100" in sentence and "seed spread 0.036" in sentence
+    ok, sentence = sanity_check(row(0.60, 0.05, 3), row(0.64, 0.05, 3))
+    assert not ok and "not interpretable" in sentence
+    ok, sentence = sanity_check({"dice_wt": {"mean": 0.6, "std": 0.1}}, {"dice_wt": {"mean": 0.9, "std": 0.1}})
+    assert not ok and "one training seed" in sentence  # no seed spread: never passes

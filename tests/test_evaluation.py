@@ -46,6 +46,9 @@ def test_evaluate_writes_table1_for_the_method_and_the_baselines(evaluation_run)
     assert scores["methods"]["t2"]["flair"]["psnr"]["mean"] > scores["methods"]["mgan"]["flair"]["psnr"]["mean"] + 5
     table = (out / "table1.md").read_text()
     assert "| MGAN |" in table and "| T2 (baseline) |" in table and "paper, BraTS18" in table
+    assert "**Tumour and healthy brain**" in table and "| PSNR tumour (dB) | SSIM tumour | PSNR healthy (dB) |" in table
+    for key in ("protocol_psnr_tumour", "protocol_psnr_healthy", "protocol_ssim_healthy"):
+        assert scores["methods"]["mgan"]["flair"][key]["n"] == 2  # both test cases have a tumour
     rows = (out / "per_case.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 3 * 3  # header + cases x methods x targets
     example = np.load(out / "examples.npz")

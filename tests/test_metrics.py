@@ -158,3 +158,41 @@ def test_protocol_ignores_slices_with_little_brain_and_tumour_ssim_looks_at_the_
     # the sagittal slices cross the damaged axial slice
     assert scores["protocol_ssim_sagittal"] < scores["protocol_ssim_axial"] - 1e-4
     assert scores["protocol_psnr"] < 60
+
+
+def test_protocol_region_scores_split_the_brain_into_tumour_and_healthy():
+    real, ball = _volume()
+    brain = protocol_brain(real)
+    tumour = torch.zeros_like(ball)
+    tumour[25:35, 27:37, 20:30] = True
+    pred = real.clone()
+    pred[tumour] = 1.0  # wrong inside the tumour only
+    scores = protocol_scores(pred, real, brain, tumour)
+    p, r = brain_unit(pred, brain), brain_unit(real, brain)
+    healthy = brain & ~tumour
+    for key, region in (("protocol_psnr_tumour", tumour), ("protocol_psnr_healthy", healthy)):
+        mse = float(((p - r)[region] ** 2).mean())
+        assert scores[key] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    assert scores["protocol_psnr_tumour"] < 20 < scores["protocol_psnr_healthy"]
+    # healthy SSIM averages the axial maps over healthy voxels: near 1 away from the tumour, below the tumour's
+    assert scores["protocol_ssim_tumour"] < scores["protocol_ssim_healthy"] < 1
+    assert scores["protocol_ssim_healthy"] > scores["protocol_ssim_axial"] - 1e-6
+    no_tumour = protocol_scores(pred, real, brain, torch.zeros_like(ball))
+    assert math.isnan(no_tumour["protocol_psnr_tumour"]) and math.isnan(no_tumour["protocol_ssim_tumour"])
+
+
+def test_merge_over_seeds_gives_the_spread_of_the_seed_means():
+    import numpy as np
+
+    from scripts.runtime.metrics import merge_over_seeds
+
+    seeds = [{"methods": {"mgan": {"flair": {"psnr": {"mean": m, "std": s, "n": 40}}}}, "settings": {"n_cases": 2}}
+             for m, s in ((20.0, 1.0), (22.0, 3.0), (float("nan"), 2.0))]  # fmt: skip
+    merged = merge_over_seeds(seeds)
+    cell = merged["methods"]["mgan"]["flair"]["psnr"]
+    assert cell["mean"] == 21.0 and cell["std"] == pytest.approx(np.std([20.0, 22.0], ddof=1))
+    assert cell["n"] == 2 and cell["n_seeds"] == 3 and cell["within_std"] == 2.0
+    assert merged["settings"] == {"n_cases": 2}
+    assert merge_over_seeds(seeds[:1])["methods"]["mgan"]["flair"]["psnr"]["std"] == 0.0
+    with pytest.raises(ValueError):
+        merge_over_seeds([])

@@ -412,3 +412,16 @@ def test_phantom_figure_writes_png(tmp_path):
     phantom.generate(tmp_path / "d23", num_cases=1, seed=0, layout="brats2023", shape=SMALL)
     out = phantom_figure(tmp_path / "d23" / "BraTS-GLI-00000-000", tmp_path / "b.png", slice_index=20)
     assert Path(out).stat().st_size > 5_000
+
+
+def test_worker_processes_write_the_same_cases(tmp_path):
+    from scripts.phantom import generate
+
+    ids_one = generate(tmp_path / "one", num_cases=3, seed=4, shape=(48, 48, 24), workers=1)
+    ids_two = generate(tmp_path / "two", num_cases=3, seed=4, shape=(48, 48, 24), workers=2)
+    assert ids_one == ids_two
+    for case in ids_one:
+        for f in sorted((tmp_path / "one" / case).iterdir()):
+            assert f.read_bytes() == (tmp_path / "two" / case / f.name).read_bytes(), f.name
+    with pytest.raises(ValueError, match="workers"):
+        generate(tmp_path / "bad", num_cases=1, workers=-1)

@@ -1,5 +1,6 @@
-"""Specification of the study driver, bundle/scripts/reproduce.py: the smoke preset end to end (phantoms, every
-workflow, both tables, the report and figure), and a second run that skips the finished stages."""
+"""Specification of the study driver, bundle/scripts/reproduce.py: the smoke preset end to end with two training seeds
+and two stages at a time (phantoms, every workflow, both tables merged over seeds with the sanity check, the report
+and figure), a second run that skips the finished stages, and the stage plan of one seed (the earlier layout)."""
 
 from __future__ import annotations
 
@@ -21,18 +22,28 @@ def _reproduce(out, *extra) -> str:
     return done.stdout
 
 
+SEEDS = 2
+#: the stages of the smoke study with two seeds, in plan order
+STAGES = ["phantoms"]
+for _k in range(SEEDS):
+    STAGES += [f"segmenter_seed{_k}", *[f"gan_{v}_seed{_k}" for v in VARIANTS],
+               *[f"table1_{v}_seed{_k}" for v in VARIANTS]]  # fmt: skip
+STAGES.append("table1")
+for _k in range(SEEDS):
+    STAGES += [f"seg_{r}_seed{_k}" for r in DOWNSTREAM]
+STAGES += ["table2", "report"]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
-    return out, _reproduce(out)
+    return out, _reproduce(out, "--seeds", str(SEEDS), "--jobs", "2")
 
 
 def test_smoke_preset_writes_both_tables_and_the_figure(smoke):
     out, log = smoke
-    stages = ["phantoms", "segmenter", *[f"gan_{v}" for v in VARIANTS], *[f"table1_{v}" for v in VARIANTS], "table1",
-              *[f"seg_{r}" for r in DOWNSTREAM], "table2", "report"]  # fmt: skip
-    for i, name in enumerate(stages, start=1):
-        assert f"[{i}/{len(stages)}] {name}: finished in" in log
+    for i, name in enumerate(STAGES, start=1):
+        assert f"[{i}/{len(STAGES)}] {name}: finished in" in log
         assert (out / "stages" / f"{name}.json").is_file()
     results = (out / "results.md").read_text()
     for method in ("pix2pix", "MGAN", "TC-MGAN", "TC-MGAN bw", "T2 (baseline)", "inverted T2 (baseline)"):
@@ -40,24 +51,54 @@ def test_smoke_preset_writes_both_tables_and_the_figure(smoke):
     for row in ("T2 only", "T2 + TC-MGAN synthesised", "4 real modalities"):
         assert f"| {row} |" in results
     assert "train.json" in results and "evaluate_downstream.json" in results and "MONAI 1." in results
-    assert "| gan_tcmgan | " in results and (out / "figure3.png").stat().st_size > 10_000
+    assert "| gan_tcmgan_seed1 | " in results and (out / "figure3.png").stat().st_size > 10_000
+    assert "2 training seeds" in results and "**Sanity check**" in results and "Validation Dice" in results
+    assert "**Tumour and healthy brain**" in results and "they ran 2 at a time" in results
     table1 = json.loads((out / "table1" / "table1.json").read_text())
     assert set(table1["methods"]) == {*VARIANTS, "t2", "inverted_t2"}
+    for k in range(SEEDS):  # each seed's runs and tables, trained with its own seed
+        assert "--seed " + str(k) in (out / "stages" / f"gan_mgan_seed{k}.json").read_text()
+        assert (out / "table1" / f"seed{k}" / "mgan" / "scores.json").is_file()
+        assert json.loads((out / "runs" / f"seed{k}" / "segmenter" / "validation.json").read_text())["history"]
+    # every merged cell is the mean of the two seeds' means
+    seeds = [json.loads((out / "table1" / f"seed{k}" / "mgan" / "scores.json").read_text()) for k in range(SEEDS)]
+    merged = table1["methods"]["mgan"]["flair"]["protocol_psnr"]
+    assert merged["n_seeds"] == 2
+    assert merged["mean"] == pytest.approx(sum(s["methods"]["mgan"]["flair"]["protocol_psnr"]["mean"] for s in seeds) / 2)
     for r in DOWNSTREAM:
-        scores = json.loads((out / "runs" / "downstream" / r / "scores.json").read_text())
+        scores = json.loads((out / "runs" / "seed1" / "downstream" / r / "scores.json").read_text())
         assert 0 <= scores["dice_wt"]["mean"] <= 1
+    assert "--model_selection last" in (out / "stages" / "seg_t2_seed0.json").read_text()
 
 
 def test_second_run_skips_finished_stages(smoke):
     out, _ = smoke
-    marker = out / "stages" / "gan_tcmgan.json"
+    marker = out / "stages" / "gan_tcmgan_seed1.json"
     before = marker.read_text()
     (out / "stages" / "table2.json").unlink()  # redo one cheap stage
-    log = _reproduce(out)
-    assert "gan_tcmgan: done before, skipped" in log and "segmenter: done before, skipped" in log
+    log = _reproduce(out, "--seeds", str(SEEDS))
+    assert "gan_tcmgan_seed1: done before, skipped" in log and "segmenter_seed0: done before, skipped" in log
     assert "table2: finished in" in log and "report: finished in" in log
-    assert log.count("done before, skipped") == 17
+    assert log.count("done before, skipped") == len(STAGES) - 2
     assert marker.read_text() == before
+
+
+def test_one_seed_keeps_the_earlier_stage_names_and_folders(tmp_path):
+    study = Study("smoke", str(tmp_path))
+    names = [name for name, _, _ in study.plan()]
+    assert names == ["phantoms", "segmenter", *[f"gan_{v}" for v in VARIANTS], *[f"table1_{v}" for v in VARIANTS],
+                     "table1", *[f"seg_{r}" for r in DOWNSTREAM], "table2", "report"]  # fmt: skip
+    assert "--seed" not in study.gan_commands("mgan")[0] and study.runs_dir(0) == study.runs
+
+
+def test_each_stage_waits_only_for_what_it_needs(tmp_path):
+    needs = {name: deps for name, _, deps in Study("smoke", str(tmp_path), seeds=2).plan()}
+    assert needs["gan_mgan_seed1"] == ["phantoms"] and needs["gan_tcmgan_seed1"] == ["segmenter_seed1"]
+    assert needs["seg_synth_tcmgan_bw_seed0"] == ["gan_tcmgan_bw_seed0"] and needs["seg_real_seed0"] == ["phantoms"]
+    order = list(needs)
+    assert all(order.index(d) < order.index(n) for n, deps in needs.items() for d in deps)  # a runnable order
+    gpu = Study("gpu", str(tmp_path / "gpu"), seeds=3)
+    assert gpu.jobs == 6 and "gan_recommended_seed2" in [n for n, _, _ in gpu.plan()]
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -65,3 +106,7 @@ def test_bad_arguments_are_named(tmp_path):
         Study("fast", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="datalist.json"):
         Study("smoke", str(tmp_path / "r"), dataset_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="--seeds must be an integer >= 1"):
+        Study("smoke", str(tmp_path / "s"), seeds=0)
+    with pytest.raises(ValueError, match="--jobs must be an integer >= 1"):
+        Study("smoke", str(tmp_path / "j"), jobs=0)

@@ -252,15 +252,13 @@ def test_the_inference_overlay_alone_says_how_to_stack_it(tmp_path):
 # --- bf16 ---------------------------------------------------------------------------------------------------------
 
 
-def test_precision_names_are_checked_and_auto_follows_the_cpu(monkeypatch):
+def test_precision_names_are_checked_and_bf16_without_native_support_warns(monkeypatch, caplog):
     with pytest.raises(ValueError, match="precision"):
         inference.SliceRunner(precision="fp16")
-    monkeypatch.setattr(inference, "native_bf16", lambda: True)
-    assert inference.resolve_precision("auto", "cpu") == "bf16"
-    assert inference.resolve_precision("auto", "cuda") == "fp32"
     monkeypatch.setattr(inference, "native_bf16", lambda: False)
-    assert inference.resolve_precision("auto", "cpu") == "fp32"
-    assert inference.resolve_precision("bf16", "cpu") == "bf16"
+    assert inference.check_precision("bf16") == "bf16"
+    assert "no native bfloat16" in caplog.text
+    assert inference.SliceRunner().precision == "fp32"
 
 
 def test_bf16_runner_returns_float32_and_uses_torch():

@@ -7,6 +7,8 @@ Each run goes through ``ConfigWorkflow(..., tracking="mlflow")``, what ``python 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import TINY, run_workflow
 
@@ -80,3 +82,25 @@ def test_evaluation_run_logs_the_validation_metrics(phantom_dir, generator_ckpt,
     _, run = only_run(f"sqlite:///{tmp_path}/mlruns.db")
     assert {"val_psnr", "val_ssim"} <= run.data.metrics.keys()
     assert run.data.params["max_epochs"] == "1"
+
+
+def test_validation_history_keeps_every_validation_and_the_best(tmp_path):
+    from ignite.engine import Engine
+
+    from scripts.runtime.tracking import ValidationHistory
+
+    path = tmp_path / "run" / "validation.json"
+    history = ValidationHistory(str(path))
+    engine = Engine(lambda e, b: None)
+    engine.state.key_metric_name = "val_mean_dice"
+    for epoch, dice in ((1, 0.2), (2, 0.6), (3, 0.4)):
+        engine.state.epoch, engine.state.metrics = epoch, {"val_mean_dice": dice, "other": 1.0}
+        history(engine)
+    saved = json.loads(path.read_text())
+    assert [h["val_mean_dice"] for h in saved["history"]] == [0.2, 0.6, 0.4]
+    assert saved["best"]["epoch"] == 2 and saved["last"]["epoch"] == 3 and saved["key_metric"] == "val_mean_dice"
+    resumed = ValidationHistory(str(path))  # a run resumed after epoch 2 keeps epochs 1-2, replaces 3
+    engine.state.epoch, engine.state.metrics = 3, {"val_mean_dice": 0.7}
+    resumed(engine)
+    saved = json.loads(path.read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1, 2, 3] and saved["best"]["val_mean_dice"] == 0.7

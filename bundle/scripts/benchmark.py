@@ -428,14 +428,16 @@ def throughput(
     device=None,
     precision="fp32,bf16",
     output_ext=".nii.gz",
+    repeats: int = 3,
     threads=None,
     output: str | None = None,
 ):
     """Volumes per minute of ``inference.json`` over many cases, against the I/O floor (:func:`io_floor`).
 
     For each device and width, and each ``precision``: the workflow one case after another (``--prefetch 0
-    --background_write false``) and with reading ahead and writing in the background (the defaults); each run is
-    timed on its second pass over the cases (the first warms up: ONNX export, allocations). bf16 rows give the
+    --background_write false``) and with reading ahead and writing in the background (the defaults); after one
+    warm-up pass each (ONNX export, allocations), the configurations take turns for ``repeats`` timed passes over
+    the cases, and each row gives the median. bf16 rows give the
     PSNR of their outputs against the fp32 outputs of the same run, over each case's brain (lowest and mean over
     volumes and targets). ``dataset_dir``: a folder with ``datalist.json`` (its ``test`` split; default:
     ``num_cases`` phantom cases made here, BraTS grid)."""
@@ -451,7 +453,7 @@ def throughput(
     with tempfile.TemporaryDirectory() as tmp:
         if not dataset_dir:
             dataset_dir = phantom_dataset(os.path.join(tmp, "data"), num_cases)
-            datalist = os.path.join(tmp, "cases.json")
+            datalist = os.path.join(dataset_dir, "datalist_all.json")  # every case in "test" (paths relative to it)
             with open(os.path.join(dataset_dir, "datalist.json")) as f:
                 content = json.load(f)
             write_json(datalist, {**content, "test": [c for s in ("gan", "seg", "test") for c in content.get(s, [])]})
@@ -466,18 +468,18 @@ def throughput(
                  "s_per_volume": floor_s / len(cases), "volumes_per_min": 60 * len(cases) / floor_s}  # fmt: skip
         rows.append(floor)
         print(table(rows[-1:], THROUGHPUT_COLUMNS).splitlines()[-1], flush=True)
+        from monai.bundle import ConfigWorkflow
+
         for dev in devices(device):
             for width in widths:
                 ckpt = SHIPPED_MODEL if shipped == width else None
                 ckpt = ckpt or random_generator_ckpt(os.path.join(tmp, f"model_f{width}.pt"), width)
-                reference = None
+                runs = []  # (row, evaluator, output folder), each warmed up by one pass over the cases
                 for prec in precisions:
                     for overlapped in (False, True):
                         out = os.path.join(tmp, f"out_{dev.type}_{width}_{prec}_{overlapped}")
                         settings = {"precision": prec, "prefetch": 1 if overlapped else 0,
                                     "background_write": overlapped, "output_ext": output_ext}  # fmt: skip
-                        from monai.bundle import ConfigWorkflow
-
                         wf = ConfigWorkflow(
                             config_file=os.path.join(CONFIGS, "inference.json"), workflow_type="infer",
                             bundle_root=BUNDLE, datalist=datalist, datalist_split="test", ckpt_path=ckpt,
@@ -485,21 +487,26 @@ def throughput(
                         )  # fmt: skip
                         wf.initialize()
                         evaluator = wf.parser.get_parsed_content("evaluator")
-                        evaluator.run()  # warm-up pass
-                        seconds, _ = timed(evaluator.run, dev)
+                        evaluator.run()  # warm-up pass (ONNX export, allocations)
                         engine = wf.parser.get_parsed_content("inferer").runner.last_engine
                         row = {"device": dev.type, "features": width, "precision": prec, "engine": engine,
                                "mode": "read ahead + background write" if overlapped else "one case after another",
-                               "cases": len(cases), "s_per_volume": seconds / len(cases),
-                               "volumes_per_min": 60 * len(cases) / seconds,
-                               "of_floor": floor["s_per_volume"] / (seconds / len(cases))}  # fmt: skip
+                               "cases": len(cases), "repeats": repeats}  # fmt: skip
+                        runs.append((row, evaluator, out))
+                seconds: list[list[float]] = [[] for _ in runs]
+                for _ in range(repeats):  # the configurations alternate, so a change of load hits them all
+                    for i, (_, evaluator, _) in enumerate(runs):
+                        seconds[i].append(timed(evaluator.run, dev)[0])
+                reference = next((out for row, _, out in runs if row["precision"] == "fp32"), None)
+                for (row, _, out), times in zip(runs, seconds):
+                    per_volume = statistics.median(times) / len(cases)
+                    row.update(s_per_volume=per_volume, volumes_per_min=60 / per_volume,
+                               of_floor=floor["s_per_volume"] / per_volume)  # fmt: skip
+                    if reference is not None and row["precision"] != "fp32":
                         names = sorted(f for f in os.listdir(out) if not f.startswith("."))
-                        if reference is None and prec == "fp32":
-                            reference = out
-                        elif reference is not None and prec != "fp32":
-                            row["psnr_min"], row["psnr_mean"] = _brain_psnr(reference, out, names, masks)
-                        rows.append(row)
-                        print(table(rows[-1:], THROUGHPUT_COLUMNS).splitlines()[-1], flush=True)
+                        row["psnr_min"], row["psnr_mean"] = _brain_psnr(reference, out, names, masks)
+                    rows.append(row)
+                    print(table(rows[-1:], THROUGHPUT_COLUMNS).splitlines()[-1], flush=True)
     meta["load_after"] = load()
     return _report("throughput", rows, THROUGHPUT_COLUMNS, meta, output)
 
@@ -511,6 +518,7 @@ THROUGHPUT_COLUMNS = {
     "engine": "network engine",
     "mode": "pipeline",
     "cases": "cases",
+    "repeats": "repeats",
     "s_per_volume": "s / volume",
     "volumes_per_min": "volumes/min",
     "of_floor": "share of the I/O floor's rate",

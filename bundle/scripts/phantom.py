@@ -869,8 +869,14 @@ def _clear_earlier_run(output_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _make_and_write(job: tuple) -> str:
+    """One case of :func:`generate` (a picklable job for its worker processes): make case ``i`` and write it."""
+    seed, i, shape, domain, output_dir, layout, affine = job
+    return _write_case(make_case(case_seed(seed, i, domain), shape, domain), i, output_dir, layout, affine)
+
+
 def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brats2021",
-             shape=BRATS_SHAPE, overwrite: bool = False, domain: str = "randomised") -> list[str]:
+             shape=BRATS_SHAPE, overwrite: bool = False, domain: str = "randomised", workers: int = 1) -> list[str]:
     """Generate ``num_cases`` phantom cases and write them under ``output_dir`` in a real dataset layout.
 
     Args:
@@ -886,6 +892,8 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
         domain: "randomised" (default: domain-randomised contrasts, imaging, anatomy and tumours, for training),
             "fixed" (the narrow phantom before randomisation) or "shifted" (held-out cases beyond the randomised
             ranges, from a separate seed stream: an out-of-distribution evaluation set). See docs/phantom.md.
+        workers: processes making cases at once (each case is the same whichever process makes it); 0 = one per
+            CPU core.
 
     Returns:
         case ids: folder names relative to ``output_dir`` ("BraTS2021_00000", "HGG/Brats18_PH_00000_1",
@@ -908,6 +916,9 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     shape = _check_shape(shape)
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; valid domains are: {', '.join(DOMAINS)}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    workers = min(int(workers) or os.cpu_count() or 1, int(num_cases))
 
     from tqdm import tqdm
 
@@ -915,10 +926,15 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     _clear_earlier_run(output_dir, bool(overwrite))
     output_dir.mkdir(parents=True, exist_ok=True)
     affine = brats_affine(shape)
-    case_ids = []
-    for i in tqdm(range(num_cases), desc=f"phantom {layout} {domain}", unit="case"):
-        case = make_case(case_seed(seed, i, domain), shape, domain)
-        case_ids.append(_write_case(case, i, output_dir, layout, affine))
+    jobs = [(seed, i, shape, domain, output_dir, layout, affine) for i in range(num_cases)]
+    progress = {"desc": f"phantom {layout} {domain}", "unit": "case", "total": num_cases}
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            case_ids = list(tqdm(pool.map(_make_and_write, jobs), **progress))
+    else:
+        case_ids = [_make_and_write(job) for job in tqdm(jobs, **progress)]
     if layout == "msd":
         _write_msd_json(output_dir, case_ids)
     record = {"num_cases": int(num_cases), "seed": int(seed), "layout": layout, "shape": list(shape),

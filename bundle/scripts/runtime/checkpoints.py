@@ -315,10 +315,18 @@ class ModelSaver:
         evaluator: the validation engine whose best epoch is saved; None: every epoch.
         record: when given, the file holds ``{**record, "state_dict": weights, "epoch": n}`` instead of the plain
             state dict (the downstream segmenters' file, :func:`scripts.runtime.downstream.downstream_record`).
+        select: ``"best"`` (default): the best validated epoch as above; ``"last"``: every epoch, so the file ends
+            up holding the last one (a fixed schedule; validation still runs and is logged).
+
+    Raises:
+        ValueError: ``select`` is neither ``"best"`` nor ``"last"``.
     """
 
     def __init__(self, network: torch.nn.Module, path: str, evaluator: Engine | None = None,
-                 record: Mapping | None = None):  # fmt: skip
+                 record: Mapping | None = None, select: str = "best"):  # fmt: skip
+        if select not in ("best", "last"):
+            raise ValueError(f"model_selection must be 'best' or 'last', got {select!r}")
+        evaluator = evaluator if select == "best" else None
         self.network, self.path, self.evaluator = network, path, evaluator
         self.record = dict(record) if record is not None else None
         self.saved = False

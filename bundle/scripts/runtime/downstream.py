@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Hashable, Mapping, Sequence
@@ -457,6 +458,35 @@ class DownstreamScorer:
 # --- Table 2 ----------------------------------------------------------------------------------------------------------
 
 
+def sanity_check(t2_only: Mapping, real: Mapping, key: str = "dice_wt") -> tuple[bool, str]:
+    """Whether a Table 2 can be read: the segmenter on the 4 real modalities must beat the one on T2 alone by more
+    than the spread between training seeds (the root sum of squares of the two rows' standard deviations over
+    seeds, :func:`scripts.runtime.metrics.merge_over_seeds`). With one seed there is no such spread, and the check
+    cannot pass.
+
+    Args:
+        t2_only, real: the two rows' scores (``scores.json`` content, merged over seeds or not).
+        key: the score compared (3D whole-tumour Dice).
+
+    Returns:
+        ``(interpretable, sentence)``: the sentence states the comparison and the verdict, for the report.
+    """
+    a, b = t2_only[key], real[key]
+    diff = float(b["mean"]) - float(a["mean"])
+    seeds = int(min(a.get("n_seeds", 1), b.get("n_seeds", 1)))
+    if seeds < 2:
+        return False, (f"**Sanity check**: 4 real modalities {b['mean']:.3f} vs T2 only {a['mean']:.3f} (3D WT Dice; "
+                       f"difference {diff:+.3f}) from one training seed: no seed spread to compare with, so the "
+                       "downstream numbers are not interpretable (run with --seeds 3).")  # fmt: skip
+    spread = math.sqrt(float(a["std"]) ** 2 + float(b["std"]) ** 2)
+    ok = diff > spread
+    verdict = ("passed: the downstream protocol separates its inputs" if ok else
+               "FAILED: the downstream numbers are not interpretable (the real modalities do not beat T2 alone "
+               "by more than the seed spread)")  # fmt: skip
+    return ok, (f"**Sanity check** {verdict}. 4 real modalities {b['mean']:.3f} vs T2 only {a['mean']:.3f} "
+                f"(3D WT Dice, mean over {seeds} seeds): difference {diff:+.3f}, seed spread {spread:.3f}.")
+
+
 def _cell(stat: Mapping) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
@@ -470,7 +500,7 @@ def _load_scores(value) -> dict:
         return json.load(f)
 
 
-def write_table2(rows: dict, output_dir: str) -> str:
+def write_table2(rows: dict, output_dir: str, note: str = "", footer: str = "") -> str:
     """Write the paper's Table 2 from several evaluations.
 
     Args:
@@ -478,6 +508,7 @@ def write_table2(rows: dict, output_dir: str) -> str:
             path or its loaded dict, in display order.
         output_dir: folder for ``table2.md`` (Markdown, "mean ± std" with 3 decimals) and ``table2.csv``
             (means and stds as numbers, plus n_cases and n_slices); created.
+        note, footer: paragraphs put before and after the table (e.g. the spread's meaning, :func:`sanity_check`).
 
     Returns:
         The Markdown table.
@@ -493,9 +524,11 @@ def write_table2(rows: dict, output_dir: str) -> str:
         if missing:
             raise ValueError(f"row {name!r}: its scores lack {missing} (not a scores.json of evaluate_downstream.json)")
     header = ["Input"] + [title for title, _ in TABLE2_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [note, ""] if note else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in scores.items():
         lines.append("| " + " | ".join([name] + [_cell(s[key]) for _, key in TABLE2_COLUMNS]) + " |")
+    lines += ["", footer] if footer else []
     markdown = "\n".join(lines) + "\n"
     write_text(os.path.join(output_dir, "table2.md"), markdown)
     stats = [f"{key}_{stat}" for _, key in TABLE2_COLUMNS for stat in ("mean", "std")]

@@ -38,6 +38,7 @@ from .data import case_name, neighbour_slices
 from .files import write_atomic, write_csv, write_json, write_text
 from .metrics import (
     PROTOCOL_METRICS,
+    REGION_METRICS,
     brain_unit,
     paper_slice_scores,
     percentile_unit,
@@ -54,7 +55,9 @@ METHOD_NAMES = {**VARIANT_NAMES, "recommended": "recommended (TC-MGAN, 2.5D, res
                 "t2": "T2 (baseline)", "inverted_t2": "inverted T2 (baseline)"}
 BASELINES = ("t2", "inverted_t2")
 SLICE_METRICS = ("psnr", "ssim")
-VOLUME_METRICS = ("psnr_brain", "ssim_brain", "ssim_tumour", "ssim_healthy") + PROTOCOL_METRICS
+VOLUME_METRICS = ("psnr_brain", "ssim_brain", "ssim_tumour", "ssim_healthy") + PROTOCOL_METRICS + tuple(
+    k for k in REGION_METRICS if k not in PROTOCOL_METRICS
+)
 
 #: The paper's Table 1 (BraTS 2018, 85 test subjects, 2D slices; not comparable with phantom results).
 PAPER_TABLE1 = {
@@ -309,9 +312,23 @@ def _protocol_table(methods: Mapping, order: Sequence[str]) -> list[str]:
     return lines
 
 
-def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = True) -> str:
+def _region_table(methods: Mapping, order: Sequence[str]) -> list[str]:
+    """Markdown lines of the tumour / healthy-brain table of the quality protocol (where the tumour-consistency
+    loss should show)."""
+    if not all(k in methods[m][t] for m in order for t in TARGETS for k in REGION_METRICS):
+        return []  # summaries written before these metrics existed
+    lines = ["", "**Tumour and healthy brain** (quality protocol; tumour = label > 0, healthy = protocol brain "
+             "without tumour; PSNR over the region's voxels, SSIM = axial SSIM maps averaged over them; mean ± std "
+             "over cases)", "",
+             "| Method | Target | PSNR tumour (dB) | SSIM tumour | PSNR healthy (dB) | SSIM healthy |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    return lines + _target_rows(methods, order, REGION_METRICS)
+
+
+def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = True, note: str = "") -> str:
     """Merge ``scores.json`` summaries (paths or dicts; a method met twice keeps its first scores) into
-    ``table1.md``, ``table1.csv`` and ``table1.json`` in ``output_dir``; returns the Markdown."""
+    ``table1.md``, ``table1.csv`` and ``table1.json`` in ``output_dir``; returns the Markdown. ``note``: a paragraph
+    put first (e.g. that every ± is a spread over seeds, :func:`scripts.runtime.metrics.merge_over_seeds`)."""
     methods: dict[str, dict] = {}
     for item in summaries:
         for m, scores in _load_summary(item)["methods"].items():
@@ -319,8 +336,9 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
     order = [m for m in METHOD_NAMES if m in methods] + [m for m in methods if m not in METHOD_NAMES]
 
     head = "| Method | " + " | ".join(f"{TARGET_NAMES[t]} PSNR (dB) | {TARGET_NAMES[t]} SSIM" for t in TARGETS) + " |"
-    lines = ["**Paper convention** (2D 128x128 slices kept by the brain filter, each scaled to [0, 1] by its max, "
-             "whole slice; mean ± std over slices)", "", head, "|---" * (1 + 2 * len(TARGETS)) + "|"]  # fmt: skip
+    lines = [note, ""] if note else []
+    lines += ["**Paper convention** (2D 128x128 slices kept by the brain filter, each scaled to [0, 1] by its max, "
+              "whole slice; mean ± std over slices)", "", head, "|---" * (1 + 2 * len(TARGETS)) + "|"]  # fmt: skip
     for m in order:
         cells = [f"{_fmt(methods[m][t]['psnr'], 2)} | {_fmt(methods[m][t]['ssim'], 3)}" for t in TARGETS]
         lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
@@ -333,6 +351,7 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
               "|---|---|---|---|---|---|"]  # fmt: skip
     lines += _target_rows(methods, order, VOLUME_METRICS[:4])
     lines += _protocol_table(methods, order)
+    lines += _region_table(methods, order)
     markdown = "\n".join(lines) + "\n"
     write_text(os.path.join(output_dir, "table1.md"), markdown)
     rows = []

@@ -398,30 +398,28 @@ class SaveTargetsd:
 #: Ways :class:`BrainSliceInferer` can run the network.
 BACKENDS = ("auto", "torch", "onnxruntime")
 #: Number formats :class:`SliceRunner` can run the network in.
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), so that bf16 inference is faster."""
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without it bf16 is emulated, and slow."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without these probes
         return False
 
 
-def resolve_precision(precision: str, device_type: str) -> str:
-    """The number format ``precision`` means for slices on a ``device_type`` device: ``"fp32"`` or ``"bf16"``.
-
-    ``auto`` is bf16 on a CPU that computes it natively (:func:`native_bf16`) and fp32 otherwise (on a GPU the
-    network is a few percent of a volume's time; use ``amp`` there). An explicit ``bf16`` is honoured anywhere.
+def check_precision(precision: str) -> str:
+    """``precision`` itself when it is one of :data:`PRECISIONS`; bf16 on a CPU without native bf16 is allowed,
+    with a warning.
 
     Raises:
         ValueError: an unknown precision.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device_type == "cpu" and native_bf16() else "fp32"
+    if precision == "bf16" and not native_bf16():
+        logger.warning("precision bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX); it will be slow")
     return precision
 
 
@@ -478,10 +476,10 @@ class SliceRunner:
       slices only. The export is redone when the network's weights change (another network, ``load_state_dict``,
       an optimizer step); :attr:`exports` counts them. If the export or the session fails, a warning says so and
       the runner uses torch from then on.
-    - ``"bf16"``: the network under ``torch.autocast`` with bfloat16 (``precision="bf16"``, or ``"auto"`` on a CPU
-      with native bf16): convolutions in bfloat16, normalisations in float32, the output returned as float32. On
-      a Zen 4 CPU ~2x faster than the eager fp32 forward, with outputs within ~49-53 dB PSNR of fp32
-      (docs/performance.md). Takes precedence over ``backend`` (ONNX Runtime runs fp32 only) and ``compile``.
+    - ``"bf16"``: the network under ``torch.autocast`` with bfloat16 (``precision="bf16"``): convolutions in
+      bfloat16, normalisations in float32, the output returned as float32; outputs within 48-54 dB PSNR of fp32's
+      on phantom volumes, about as fast as ONNX Runtime's fp32 on a Zen 4 CPU (docs/performance.md). Takes
+      precedence over ``backend`` (ONNX Runtime runs fp32 here) and ``compile``.
 
     Args:
         batch_size: most slices per network call.
@@ -489,7 +487,7 @@ class SliceRunner:
             CPU when ``onnx`` and ``onnxruntime`` are installed, torch otherwise (:func:`resolve_backend`).
         compile: compile the network for the torch backend.
         background: the value of an empty pixel; the ONNX export traces the network on a slice of it.
-        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"`` (:func:`resolve_precision`).
+        precision: ``"fp32"`` (default) or ``"bf16"`` (:func:`check_precision`).
 
     Raises:
         ValueError: ``batch_size < 1``, an unknown backend or precision.
@@ -501,8 +499,7 @@ class SliceRunner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        resolve_precision(precision, "cpu")  # check the name now, not at the first volume
-        self.precision = precision
+        self.precision = check_precision(precision)
         self.batch_size = int(batch_size)
         self.backend = backend
         self.compile = bool(compile)
@@ -563,7 +560,7 @@ class SliceRunner:
         n_batches = max(-(-n // self.batch_size), 1)
         size = max(-(-n // n_batches), 1)
         session = None
-        bf16 = resolve_precision(self.precision, slices.device.type) == "bf16"
+        bf16 = self.precision == "bf16"
         exportable = not args and not kwargs and isinstance(network, torch.nn.Module) and not bf16
         if exportable and resolve_backend(self.backend, slices.device.type) == "onnxruntime":
             try:
@@ -623,8 +620,7 @@ class BrainSliceInferer(Inferer):
             not one (``inference.json`` turns it on from 16 volumes). Only for the ``torch`` backend.
         backend: ``"torch"``, ``"onnxruntime"`` or ``"auto"`` (see :class:`SliceRunner`; ``auto``: ONNX Runtime on
             the CPU when installed, torch on a GPU, where the network is a few percent of the time).
-        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on a CPU that computes it natively; see
-            :class:`SliceRunner`).
+        precision: ``"fp32"`` or ``"bf16"`` (see :class:`SliceRunner`).
 
     Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
     with the input's metadata when the input is one), so the inverse transforms may modify it.

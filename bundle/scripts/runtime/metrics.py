@@ -23,7 +23,7 @@ PSNR ``inf`` (MSE 0); aggregation (:func:`summarise`) reports how many values we
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -148,6 +148,8 @@ def volume_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor, t
 #: The quality protocol (docs/evaluation.md, "Quality protocol"): slices with more brain voxels than this count.
 PROTOCOL_MIN_BRAIN = 2000
 PROTOCOL_METRICS = ("protocol_psnr", "protocol_ssim_axial", "protocol_ssim_sagittal", "protocol_ssim_tumour")
+#: Where the tumour-consistency loss should show: the protocol's PSNR and SSIM inside the tumour and in the healthy brain.
+REGION_METRICS = ("protocol_psnr_tumour", "protocol_ssim_tumour", "protocol_psnr_healthy", "protocol_ssim_healthy")
 
 
 def protocol_brain(t2: torch.Tensor) -> torch.Tensor:
@@ -181,6 +183,16 @@ def _slice_ssim_maps(p: torch.Tensor, r: torch.Tensor, axis: int, keep: torch.Te
     return torch.cat(maps) if maps else torch.zeros(0)
 
 
+def _masked_map_mean(maps: torch.Tensor, mask: torch.Tensor, axis: int, keep: torch.Tensor) -> float:
+    """Mean of slice SSIM ``maps`` (of the slices ``keep`` along ``axis``) over the voxels of ``mask`` inside the
+    maps' valid region; ``nan`` when there is none."""
+    if not len(maps):
+        return float("nan")
+    half = SSIM_WINDOW // 2
+    inner = mask.index_select(axis, torch.nonzero(keep).flatten()).movedim(axis, 0)[:, half:-half, half:-half]
+    return float(maps[inner].mean()) if inner.any() else float("nan")
+
+
 def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor, tumour: torch.Tensor,
                     axial: int = 2, sagittal: int = 0) -> dict:
     """Quality-protocol scores of one volume against the real one (both ``(H, W, D)`` raw, RAS: axis 0 runs
@@ -190,24 +202,26 @@ def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor,
     and ``protocol_ssim_sagittal``: the mean over axial (sagittal) slices with more than ``PROTOCOL_MIN_BRAIN``
     brain voxels of the slice's SSIM (Gaussian window 11, sigma 1.5, data range 1: the mean of its valid SSIM
     map, as MONAI's ``SSIMMetric``). ``protocol_ssim_tumour``: the axial SSIM maps averaged over the tumour voxels
-    (inside the maps' valid region); ``nan`` without tumour.
+    (inside the maps' valid region); ``nan`` without tumour. The regions (:data:`REGION_METRICS`):
+    ``protocol_psnr_tumour`` and ``protocol_psnr_healthy``, PSNR over the tumour's and over the healthy brain's
+    (brain without tumour) voxels; ``protocol_ssim_healthy``, the axial SSIM maps of the slices counted by
+    ``protocol_ssim_axial`` averaged over their healthy-brain voxels.
     """
     brain, tumour = brain.bool(), tumour.bool()
+    healthy = brain & ~tumour
     p, r = brain_unit(pred, brain), brain_unit(real, brain)
     out = {"protocol_psnr": psnr_in_mask(p, r, brain)}
     for name, axis in (("protocol_ssim_axial", axial), ("protocol_ssim_sagittal", sagittal)):
         others = tuple(a for a in range(3) if a != axis)
-        maps = _slice_ssim_maps(p, r, axis, brain.sum(dim=others) > PROTOCOL_MIN_BRAIN)
+        keep = brain.sum(dim=others) > PROTOCOL_MIN_BRAIN
+        maps = _slice_ssim_maps(p, r, axis, keep)
         out[name] = float(maps.mean(dim=(1, 2)).mean()) if len(maps) else float("nan")
-    half = SSIM_WINDOW // 2
+        if axis == axial:
+            out["protocol_ssim_healthy"] = _masked_map_mean(maps, healthy, axial, keep)
     has_tumour = tumour.sum(dim=tuple(a for a in range(3) if a != axial)) > 0
-    maps = _slice_ssim_maps(p, r, axial, has_tumour)
-    if len(maps):
-        inner = tumour.index_select(axial, torch.nonzero(has_tumour).flatten()).movedim(axial, 0)
-        inner = inner[:, half:-half, half:-half]
-        out["protocol_ssim_tumour"] = float(maps[inner].mean()) if inner.any() else float("nan")
-    else:
-        out["protocol_ssim_tumour"] = float("nan")
+    out["protocol_ssim_tumour"] = _masked_map_mean(_slice_ssim_maps(p, r, axial, has_tumour), tumour, axial, has_tumour)
+    out["protocol_psnr_tumour"] = psnr_in_mask(p, r, tumour)  # nan without tumour
+    out["protocol_psnr_healthy"] = psnr_in_mask(p, r, healthy)
     return out
 
 
@@ -223,3 +237,37 @@ def summarise(values: Sequence[float]) -> dict:
         "n_infinite": int(np.isinf(a).sum()),
         "n_nan": int(np.isnan(a).sum()),
     }
+
+
+def _is_stat(value) -> bool:
+    return isinstance(value, Mapping) and "mean" in value and "std" in value
+
+
+def merge_over_seeds(summaries: Sequence[Mapping]) -> dict:
+    """One summary from the same summary of several training seeds (``scores.json`` of ``evaluate.json`` or of
+    ``evaluate_downstream.json``, loaded): every statistic ``{"mean", "std", ...}`` becomes the mean and the sample
+    standard deviation (ddof 1; 0 for one seed) over seeds of the per-seed means, with ``n`` = the number of seeds
+    whose mean is finite, ``n_seeds`` and ``within_std`` (the mean of the per-seed stds: the spread over cases or
+    slices). Other entries keep the first summary's value; entries missing from some summaries are left out.
+
+    Raises:
+        ValueError: no summaries.
+    """
+    if not summaries:
+        raise ValueError("merge_over_seeds: no summaries")
+    first = summaries[0]
+    if _is_stat(first):
+        means = np.asarray([float(s["mean"]) for s in summaries], dtype=np.float64)
+        finite = means[np.isfinite(means)]
+        within = np.asarray([float(s["std"]) for s in summaries], dtype=np.float64)
+        return {
+            "mean": float(finite.mean()) if finite.size else float("nan"),
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0 if finite.size else float("nan"),
+            "n": int(finite.size),
+            "n_seeds": len(summaries),
+            "within_std": float(np.nanmean(within)) if np.isfinite(within).any() else float("nan"),
+        }
+    if isinstance(first, Mapping):
+        return {k: merge_over_seeds([s[k] for s in summaries]) for k in first
+                if all(isinstance(s, Mapping) and k in s for s in summaries)}  # fmt: skip
+    return first

@@ -1,4 +1,8 @@
-"""Experiment tracking of the GAN trainer (``python -m monai.bundle run ... --tracking mlflow``).
+"""Experiment tracking: every run's validation history in its run folder, and MLflow for the GAN trainer.
+
+- :class:`ValidationHistory`: the validation metrics of every epoch, and the best, in ``<run>/validation.json``
+  (what a report reads: e.g. the segmenter's validation Dice in ``reproduce.py``'s ``results.md``).
+- :func:`log_loss_terms` (``python -m monai.bundle run ... --tracking mlflow``), below.
 
 MONAI's ``--tracking mlflow`` appends an ``MLFlowHandler`` to ``train#handlers`` (and to ``validate#handlers``)
 whose output transform reads ``loss`` from the first item of a decollated output, which is what
@@ -9,9 +13,55 @@ trainer's MLflow handlers at those terms and adds the run's hyper-parameters to 
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
+from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+
+from .files import write_json
+
+
+class ValidationHistory:
+    """Evaluator handler: after each validation, write ``path`` (JSON) with every validation so far,
+    ``{"history": [{"epoch": e, <metric>: value, ...}, ...], "key_metric": name, "best": {...}, "last": {...}}``,
+    where ``best`` is the entry with the highest key metric (the evaluator's first metric when it names none).
+    Written atomically, by rank 0 only in a distributed run. A resumed run keeps the entries of the file's earlier
+    epochs (those before its first validation); a new run replaces them.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.history: list[dict] | None = None
+
+    def _earlier(self, epoch: int) -> list[dict]:
+        try:
+            with open(self.path) as f:
+                return [h for h in json.load(f).get("history", []) if int(h.get("epoch", epoch)) < epoch]
+        except (OSError, ValueError, TypeError, AttributeError):
+            return []
+
+    def attach(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        if not metrics:
+            return
+        if self.history is None:
+            self.history = self._earlier(int(engine.state.epoch))
+        self.history.append({"epoch": int(engine.state.epoch), **metrics})
+        key = getattr(engine.state, "key_metric_name", None) or next(iter(metrics))
+        scored = [h for h in self.history if math.isfinite(h.get(key, float("nan")))]
+        best = max(scored, key=lambda h: h[key]) if scored else None
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        write_json(self.path, {"key_metric": key, "best": best, "last": self.history[-1], "history": self.history},
+                   indent=2)  # fmt: skip
 
 
 def log_loss_terms(
