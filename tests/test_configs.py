@@ -30,9 +30,21 @@ def load(name: str) -> dict:
     return json.loads((CONFIGS / name).read_text())
 
 
+#: overlays of inference.json
+INFERENCE_OVERLAYS = ("multi_gpu_inference.json",)
+
+
 def test_every_workflow_config_is_train_or_inference_or_a_named_overlay():
     workflows = {p.name for p in CONFIGS.glob("*.json")} - {"metadata.json", "monailabel.json"}
-    assert workflows == {BASE, "inference.json", *OVERLAYS}
+    assert workflows == {BASE, "inference.json", *OVERLAYS, *INFERENCE_OVERLAYS}
+
+
+@pytest.mark.parametrize("overlay", INFERENCE_OVERLAYS)
+def test_inference_overlay_holds_only_what_differs_from_inference_json(overlay):
+    base, layer = load("inference.json"), load(overlay)
+    assert layer["+config_stack"] == [overlay] and base["config_stack"] == ["inference.json"]
+    same = [k for k, v in layer.items() if not k.startswith("+") and base.get(k, object()) == v]
+    assert same == [], f"{overlay} repeats {same} of inference.json"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,5 +1,5 @@
 """Specification of the data pipeline, bundle/scripts/runtime/data.py: the datalist reader's error, the cheap
-header check of every case file, and the volume cache (``VolumeCache``) in memory or memory-mapped from disk.
+header check of every case file, the NIfTI reader shared by the cache's threads, and the volume cache (``VolumeCache``) in memory or memory-mapped from disk.
 
 (A bad case named before training starts, or skipped with ``skip_bad_cases``, is specified with the other
 reliability behaviour in ``test_reliability.py``.)
@@ -8,6 +8,8 @@ reliability behaviour in ``test_reliability.py``.)
 from __future__ import annotations
 
 import gzip
+import json
+import threading
 import types
 
 import nibabel as nib
@@ -17,7 +19,48 @@ import torch
 from conftest import SMALL_MIN_PIXELS, TINY, error_chain, run_workflow, save_nifti, train_workflow
 
 import scripts.runtime.data
-from scripts.runtime.data import VolumeCache
+from scripts.runtime.data import ThreadSafeNibabelReader, VolumeCache
+
+
+# --- the reader the cache's threads share ------------------------------------------------------------------------
+
+
+def test_a_reader_shared_by_threads_keeps_each_threads_files(tmp_path):
+    """MONAI's NibabelReader pairs get_data's images with the names of the *last* read() on the reader: on an H200
+    machine (16 cache threads, no itk), 4-modality cases came out with one channel. Here one thread reads four
+    files, another reads one in between, and the first still gets its four channels."""
+    four = [tmp_path / f"m{i}.nii.gz" for i in range(4)]
+    for i, path in enumerate(four):
+        nib.save(nib.Nifti1Image(np.full((4, 5, 3), i, np.float32), np.eye(4)), str(path))
+    one = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 3), np.uint8), np.eye(4)), str(one))
+    reader = ThreadSafeNibabelReader()
+    read_four, read_one, shapes = threading.Event(), threading.Event(), {}
+
+    def first():
+        images = reader.read([str(p) for p in four])
+        read_four.set()
+        read_one.wait(10)
+        shapes["four"] = reader.get_data(images)[0].shape
+
+    def second():
+        read_four.wait(10)
+        shapes["one"] = reader.get_data(reader.read(str(one)))[0].shape
+        read_one.set()
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert shapes == {"four": (4, 4, 5, 3), "one": (4, 5, 3)}
+
+
+def test_training_loads_its_volumes_through_the_thread_safe_reader():
+    with open(scripts.runtime.data.__file__.replace("scripts/runtime/data.py", "configs/train.json")) as f:
+        load = json.load(f)["load_transforms"][0]
+    assert load["_target_"] == "LoadImaged"
+    assert load["reader"] == {"_target_": "scripts.runtime.data.ThreadSafeNibabelReader"}
 
 
 # --- the datalist ------------------------------------------------------------------------------------------------

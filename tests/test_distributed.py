@@ -74,7 +74,7 @@ def assert_ranks_stepped_together_on_their_own_shard(reports: list[dict], batch_
 
 
 def assert_one_writer(run_dir: Path, rank0_pid: int, files: set[str]):
-    assert {p.name for p in run_dir.iterdir()} == files | {"tensorboard"}
+    assert {p.name for p in run_dir.iterdir()} == files | {"tensorboard", "validation.json"}
     events = list((run_dir / "tensorboard").glob("*/events.out.tfevents.*"))  # one folder per run
     assert events and all(e.name.split(".")[-2] == str(rank0_pid) for e in events)  # written by rank 0 only
 

@@ -199,8 +199,8 @@ def test_train_evaluate_and_table(phantom_dir, generator_ckpt, tmp_path):
 def test_sanity_check_asks_real_modalities_to_beat_t2_by_more_than_the_seed_spread():
     from scripts.runtime.downstream import sanity_check
 
-    def row(mean, std, seeds):
-        return {"dice_wt": {"mean": mean, "std": std, "n_seeds": seeds}}
+    def row(mean, std, seeds, finite=None):  # as merge_over_seeds writes it
+        return {"dice_wt": {"mean": mean, "std": std, "n": seeds if finite is None else finite, "n_seeds": seeds}}
 
     ok, sentence = sanity_check(row(0.60, 0.02, 3), row(0.70, 0.03, 3))
     assert ok and "passed" in sentence and "+0.100" in sentence and "seed spread 0.036" in sentence
@@ -208,3 +208,5 @@ def test_sanity_check_asks_real_modalities_to_beat_t2_by_more_than_the_seed_spre
     assert not ok and "not interpretable" in sentence
     ok, sentence = sanity_check({"dice_wt": {"mean": 0.6, "std": 0.1}}, {"dice_wt": {"mean": 0.9, "std": 0.1}})
     assert not ok and "one training seed" in sentence  # no seed spread: never passes
+    ok, _ = sanity_check(row(0.6, float("nan"), 3, finite=1), row(0.9, 0.01, 3))
+    assert not ok  # only one seed of T2 only gave a finite Dice: no spread to compare with

@@ -99,7 +99,15 @@ def test_validation_history_keeps_every_validation_and_the_best(tmp_path):
     saved = json.loads(path.read_text())
     assert [h["val_mean_dice"] for h in saved["history"]] == [0.2, 0.6, 0.4]
     assert saved["best"]["epoch"] == 2 and saved["last"]["epoch"] == 3 and saved["key_metric"] == "val_mean_dice"
-    resumed = ValidationHistory(str(path))  # a run resumed after epoch 2 keeps epochs 1-2, replaces 3
+    restarted = ValidationHistory(str(path))  # a new run into the same folder starts the file again
+    engine.state.epoch, engine.state.metrics = 2, {"val_mean_dice": 0.1}
+    restarted(engine)
+    assert [h["epoch"] for h in json.loads(path.read_text())["history"]] == [2]
+    again = ValidationHistory(str(path))
+    for epoch, dice in ((1, 0.2), (2, 0.6), (3, 0.4)):
+        engine.state.epoch, engine.state.metrics = epoch, {"val_mean_dice": dice}
+        again(engine)
+    resumed = ValidationHistory(str(path), resume=True)  # a run resumed after epoch 2 keeps epochs 1-2, replaces 3
     engine.state.epoch, engine.state.metrics = 3, {"val_mean_dice": 0.7}
     resumed(engine)
     saved = json.loads(path.read_text())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of bundle/docs/performance.md: benchmark.py inference / training / data on cuda:0, run from the
 # repository root on an offline GPU machine (see ../shared/gpu/README.md). Tables and JSON go to $OUT.
-#   tools/gpu_bench.sh [PART ...]: some of inference inference_ext training training_log1 data inference_compiled (default: all)
+#   tools/gpu_bench.sh [PART ...]: some of inference inference_ext training training_log1 data inference_compiled
+#   throughput (default: all but throughput)
 #   QUICK=1: every part tiny and on the CPU (a dry run of this script).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -14,8 +15,10 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 if [ "${QUICK:-0}" = 1 ]; then
   DEV=cpu; INF="--widths 8 --repeats 1"; TRAIN="--features 8 --batch_size 8 --iterations 1 --repeats 1 --variants mgan"
   DATA="--features 8 --batch_size 8 --step_iterations 1"; COMP="--widths 8 --repeats 1"
+  TPUT="--widths 8 --num_cases 2 --repeats 1"
 else
   DEV=cuda:0; INF="--widths 16,64 --amp both --repeats 3"; TRAIN="--iterations 5"; DATA=""; COMP="--widths 16,64 --repeats 3"
+  TPUT="--widths 16 --num_cases 8 --repeats 2"
 fi
 (nvidia-smi -L || true) | tee -a "$OUT/session.log"
 run() {  # run NAME LIMIT ARGS...: one benchmark, its tables to the log, its JSON to $OUT/NAME.json
@@ -33,6 +36,7 @@ for part in $PARTS; do
     training_log1) run training_log1 100 training --log_every 1 $TRAIN ;;  # loss terms read every iteration
     data) run data 80 data --cases "" $DATA ;;
     inference_compiled) run inference_compiled 140 inference --compile true $COMP ;;
+    throughput) run throughput 170 throughput $TPUT ;;  # volumes/min against the I/O floor, serial vs overlapped
     *) log "unknown part $part" ;;
   esac
 done

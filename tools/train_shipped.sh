@@ -11,7 +11,8 @@
 #
 # Settings (environment): NCASES training phantoms (their datalist: 90 % gan, 10 % seg), OOD held-out shifted
 # cases, SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, GAN_EPOCHS, EPOCH_LENGTH (iterations per GAN epoch; empty =
-# whole epochs), GAN_LIMIT (seconds, 0 = none; model.pt keeps the best validated epoch), DEVICE (default: cuda:0
+# whole epochs), GAN_LIMIT (seconds, 0 = none; model.pt keeps the best validated epoch), BUDGET (seconds for the
+# whole script; the GAN gets what is left after RESERVE seconds for what follows it), DEVICE (default: cuda:0
 # when there is a GPU), WORKERS (processes for the phantoms and the cache).
 set -uo pipefail
 OUT=${OUT:-/tmp/brainsynth_ship}; mkdir -p "$OUT"
@@ -22,7 +23,7 @@ PY=${PY:-python3}
 Q=${QUICK:-0}
 W=${WORKERS:-$(nproc)}
 NCASES=$([ "$Q" = 1 ] && echo 6 || echo "${NCASES:-120}")
-OOD=$([ "$Q" = 1 ] && echo 2 || echo "${OOD:-8}")
+OOD=$([ "$Q" = 1 ] && echo 2 || echo "${OOD:-12}")
 SHAPE=$([ "$Q" = 1 ] && echo "--shape [96,96,40]" || echo "")
 SEG_EPOCHS=$([ "$Q" = 1 ] && echo 1 || echo "${SEG_EPOCHS:-10}")
 SEG_BATCH=${SEG_BATCH:-64}
@@ -31,6 +32,8 @@ BATCH=$([ "$Q" = 1 ] && echo 4 || echo "${BATCH:-64}")
 GAN_EPOCHS=$([ "$Q" = 1 ] && echo 2 || echo "${GAN_EPOCHS:-40}")
 EPOCH_LENGTH=$([ "$Q" = 1 ] && echo 2 || echo "${EPOCH_LENGTH:-}")
 GAN_LIMIT=${GAN_LIMIT:-$([ "$Q" = 1 ] && echo 0 || echo 420)}
+BUDGET=${BUDGET:-0}     # seconds for the whole script (0 = none): the GAN's limit shrinks to what is left of it
+RESERVE=${RESERVE:-100} # seconds kept for the evaluation, inference and figures when BUDGET is set
 MINPIX=$([ "$Q" = 1 ] && echo "--min_brain_pixels 400" || echo "")
 DEVICE=${DEVICE:-$($PY -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")}
 D=$OUT/data; T=$OUT/ood; R=$OUT/runs
@@ -40,32 +43,34 @@ BUNDLE="$PY -m monai.bundle run --bundle_root bundle"
 LEN=${EPOCH_LENGTH:+--epoch_length $EPOCH_LENGTH}
 
 log "phantoms: $NCASES randomised (seed 0), $OOD shifted (seed 0), $W processes"
-for spec in "$D randomised $NCASES" "$T shifted $OOD"; do
-  set -- $spec
-  [ -f "$1/datalist.json" ] && continue
-  # cases in parallel, each written exactly as phantom.py writes case i (same seed, same file names)
-  seq 0 $(($3 - 1)) | xargs -P "$W" -I{} $PY -c "
-import sys; sys.path.insert(0, 'bundle'); from pathlib import Path
-from scripts.phantom import make_case, case_seed, _write_case, brats_affine, _check_shape
-shape = _check_shape('${SHAPE#--shape }'.strip('[]').split(',')) if '$SHAPE' else (240, 240, 155)
-c = make_case(case_seed(0, {}, '$2'), shape, '$2'); _write_case(c, {}, Path('$1'), 'brats2021', brats_affine(shape))" \
-    || log "phantoms FAILED"
-done
+[ -f "$D/datalist.json" ] || $PY bundle/scripts/phantom.py --output_dir "$D" --num_cases "$NCASES" --seed 0 \
+  --domain randomised --workers "$W" $SHAPE > "$OUT/phantoms.log" 2>&1 || log "phantoms FAILED"
+[ -f "$T/datalist.json" ] || $PY bundle/scripts/phantom.py --output_dir "$T" --num_cases "$OOD" --seed 0 \
+  --domain shifted --workers "$W" $SHAPE >> "$OUT/phantoms.log" 2>&1 || log "shifted phantoms FAILED"
 $PY bundle/scripts/prepare_datalist.py --data_dir "$D" --fractions "[0.9,0.1,0.0]" | tail -1 | tee -a "$OUT/session.log"
 $PY bundle/scripts/prepare_datalist.py --data_dir "$T" --fractions "[0,0,1]" | tail -1 | tee -a "$OUT/session.log"
 
 log "segmenter: $SEG_EPOCHS epochs"
 $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/train_segmenter.json']" --dataset_dir "$D" \
   --output_dir "$R" --device "$DEVICE" --features 16 --batch_size "$SEG_BATCH" --max_epochs "$SEG_EPOCHS" \
-  --val_num_cases 3 $MINPIX --cache_num_workers "$W" --overwrite true > "$OUT/segmenter.log" 2>&1 || log "segmenter FAILED"
+  --val_num_cases 3 $MINPIX --cache_num_workers "$W" --overwrite true > "$OUT/segmenter.log" 2>&1 || {
+  log "segmenter FAILED; its log ends:"; grep -a -v "INFO - >" "$OUT/segmenter.log" | tail -25 | tee -a "$OUT/session.log"; }
+VARIANT=""
+[ -f "$R/segmenter/model.pt" ] || { VARIANT="--variant mgan"; log "no segmenter: the GAN is trained without the tumour-consistency term (mgan)"; }
 grep -a "best value" "$OUT/segmenter.log" | tail -1 | tee -a "$OUT/session.log"
 
 log "recommended model: features $FEATURES, batch $BATCH, $GAN_EPOCHS epochs ${EPOCH_LENGTH:+of $EPOCH_LENGTH iterations}"
+if [ "$BUDGET" -gt 0 ]; then  # what is left of the session's budget, less the evaluation, inference and figures
+  LEFT=$((BUDGET - SECONDS - RESERVE)); [ "$GAN_LIMIT" -eq 0 ] || [ "$LEFT" -lt "$GAN_LIMIT" ] && GAN_LIMIT=$LEFT
+  [ "$GAN_LIMIT" -lt 30 ] && GAN_LIMIT=30
+  log "GAN time limit: $GAN_LIMIT s (budget $BUDGET s, $SECONDS s used, $RESERVE s kept for what follows)"
+fi
 LIMIT=$([ "$GAN_LIMIT" -gt 0 ] && echo "timeout $GAN_LIMIT" || echo "")
-$LIMIT $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/recommended.json']" --dataset_dir "$D" \
+$LIMIT $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/recommended.json']" --dataset_dir "$D" $VARIANT \
   --output_dir "$R" --device "$DEVICE" --features "$FEATURES" --batch_size "$BATCH" --max_epochs "$GAN_EPOCHS" $LEN \
   --val_num_cases 3 --val_interval 4 $MINPIX --cache_num_workers "$W" --log_every 25 --overwrite true \
-  > "$OUT/recommended.log" 2>&1 || log "training stopped (exit $?; 124 = time limit, model.pt holds the best validated epoch)"
+  > "$OUT/recommended.log" 2>&1 || { log "training stopped (exit $?; 124 = time limit, model.pt holds the best validated epoch)"
+  grep -a -v "INFO - >" "$OUT/recommended.log" | grep -a -v "Epoch\|Iteration" | tail -8 | tee -a "$OUT/session.log"; }
 grep -a "Epoch\[[0-9]*\] Metrics" "$OUT/recommended.log" | tail -3 | tee -a "$OUT/session.log"
 cp "$R/recommended/model.pt" "$OUT/model.pt" 2>/dev/null || log "no model.pt"
 

@@ -1,7 +1,7 @@
 """brainsynth: one command for the bundle's everyday jobs, a thin front-end to its MONAI bundle workflows.
 
     python bundle/scripts/brainsynth.py synthesise INPUT --output_dir O [--targets t1ce] [--device cpu]
-        [--threads 4] [--ckpt_path P] [--overwrite true] [--precision bf16]
+        [--threads 4] [--ckpt_path P] [--overwrite true] [--precision fp32]
     python bundle/scripts/brainsynth.py train --dataset_dir D --output_dir O [--variant tcmgan|...|recommended]
     python bundle/scripts/brainsynth.py train --dataset_dir D --output_dir O --segmenter true
     python bundle/scripts/brainsynth.py evaluate --dataset_dir D --ckpt_path P --output_dir O
@@ -138,7 +138,7 @@ def inputs_of(input, scratch: str) -> dict:
 
 def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, threads: int | None = None,
                ckpt_path=None, overwrite: bool = False, split: str = "test", check_contrast: bool = False,
-               precision: str = "fp32", verbose: bool = False) -> None:
+               precision: str = "auto", verbose: bool = False) -> None:
     """Synthesise FLAIR, T1 and T1ce (or ``targets``) from T2 volumes: ``inference.json``.
 
     Args:
@@ -151,7 +151,8 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
         overwrite: synthesise cases whose outputs exist again (default: keep them, one line each).
         split: the split of a datalist input.
         check_contrast: refuse a volume that does not look like a T2 (a T1, T1ce or FLAIR given by mistake).
-        precision: ``fp32`` (default) or ``bf16`` (the network in bfloat16 on the CPU; docs/performance.md).
+        precision: ``auto`` (bf16 on a CPU that computes it natively, else fp32), ``fp32`` or ``bf16``
+            (docs/performance.md).
         verbose: full tracebacks.
     """
     from scripts.runtime.inference import PRECISIONS

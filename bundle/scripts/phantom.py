@@ -869,6 +869,13 @@ def _clear_earlier_run(output_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _one_thread() -> None:
+    """Initializer of :func:`generate`'s worker processes: one torch thread each (the processes share the cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _make_and_write(job: tuple) -> str:
     """One case of :func:`generate` (a picklable job for its worker processes): make case ``i`` and write it."""
     seed, i, shape, domain, output_dir, layout, affine = job
@@ -929,9 +936,11 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     jobs = [(seed, i, shape, domain, output_dir, layout, affine) for i in range(num_cases)]
     progress = {"desc": f"phantom {layout} {domain}", "unit": "case", "total": num_cases}
     if workers > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers) as pool:
+        # spawned, not forked: a fork of a process whose OpenMP threads already ran can hang
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
             case_ids = list(tqdm(pool.map(_make_and_write, jobs), **progress))
     else:
         case_ids = [_make_and_write(job) for job in tqdm(jobs, **progress)]

@@ -411,8 +411,8 @@ class Study:
                 return f"No validation record at `{path}` (a run from before the bundle kept one)."
             record = json.loads(path.read_text())
             key = record["key_metric"]
-            last.append(record["last"][key])
-            best.append(record["best"][key])
+            last.append(record["last"].get(key, float("nan")))
+            best.append((record.get("best") or {}).get(key, float("nan")))  # no finite value: no best
 
         def cell(values):
             return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f} over {len(values)} seeds"

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import struct
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 from enum import Enum
 
@@ -24,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, load_decathlon_datalist
+from monai.data import CacheDataset, NibabelReader, load_decathlon_datalist
 from monai.transforms import MapTransform
 
 from .conventions import CHANNELS, INTERNAL_LABELS, LAYOUT_LABELS, T2_INDEX, TARGETS  # noqa: F401 (re-exported)
@@ -77,6 +78,27 @@ def load_split(datalist: str, split: str, base_dir: str | None = None, max_cases
     base_dir = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(datalist))
     cases = load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=split, base_dir=base_dir)
     return cases[:max_cases] if max_cases else cases
+
+
+class ThreadSafeNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader``, safe to share between threads (``CacheDataset``'s ``num_workers`` threads).
+
+    ``NibabelReader.read`` keeps the file names it opened on the reader and ``get_data`` pairs the images with
+    them, so two threads loading through one ``LoadImaged`` mix their cases: measured with 16 cache threads,
+    several 4-modality cases came out as one channel. Here the names are kept per thread.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._local = threading.local()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def filenames(self):
+        return getattr(self._local, "filenames", ())
+
+    @filenames.setter
+    def filenames(self, value) -> None:
+        self._local.filenames = value
 
 
 def label_map(datalist: str) -> list[int]:

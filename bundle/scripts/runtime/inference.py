@@ -23,6 +23,7 @@ Intensity convention of the written volumes: float32 in [0, 1] (``(pred + 1) / 2
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -397,8 +398,8 @@ class SaveTargetsd:
 
 #: Ways :class:`BrainSliceInferer` can run the network.
 BACKENDS = ("auto", "torch", "onnxruntime")
-#: Number formats :class:`SliceRunner` can run the network in.
-PRECISIONS = ("fp32", "bf16")
+#: Number formats :class:`SliceRunner` can run the network in (``auto``: :func:`resolve_precision`).
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def native_bf16() -> bool:
@@ -410,16 +411,27 @@ def native_bf16() -> bool:
 
 
 def check_precision(precision: str) -> str:
-    """``precision`` itself when it is one of :data:`PRECISIONS`; bf16 on a CPU without native bf16 is allowed,
-    with a warning.
+    """``precision`` itself when it is one of :data:`PRECISIONS` (bf16 on a CPU without native bf16 runs, with a
+    warning at its first use).
 
     Raises:
         ValueError: an unknown precision.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and not native_bf16():
-        logger.warning("precision bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX); it will be slow")
+    return precision
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """The number format ``precision`` means for slices on a ``device_type`` device: ``"fp32"`` or ``"bf16"``.
+
+    ``auto`` is bf16 on a CPU that computes it natively (:func:`native_bf16`), where it was measured 1.3x faster
+    than the fp32 default path with outputs within 47.8 dB PSNR of fp32's (docs/performance.md), and fp32
+    elsewhere: on a CPU without it (emulated bf16 is slow) and on a GPU (the network is a few percent of a
+    volume's time there; ``amp`` is the GPU's option).
+    """
+    if check_precision(precision) == "auto":
+        return "bf16" if device_type == "cpu" and native_bf16() else "fp32"
     return precision
 
 
@@ -476,10 +488,11 @@ class SliceRunner:
       slices only. The export is redone when the network's weights change (another network, ``load_state_dict``,
       an optimizer step); :attr:`exports` counts them. If the export or the session fails, a warning says so and
       the runner uses torch from then on.
-    - ``"bf16"``: the network under ``torch.autocast`` with bfloat16 (``precision="bf16"``): convolutions in
-      bfloat16, normalisations in float32, the output returned as float32; outputs within 48-54 dB PSNR of fp32's
-      on phantom volumes, about as fast as ONNX Runtime's fp32 on a Zen 4 CPU (docs/performance.md). Takes
-      precedence over ``backend`` (ONNX Runtime runs fp32 here) and ``compile``.
+    - ``"bf16"``: the network under ``torch.autocast`` with bfloat16 (``precision="bf16"``, or ``"auto"`` on a CPU
+      with native bf16): convolutions in bfloat16, normalisations in float32, the output returned as float32;
+      outputs within 47.8-54 dB PSNR of fp32's on phantom volumes, ~1.3x the volumes per minute of ONNX Runtime's
+      fp32 on a Zen 4 CPU at width 16 (docs/performance.md). Takes precedence over ``backend`` (ONNX Runtime runs
+      fp32 here) and ``compile``.
 
     Args:
         batch_size: most slices per network call.
@@ -487,7 +500,7 @@ class SliceRunner:
             CPU when ``onnx`` and ``onnxruntime`` are installed, torch otherwise (:func:`resolve_backend`).
         compile: compile the network for the torch backend.
         background: the value of an empty pixel; the ONNX export traces the network on a slice of it.
-        precision: ``"fp32"`` (default) or ``"bf16"`` (:func:`check_precision`).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"auto"`` (:func:`resolve_precision`).
 
     Raises:
         ValueError: ``batch_size < 1``, an unknown backend or precision.
@@ -500,6 +513,7 @@ class SliceRunner:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.precision = check_precision(precision)
+        self._warned = False
         self.batch_size = int(batch_size)
         self.backend = backend
         self.compile = bool(compile)
@@ -560,7 +574,7 @@ class SliceRunner:
         n_batches = max(-(-n // self.batch_size), 1)
         size = max(-(-n // n_batches), 1)
         session = None
-        bf16 = self.precision == "bf16"
+        bf16 = resolve_precision(self.precision, slices.device.type) == "bf16"
         exportable = not args and not kwargs and isinstance(network, torch.nn.Module) and not bf16
         if exportable and resolve_backend(self.backend, slices.device.type) == "onnxruntime":
             try:
@@ -577,7 +591,11 @@ class SliceRunner:
         else:
             self.last_engine, net = "eager", network
         outs = []
-        reduced = torch.autocast(slices.device.type, dtype=torch.bfloat16, enabled=bf16)
+        # (a disabled autocast here would switch off the evaluator's own, --amp true)
+        reduced = torch.autocast(slices.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        if bf16 and slices.device.type == "cpu" and not native_bf16() and not self._warned:
+            logger.warning("precision bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX); it will be slow")
+            self._warned = True
         with torch.inference_mode(), reduced:
             for start in range(0, n, size):
                 batch = slices[start : start + size]
@@ -620,7 +638,8 @@ class BrainSliceInferer(Inferer):
             not one (``inference.json`` turns it on from 16 volumes). Only for the ``torch`` backend.
         backend: ``"torch"``, ``"onnxruntime"`` or ``"auto"`` (see :class:`SliceRunner`; ``auto``: ONNX Runtime on
             the CPU when installed, torch on a GPU, where the network is a few percent of the time).
-        precision: ``"fp32"`` or ``"bf16"`` (see :class:`SliceRunner`).
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on a CPU that computes it natively; see
+            :class:`SliceRunner`).
 
     Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
     with the input's metadata when the input is one), so the inverse transforms may modify it.

@@ -204,8 +204,8 @@ def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor,
     map, as MONAI's ``SSIMMetric``). ``protocol_ssim_tumour``: the axial SSIM maps averaged over the tumour voxels
     (inside the maps' valid region); ``nan`` without tumour. The regions (:data:`REGION_METRICS`):
     ``protocol_psnr_tumour`` and ``protocol_psnr_healthy``, PSNR over the tumour's and over the healthy brain's
-    (brain without tumour) voxels; ``protocol_ssim_healthy``, the axial SSIM maps of the slices counted by
-    ``protocol_ssim_axial`` averaged over their healthy-brain voxels.
+    (brain without tumour) voxels; ``protocol_ssim_healthy``, like the tumour SSIM: the axial SSIM maps averaged
+    over the healthy-brain voxels (of every axial slice that has some, each voxel counting once).
     """
     brain, tumour = brain.bool(), tumour.bool()
     healthy = brain & ~tumour
@@ -213,13 +213,12 @@ def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor,
     out = {"protocol_psnr": psnr_in_mask(p, r, brain)}
     for name, axis in (("protocol_ssim_axial", axial), ("protocol_ssim_sagittal", sagittal)):
         others = tuple(a for a in range(3) if a != axis)
-        keep = brain.sum(dim=others) > PROTOCOL_MIN_BRAIN
-        maps = _slice_ssim_maps(p, r, axis, keep)
+        maps = _slice_ssim_maps(p, r, axis, brain.sum(dim=others) > PROTOCOL_MIN_BRAIN)
         out[name] = float(maps.mean(dim=(1, 2)).mean()) if len(maps) else float("nan")
-        if axis == axial:
-            out["protocol_ssim_healthy"] = _masked_map_mean(maps, healthy, axial, keep)
-    has_tumour = tumour.sum(dim=tuple(a for a in range(3) if a != axial)) > 0
-    out["protocol_ssim_tumour"] = _masked_map_mean(_slice_ssim_maps(p, r, axial, has_tumour), tumour, axial, has_tumour)
+    in_plane = tuple(a for a in range(3) if a != axial)
+    for name, region in (("protocol_ssim_tumour", tumour), ("protocol_ssim_healthy", healthy)):
+        has = region.sum(dim=in_plane) > 0
+        out[name] = _masked_map_mean(_slice_ssim_maps(p, r, axial, has), region, axial, has)
     out["protocol_psnr_tumour"] = psnr_in_mask(p, r, tumour)  # nan without tumour
     out["protocol_psnr_healthy"] = psnr_in_mask(p, r, healthy)
     return out
@@ -262,7 +261,8 @@ def merge_over_seeds(summaries: Sequence[Mapping]) -> dict:
         within = np.asarray([float(s["std"]) for s in summaries], dtype=np.float64)
         return {
             "mean": float(finite.mean()) if finite.size else float("nan"),
-            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0 if finite.size else float("nan"),
+            # one seed: no spread (0); several seeds of which fewer than two are finite: unknown (nan)
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0 if len(summaries) == 1 else float("nan"),
             "n": int(finite.size),
             "n_seeds": len(summaries),
             "within_std": float(np.nanmean(within)) if np.isfinite(within).any() else float("nan"),

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class Prefetcher:
-    """Iterate ``loader`` in a background thread, keeping up to ``depth`` items ready ahead of the consumer.
+    """Iterate ``loader`` in a background thread, keeping up to ``depth`` items ready ahead of the consumer (and one
+    more in the making: ``depth + 1`` cases in memory besides the one being synthesised).
 
     Items come out in the loader's order. An error raised while producing an item is raised, as the same
     exception object (its message and chain intact), when the consumer reaches that item. Leaving the iteration
@@ -67,7 +68,7 @@ class Prefetcher:
         def produce() -> None:
             try:
                 for item in self.loader:
-                    if not put(("item", item)):
+                    if stop.is_set() or not put(("item", item)):
                         return
             except BaseException as e:  # handed to the consumer, raised there
                 put(("error", e))
@@ -142,9 +143,19 @@ class BackgroundWriter:
             self._pending.pop(0).result()  # raises a failed job's error
 
     def flush(self, engine: Engine | None = None) -> None:
-        """Wait for every submitted job; raise the first failure."""
-        while self._pending:
-            self._collect(block=True)
+        """Wait for every submitted job; raise the first failure. The thread ends (a later submit starts another)."""
+        try:
+            while self._pending:
+                self._collect(block=True)
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for job in self._pending:
+            job.exception()  # wait
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def wait(self) -> None:
         """Wait for every submitted job without raising (a failure is logged): for when the run already stops on
@@ -153,6 +164,7 @@ class BackgroundWriter:
             if job.exception() is not None:
                 logger.error(f"writing in the background also failed: {job.exception()}")
         self._pending.clear()
+        self._shutdown()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self.flush)

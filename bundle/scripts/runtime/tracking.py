@@ -29,12 +29,13 @@ class ValidationHistory:
     """Evaluator handler: after each validation, write ``path`` (JSON) with every validation so far,
     ``{"history": [{"epoch": e, <metric>: value, ...}, ...], "key_metric": name, "best": {...}, "last": {...}}``,
     where ``best`` is the entry with the highest key metric (the evaluator's first metric when it names none).
-    Written atomically, by rank 0 only in a distributed run. A resumed run keeps the entries of the file's earlier
-    epochs (those before its first validation); a new run replaces them.
+    Written atomically, by rank 0 only in a distributed run. With ``resume``, the entries of the file's earlier
+    epochs (those before this run's first validation) are kept; otherwise a new run replaces the file.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume: bool = False):
         self.path = path
+        self.resume = bool(resume)
         self.history: list[dict] | None = None
 
     def _earlier(self, epoch: int) -> list[dict]:
@@ -54,7 +55,7 @@ class ValidationHistory:
         if not metrics:
             return
         if self.history is None:
-            self.history = self._earlier(int(engine.state.epoch))
+            self.history = self._earlier(int(engine.state.epoch)) if self.resume else []
         self.history.append({"epoch": int(engine.state.epoch), **metrics})
         key = getattr(engine.state, "key_metric_name", None) or next(iter(metrics))
         scored = [h for h in self.history if math.isfinite(h.get(key, float("nan")))]
