@@ -22,7 +22,7 @@ fi
 PY=${PY:-python3}
 Q=${QUICK:-0}
 W=${WORKERS:-$(nproc)}
-NCASES=$([ "$Q" = 1 ] && echo 6 || echo "${NCASES:-120}")
+NCASES=$([ "$Q" = 1 ] && echo "${NCASES:-6}" || echo "${NCASES:-120}")
 OOD=$([ "$Q" = 1 ] && echo 2 || echo "${OOD:-12}")
 SHAPE=$([ "$Q" = 1 ] && echo "--shape [96,96,40]" || echo "")
 SEG_EPOCHS=$([ "$Q" = 1 ] && echo 1 || echo "${SEG_EPOCHS:-10}")
