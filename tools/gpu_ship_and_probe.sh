@@ -43,7 +43,7 @@ kill $MON 2>/dev/null
 sort -t, -k2 -n "$OUT/gpu_usage.csv" 2>/dev/null | tail -1 | sed 's/^/peak GPU memory sample: /' | tee -a "$OUT/session.log"
 rm -rf "$OUT/ship/data" "$OUT/ship/ood" "$OUT/ship/inference" "$OUT/ship/runs"/*/checkpoint.pt \
   "$OUT/ship/runs/cache" "$OUT/paper_probe"/*/checkpoint.pt "$OUT/paper_probe"/*/model.pt
-tar czf /tmp/brainsynth_all.tgz -C "$OUT" --exclude session.log . && mv /tmp/brainsynth_all.tgz "$OUT/all.tgz"
+tar czf /tmp/brainsynth_all.tgz -C "$OUT" --exclude ./session.log . && mv /tmp/brainsynth_all.tgz "$OUT/all.tgz"
 du -sh "$OUT/all.tgz" | tee -a "$OUT/session.log"
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name all.tgz ! -name session.log -exec rm -rf {} +  # one file comes back
 log done
