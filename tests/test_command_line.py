@@ -125,3 +125,43 @@ def test_check_options_knows_sub_commands_and_negated_flags():
         command_line.check_options({"make": tool}, ["mak"], "t")
     with pytest.raises(SystemExit, match="t: unknown option --output; the options are --output_dir, --overwrite"):
         command_line.check_options(tool, ["--output", "x"], "t")
+
+
+# --- yes/no options given as words -------------------------------------------------------------------------------
+
+
+def test_flag_reads_the_words_a_command_line_gives():
+    assert [command_line.flag(v) for v in ("true", "True", "1", "yes", True)] == [True] * 5
+    assert [command_line.flag(v) for v in ("false", "FALSE", "0", "no", "", False, None)] == [False] * 7
+    with pytest.raises(ValueError, match=r"^--overwrite 'maybe': expected true or false$"):
+        command_line.flag("maybe", "overwrite")
+
+
+def _parsed(config: str, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=str(REPO / "bundle" / "configs" / config), workflow_type="infer",
+                              bundle_root=str(REPO / "bundle"), **overrides)  # fmt: skip
+    return workflow.parser
+
+
+@pytest.mark.parametrize("word", ["false", "true"])
+def test_inference_takes_false_as_false(word, tmp_path):
+    """``python -m monai.bundle run ... --check_contrast false`` hands the config the string 'false' (fire keeps
+    lower-case words as strings), which Python takes as true: the contrast check and background writing could not be
+    turned off from the command line."""
+    parser = _parsed("inference.json", input=str(tmp_path / "t2.nii.gz"), output_dir=str(tmp_path / "out"),
+                     check_contrast=word, background_write=word, overwrite=word, compile=word)  # fmt: skip
+    expected = word == "true"
+    load = next(t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "LoadT2d")
+    assert load.check_contrast is expected
+    assert parser.get_parsed_content("writer").enabled is expected
+
+
+def test_training_refuses_to_replace_a_model_when_overwrite_is_false(tmp_path):
+    (tmp_path / "tcmgan").mkdir()
+    (tmp_path / "tcmgan" / "model.pt").write_bytes(b"an earlier run's model")
+    parser = _parsed("train.json", output_dir=str(tmp_path), overwrite="false", resume="false")
+    with pytest.raises(SystemExit, match="holds the model of an earlier run"):
+        parser.get_parsed_content("output_check")
+    assert _parsed("train.json", output_dir=str(tmp_path), overwrite="true").get_parsed_content("output_check")

@@ -27,22 +27,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the bundle folder importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.runtime.command_line import VERBOSE_ENV, run_tool  # noqa: E402
+from scripts.runtime.command_line import VERBOSE_ENV, flag, run_tool  # noqa: E402
 from scripts.runtime.inference import _EXTENSIONS, case_id, volume_stem  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE / "configs"
-
-
-def flag(value) -> bool:
-    """A yes/no option as given on the command line (``true``/``false``, ``1``/``0``, ``yes``/``no``, a bool)."""
-    if isinstance(value, str):
-        if value.strip().lower() in ("true", "1", "yes", "y"):
-            return True
-        if value.strip().lower() in ("false", "0", "no", "n", ""):
-            return False
-        raise ValueError(f"expected true or false, got {value!r}")
-    return bool(value)
 
 
 def _workflow(files: list[str], verbose: bool = False, **overrides) -> None:
@@ -137,7 +126,7 @@ def inputs_of(input, scratch: str) -> dict:
 
 
 def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, threads: int | None = None,
-               ckpt_path=None, overwrite: bool = False, split: str = "test", check_contrast: bool = False,
+               ckpt_path=None, overwrite: bool = False, split: str = "test", check_contrast: bool = True,
                precision: str = "auto", verbose: bool = False) -> None:
     """Synthesise FLAIR, T1 and T1ce (or ``targets``) from T2 volumes: ``inference.json``.
 
@@ -150,7 +139,8 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
         ckpt_path: generator weights (default the shipped ``bundle/models/model.pt``).
         overwrite: synthesise cases whose outputs exist again (default: keep them, one line each).
         split: the split of a datalist input.
-        check_contrast: refuse a volume that does not look like a T2 (a T1, T1ce or FLAIR given by mistake).
+        check_contrast: refuse a volume that does not look like a T2 (a T1, T1ce or FLAIR given by mistake);
+            on by default, ``--check_contrast false`` to synthesise from it anyway.
         precision: ``auto`` (bf16 on a CPU that computes it natively, else fp32), ``fp32`` or ``bf16``
             (docs/performance.md).
         verbose: full tracebacks.

@@ -25,6 +25,25 @@ import sys
 VERBOSE_ENV = "BRAINSYNTH_VERBOSE"
 
 
+def flag(value, name: str | None = None) -> bool:
+    """A yes/no option as given on the command line: ``true``/``false`` (any case), ``1``/``0``, ``yes``/``no``, or
+    a bool. ``python -m monai.bundle run ... --overwrite false`` hands the configs the *string* ``'false'``, which
+    Python takes as true; every yes/no id of the configs goes through this function
+    (``"$scripts.runtime.command_line.flag(@overwrite, 'overwrite')"``).
+
+    Raises:
+        ValueError: any other value (the message names ``--name`` when given).
+    """
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "1", "yes", "y"):
+            return True
+        if word in ("false", "0", "no", "n", ""):
+            return False
+        raise ValueError(f"{'--' + name + ' ' if name else ''}{value!r}: expected true or false")
+    return bool(value)
+
+
 def chain(error: BaseException) -> list[BaseException]:
     """``error`` and the errors behind it (``__cause__``, else ``__context__``), outermost first."""
     errors, seen = [], set()

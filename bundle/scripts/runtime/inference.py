@@ -240,7 +240,8 @@ class LoadT2d(LoadImaged):
             volume (2D, or 4D given as a single input), it holds NaN or Inf, it is constant, or more than
             :data:`MAX_NEGATIVE_FRACTION` of its non-zero voxels are negative (not raw MR intensities with
             background 0, e.g. z-scored); with ``check_contrast``, it does not look like a T2
-            (:func:`scripts.runtime.contrast.t2_probability` below 0.5: CSF not bright).
+            (:func:`scripts.runtime.contrast.t2_probability` below 0.5: CSF not bright; a volume with too little
+            brain to judge is let through with a warning). ``inference.json`` turns the check on by default.
     """
 
     def __init__(self, keys: KeysCollection = "image", channel_key: str = "t2_channel", check_contrast: bool = False,
@@ -274,8 +275,9 @@ def _check_t2_contrast(img: torch.Tensor, path: str) -> None:
     volume = (img.as_tensor() if isinstance(img, MetaTensor) else img).float().numpy()
     try:
         p = t2_probability(volume)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except ValueError as e:  # too little brain to judge: other checks decide whether it is usable at all
+        logger.warning(f"{path}: contrast not checked ({e})")
+        return
     if p < 0.5:
         raise ValueError(
             f"{path}: does not look like a T2 (T2 probability {p:.2f}: its CSF is not bright; a T1, T1ce or FLAIR?); "
