@@ -24,8 +24,10 @@ PAPER=0 LIMIT=$((BUDGET - 20)) OUT=$OUT/study $PIN bash tools/gpu_study.sh > "$O
 STUDY=$!
 wait $SHIP; log "ship: exit $?"; wait $STUDY; log "study: exit $?"
 cat "$OUT/ship/session.log" >> "$OUT/session.log" 2>/dev/null
-tail -5 "$OUT/study/session.log" >> "$OUT/session.log" 2>/dev/null
-tar czf /tmp/brainsynth_both.tgz -C "$OUT" --exclude ./session.log . && mv /tmp/brainsynth_both.tgz "$OUT/all.tgz"
+tail -5 "$OUT/study/session.log" >> "$OUT/session.log" 2>/dev/null  # results.md is in study/all.tgz
+# the study's weights and checkpoints (GBs at the gpu preset's width) stay behind; the shipped model.pt is in ship/all.tgz
+tar czf /tmp/brainsynth_both.tgz -C "$OUT" --exclude ./session.log --exclude "./study/*.pt" . \
+  && mv /tmp/brainsynth_both.tgz "$OUT/all.tgz"
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name all.tgz ! -name session.log -exec rm -rf {} +
 du -sh "$OUT/all.tgz" | tee -a "$OUT/session.log"
 log done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #14 on one GPU machine, run from the repository root (see ../shared/gpu/README.md): the `gpu` preset of
 # reproduce.py with three seeds under a 10-minute limit, then the first minutes of the `paper` preset (does it start,
-# its iteration time and GPU memory). Everything kept goes to $OUT (results.md, tables, figure, logs, nvidia-smi).
+# its iteration time and GPU memory). Everything kept is packed into $OUT/all.tgz (results.md, tables, figure, logs,
+# nvidia-smi; not the weights).
 #   OUT=/tmp/study bash tools/gpu_study.sh
 #   QUICK=1 OUT=/tmp/study_dry bash tools/gpu_study.sh   # the smoke preset on the CPU: a dry run of this script
 set -uo pipefail
@@ -31,4 +32,8 @@ if [ "$PAPER" -gt 0 ]; then
 fi
 kill $MON 2>/dev/null
 rm -rf "$OUT/study/cache" "$OUT/study/data" "$OUT/paper/cache" "$OUT/paper/data"  # large, and made again on demand
+# one archive (the device tool brings back only a few files), without the weights and checkpoints (GBs)
+tar czf /tmp/brainsynth_study.tgz -C "$OUT" --exclude ./session.log --exclude "*.pt" . \
+  && mv /tmp/brainsynth_study.tgz "$OUT/all.tgz" \
+  && find "$OUT" -mindepth 1 -maxdepth 1 ! -name all.tgz ! -name session.log -exec rm -rf {} +
 log done
