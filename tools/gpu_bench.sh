@@ -6,12 +6,8 @@
 #   QUICK=1: every part tiny and on the CPU (a dry run of this script).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import monai" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
-fi
-PY=${PY:-python3}
+. "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
 B="$PY bundle/scripts/benchmark.py"
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 if [ "${QUICK:-0}" = 1 ]; then
   DEV=cpu; INF="--widths 8 --repeats 1"; TRAIN="--features 8 --batch_size 8 --iterations 1 --repeats 1 --variants mgan"
   DATA="--features 8 --batch_size 8 --step_iterations 1"; COMP="--widths 8 --repeats 1"

@@ -5,11 +5,8 @@
 #   QUICK=1 makes every stage tiny (a CPU dry run of this script).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import monai" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
-fi
+. "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
 export PYTHONPATH=$PWD/bundle:${PYTHONPATH:-}
-PY=${PY:-python3}
 Q=${QUICK:-0}
 N=$([ "$Q" = 1 ] && echo 6 || echo ${NCASES:-60})               # phantom cases
 SEG_EP=$([ "$Q" = 1 ] && echo 1 || echo ${SEG_EPOCHS:-8})            # segmenter epochs
@@ -18,7 +15,6 @@ EPLEN=$([ "$Q" = 1 ] && echo "--epoch_length 2" || echo "")  # empty: whole epoc
 BENCH_IT=$([ "$Q" = 1 ] && echo 1 || echo 5)
 BENCH_F=$([ "$Q" = 1 ] && echo 8 || echo 64)
 D=/tmp/brainsynth_phantom; R=/tmp/brainsynth_runs
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 (nvidia-smi -L || true) | tee -a "$OUT/session.log"
 log "phantoms: $N cases"
 [ -f $D/datalist.json ] && log "phantoms already there" || seq 0 $((N - 1)) | xargs -P 12 -I{} $PY -c "

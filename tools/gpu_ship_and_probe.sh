@@ -9,14 +9,10 @@
 #   QUICK=1 OUT=/tmp/gpu_dry bash tools/gpu_ship_and_probe.sh     # every stage tiny, on the CPU: a dry run
 set -uo pipefail
 OUT=${OUT:-/tmp/brainsynth_gpu}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import monai" 2>/dev/null; then  # an offline GPU machine
-  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
-fi
-PY=${PY:-python3}
+. "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
 Q=${QUICK:-0}
 SHIP_BUDGET=${SHIP_BUDGET:-$([ "$Q" = 1 ] && echo 300 || echo 465)}
 PROBE=${PROBE:-$([ "$Q" = 1 ] && echo 60 || echo 75)}
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 (while sleep 2; do nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader 2>/dev/null; done) \
   > "$OUT/gpu_usage.csv" &
 MON=$!

@@ -8,12 +8,9 @@
 #   QUICK=1 OUT=/tmp/gpu_dry bash tools/gpu_ship_and_study.sh   # both tiny, on the CPU: a dry run
 set -uo pipefail
 OUT=${OUT:-/tmp/brainsynth_gpu}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import monai" 2>/dev/null; then  # an offline GPU machine
-  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
-fi
+. "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
 HALF=$(( $(nproc) / 2 )); [ "$HALF" -ge 1 ] || HALF=1
 BUDGET=${BUDGET:-$([ "${QUICK:-0}" = 1 ] && echo 400 || echo 540)}
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 log "both for at most $BUDGET s, $HALF cores each"
 [ "${QUICK:-0}" = 1 ] || export NCASES=${NCASES:-96} SEG_EPOCHS=${SEG_EPOCHS:-6}
 WORKERS=$HALF PROBE=0 SHIP_BUDGET=$BUDGET OUT=$OUT/ship \

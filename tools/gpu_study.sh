@@ -7,11 +7,7 @@
 #   QUICK=1 OUT=/tmp/study_dry bash tools/gpu_study.sh   # the smoke preset on the CPU: a dry run of this script
 set -uo pipefail
 OUT=${OUT:-/tmp/brainsynth_study}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import monai" 2>/dev/null; then  # an offline GPU machine
-  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
-fi
-PY=${PY:-python3}
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
+. "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
 if [ "${QUICK:-0}" = 1 ]; then
   PRESET=smoke; SEEDS=2; JOBS=2; LIMIT=1200; PAPER=0
 else

@@ -16,10 +16,7 @@
 # when there is a GPU), WORKERS (processes for the phantoms and the cache).
 set -uo pipefail
 OUT=${OUT:-/tmp/brainsynth_ship}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import monai" 2>/dev/null; then  # an offline GPU machine
-  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
-fi
-PY=${PY:-python3}
+. "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
 Q=${QUICK:-0}
 W=${WORKERS:-$(nproc)}
 NCASES=$([ "$Q" = 1 ] && echo "${NCASES:-6}" || echo "${NCASES:-120}")
@@ -37,7 +34,6 @@ RESERVE=${RESERVE:-100} # seconds kept for the evaluation, inference and figures
 MINPIX=$([ "$Q" = 1 ] && echo "--min_brain_pixels 400" || echo "")
 DEVICE=${DEVICE:-$($PY -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")}
 D=$OUT/data; T=$OUT/ood; R=$OUT/runs
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 (nvidia-smi -L 2>/dev/null || echo "no GPU: $DEVICE") | tee -a "$OUT/session.log"
 BUNDLE="$PY -m monai.bundle run --bundle_root bundle"
 LEN=${EPOCH_LENGTH:+--epoch_length $EPOCH_LENGTH}

@@ -28,8 +28,9 @@ VERBOSE_ENV = "BRAINSYNTH_VERBOSE"
 def flag(value, name: str | None = None) -> bool:
     """A yes/no option as given on the command line: ``true``/``false`` (any case), ``1``/``0``, ``yes``/``no``, or
     a bool. ``python -m monai.bundle run ... --overwrite false`` hands the configs the *string* ``'false'``, which
-    Python takes as true; every yes/no id of the configs goes through this function
-    (``"$scripts.runtime.command_line.flag(@overwrite, 'overwrite')"``).
+    Python takes as true; every yes/no id of ``train.json`` and ``inference.json`` goes through this function, as a
+    component of their ``flags`` section (``{"_target_": "scripts.runtime.command_line.flag", "value": "@overwrite",
+    "name": "overwrite"}``, used as ``@flags#overwrite``).
 
     Raises:
         ValueError: any other value (the message names ``--name`` when given).

@@ -52,8 +52,9 @@ def t2_features(volume) -> np.ndarray:
     values = x[brain]
     if values.size < 1000:
         raise ValueError("too little brain to judge its contrast")
-    q1, q5, q25, median, q75, q95, q97, q99 = (float(v) for v in np.percentile(values, [1, 5, 25, 50, 75, 95, 97, 99]))
-    q3 = float(np.percentile(values, 3))
+    q1, q3, q5, q25, median, q75, q95, q97, q99 = (
+        float(v) for v in np.percentile(values, [1, 3, 5, 25, 50, 75, 95, 97, 99])
+    )
     where = np.argwhere(brain)
     lo, hi = where.min(0), where.max(0)
     centre, half = (lo + hi) / 2, (hi - lo) * 0.15
