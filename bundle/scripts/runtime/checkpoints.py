@@ -23,7 +23,15 @@ import torch
 from ignite.engine import Engine, Events
 
 from .files import write_atomic
-from .networks import TARGETS, VARIANTS, SynthesisNet, TumourSegmenter, decode_description
+from .networks import (
+    TARGETS,
+    VARIANTS,
+    AnyMissingNet,
+    SynthesisNet,
+    TumourSegmenter,
+    decode_any_missing_arch,
+    decode_description,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +78,16 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def checkpoint_kind(state: Mapping) -> str:
-    """What a loaded checkpoint holds: ``"generator"`` (SynthesisNet), ``"critic"``, ``"segmenter"``
+    """What a loaded checkpoint holds: ``"generator"`` (SynthesisNet), ``"any-missing generator"`` (AnyMissingNet),
+    ``"critic"``, ``"segmenter"``
     (TumourSegmenter), ``"training checkpoint"`` (a ``checkpoint.pt`` written for ``--resume``) or ``"unknown"``."""
     keys = [str(k) for k in state]
     if "trainer" in state:
         return "training checkpoint"
     if any(k.startswith("generators.") for k in keys):
         return "generator"
+    if any(k.startswith("generator.") for k in keys):
+        return "any-missing generator"
     if any(k.startswith(("trunk.", "critics.")) for k in keys):
         return "critic"
     if any(k.startswith("unet.") for k in keys):
@@ -93,6 +104,8 @@ def describe(state: Mapping) -> str:
     values = [int(v) for v in arch.tolist()] if isinstance(arch, torch.Tensor) else []
     if kind == "generator" and len(values) == 4 and 0 <= values[0] < len(VARIANTS):
         return f"generator variant {VARIANTS[values[0]]!r}, features {values[1]}"
+    if kind == "any-missing generator" and len(values) == 6:
+        return f"any-missing generator (--variant anymissing), features {values[0]}"
     if kind == "critic" and values:
         per_target = any(str(k).startswith("critics.") for k in state)
         return f"critic ({'one per target, pix2pix' if per_target else 'with modality head'}), features {values[0]}"
@@ -104,6 +117,8 @@ def describe(state: Mapping) -> str:
 _EXPECTED = {
     "generator": "a generator model.pt (SynthesisNet state dict, as training writes to "
     "<output_dir>/<variant>/model.pt)",
+    "any-missing generator": "an any-missing generator model.pt (AnyMissingNet state dict, as train.json "
+    "--variant anymissing writes)",
     "segmenter": "a segmenter model.pt (TumourSegmenter state dict, as train_segmenter.json writes)",
 }
 _HINTS = {
@@ -197,6 +212,30 @@ def load_generator(path: str, device="cpu") -> SynthesisNet:
                 "upsample")
     net = SynthesisNet(**{k: arch[k] for k in settings}).to(device)
     return load_synthesis_weights(net, path).eval()
+
+
+def any_missing_arch(path: str) -> dict:
+    """What an any-missing generator checkpoint records (:func:`scripts.runtime.networks.decode_any_missing_arch`).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds something else (e.g. a paper
+            generator), said in the message.
+    """
+    state = load_checkpoint(path)
+    _require_kind(state, path, "any-missing generator")
+    try:
+        return decode_any_missing_arch(state["arch"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_any_missing(path: str, device="cpu") -> AnyMissingNet:
+    """Rebuild the :class:`AnyMissingNet` a ``model.pt`` describes, load its weights, in eval mode on ``device``.
+    Raises as :func:`any_missing_arch`."""
+    arch = any_missing_arch(path)
+    net = AnyMissingNet(**{k: v for k, v in arch.items() if k != "variant"})
+    _load_state(net, load_checkpoint(path), path, "any-missing generator")
+    return net.to(device).eval()
 
 
 def load_segmenter(path: str, device="cpu") -> TumourSegmenter:

@@ -202,12 +202,17 @@ class SliceDataset(torch.utils.data.Dataset):
     With ``context`` > 1 or a ``transform``, each item also has ``"source"``: the ``context`` T2 slices centred on
     the item's slice (the indices of :func:`neighbour_index`, as inference's :func:`neighbour_slices`; edges
     clamped), ``(context, H, W)``; then ``transform`` (e.g. the training augmentation) is applied to the item.
+    With ``source="all"`` (the any-missing generator) ``"source"`` holds every channel's ``context`` slices,
+    channel by channel, ``(4 * context, H, W)``, and is always there.
     """
 
     def __init__(self, volumes: Sequence[Mapping], keys: Sequence[str] = ("image", "label"), context: int = 1,
-                 transform=None):
+                 transform=None, source: str = "t2"):
         if int(context) < 1 or int(context) % 2 == 0:
             raise ValueError(f"context must be an odd number of slices >= 1, got {context}")
+        if source not in ("t2", "all"):
+            raise ValueError(f"source must be 't2' (the T2 channel) or 'all' (every channel), got {source!r}")
+        self.source = source
         self.volumes = volumes
         self.keys = tuple(keys)
         self.context = int(context)
@@ -228,10 +233,11 @@ class SliceDataset(torch.utils.data.Dataset):
         c, z = self.index[i]
         vol = self.volumes[c]
         item = {key: _slice(vol[key], z) for key in self.keys}
-        if self.context > 1 or self.transform is not None:  # only the k slices are read, views or memmap copies
+        if self.context > 1 or self.transform is not None or self.source == "all":  # only the k slices are read
             depth = vol["image"].shape[-1]
             index = neighbour_index(torch.tensor([z]), self.context, depth)[0].tolist()
-            item["source"] = torch.stack([_slice(vol["image"], j)[T2_INDEX] for j in index])
+            stack = torch.stack([_slice(vol["image"], j) for j in index], dim=1)  # (C, k, H, W)
+            item["source"] = stack[T2_INDEX] if self.source == "t2" else stack.flatten(0, 1)
         if self.transform is not None:
             item = dict(self.transform(item))
         item.update(case=c, slice=z)

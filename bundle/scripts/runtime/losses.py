@@ -147,6 +147,7 @@ def generator_loss(
     segmenter: nn.Module | None = None,
     tumour: torch.Tensor | None = None,
     dice=None,
+    seg_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The generator's objective, eq. (7) of the paper:
     ``L_G = -D_src(x, G(x, c)) + λcls·L_cls^f + λl1·L_l1 + λseg·L_seg``.
@@ -163,6 +164,8 @@ def generator_loss(
         reduction: ``"sum"`` (per image) or ``"mean"`` for the critic score and the L1 term.
         segmenter, tumour, dice: for the tumour-consistency term L_seg, :func:`tumour_consistency_loss` (eq. 4);
             ``segmenter=None`` (pix2pix, MGAN): the term is 0.
+        seg_rows: ``(B,)`` bool, the samples the term covers (None: all). The any-missing generator leaves out
+            the samples whose target S was not trained on (T2); the term is the Dice loss over the others, 0 if none.
 
     Returns:
         ``(g_loss, terms)``, ``terms`` = ``g_loss``, ``g_adv``, ``g_cls``, ``g_l1``, ``g_seg`` (scalar tensors;
@@ -173,7 +176,11 @@ def generator_loss(
     g_cls = modality_classification_loss(cls_fake, labels) if cls_fake is not None else torch.zeros_like(g_adv)
     g_l1 = l1_loss(fake, real, reduction)
     # L_seg last: the order in which the terms are built fixes how autograd sums their gradients into ``fake``
-    if segmenter is not None:
+    if segmenter is not None and seg_rows is not None:
+        rows = seg_rows.nonzero().flatten()  # (the any-missing generator only: a host sync per iteration)
+        g_seg = (tumour_consistency_loss(segmenter, fake[rows], labels[rows], tumour[rows], dice) if rows.numel()
+                 else fake.sum() * 0)  # fmt: skip
+    elif segmenter is not None:
         g_seg = tumour_consistency_loss(segmenter, fake, labels, tumour, dice)
     else:
         g_seg = torch.zeros_like(g_adv)

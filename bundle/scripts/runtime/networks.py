@@ -11,6 +11,9 @@
   modality-classification head; :class:`PerTargetCritics` holds one plain critic per target for pix2pix.
 - :class:`TumourSegmenter`: S(y, c), a MONAI ``UNet`` on a target slice plus the label planes, giving
   whole-tumour logits.
+- :class:`AnyMissingNet`: the ``anymissing`` generator (not one of the paper's variants): any available subset of
+  the four modalities -> any missing one, steered by an availability mask and the target label
+  (:func:`any_missing_input` builds its input, in training and inference alike).
 
 Target label order is declared once, in :data:`scripts.runtime.conventions.TARGETS`.
 Every module keeps its architecture in a persistent ``arch`` buffer, so a checkpoint says what it holds.
@@ -26,7 +29,13 @@ from monai.networks.nets import UNet
 from torch import nn
 
 # target modalities (index k of the one-hot label selects TARGETS[k]) and the paper's variants, declared once
-from .conventions import CHANNELS, TARGETS, VARIANTS  # noqa: F401  (re-exported: scripts.runtime.networks.TARGETS)
+from .conventions import CHANNELS, SOURCE, TARGETS, VARIANTS  # noqa: F401  (re-exported: networks.TARGETS)
+
+#: The any-missing generator's name, accepted wherever a variant is (``train.json --variant anymissing``); it is not
+#: one of the paper's :data:`VARIANTS`, which the study iterates over.
+ANYMISSING = "anymissing"
+#: Every generator ``train.json`` builds: the paper's four variants, then the any-missing generator.
+GENERATORS = (*VARIANTS, ANYMISSING)
 
 #: How a T2 volume is scaled to [-1, 1] (``scripts.runtime.data.ScaleBrainIntensityd`` modes).
 INTENSITY_SCALINGS = ("volume", "slice")
@@ -274,15 +283,16 @@ class ModalityCritic(nn.Module):
     ``num_classes > 0``, a classification head (a convolution spanning the whole final map) giving
     target-modality logits.
 
-    ``forward(source, target, labels=None)``: ``source`` (T2) and ``target`` (real or synthesised) are
-    ``(B, 1, H, W)``; returns ``(src (B, 1, h, w), cls (B, num_classes) or None)``. ``labels`` is ignored (it
+    ``forward(source, target, labels=None)``: ``source`` (T2; ``(B, source_channels, H, W)``, the any-missing
+    generator's :func:`any_missing_input`) and ``target`` (real or synthesised, ``(B, 1, H, W)``); returns ``(src (B, 1, h, w), cls (B, num_classes) or None)``. ``labels`` is ignored (it
     exists so that :class:`PerTargetCritics` shares the signature).
     """
 
-    def __init__(self, features: int = 64, num_classes: int = 3, image_size: int = 128, repeat_num: int = 5):
+    def __init__(self, features: int = 64, num_classes: int = 3, image_size: int = 128, repeat_num: int = 5,
+                 source_channels: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
-        in_ch = 2
+        in_ch = 1 + int(source_channels)
         for i in range(repeat_num):
             layers += [nn.Conv2d(in_ch, features * 2**i, 4, 2, 1), nn.LeakyReLU(0.01)]
             in_ch = features * 2**i
@@ -326,12 +336,32 @@ class PerTargetCritics(nn.Module):
 
 
 def make_critic(variant: str, features: int = 64, num_targets: int = 3, image_size: int = 128) -> nn.Module:
-    """The critic of a variant: per-target plain critics for pix2pix, one two-head critic otherwise."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    """The critic of a variant: per-target plain critics for pix2pix, one two-head critic otherwise (for
+    ``anymissing``: four modality classes, conditioned on :func:`any_missing_input` of the centre slices)."""
+    if variant not in GENERATORS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {GENERATORS}")
     if variant == "pix2pix":
         return PerTargetCritics(features, num_targets, image_size)
+    if variant == ANYMISSING:
+        return ModalityCritic(features, len(CHANNELS), image_size, source_channels=2 * len(CHANNELS))
     return ModalityCritic(features, num_targets, image_size)
+
+
+def make_generator(variant: str = "tcmgan", features: int = 64, image_size: int = 128,
+                   intensity_scaling: str = "volume", in_channels: int = 1, upsample: str = "transpose") -> nn.Module:
+    """The generator of ``variant``: a :class:`SynthesisNet` for the paper's four, an :class:`AnyMissingNet` (with
+    ``in_channels`` slices of context per modality) for ``anymissing``.
+
+    Raises:
+        ValueError: unknown variant, or invalid settings (as the classes).
+    """
+    if variant == ANYMISSING:
+        return AnyMissingNet(features, image_size=image_size, intensity_scaling=intensity_scaling,
+                             context=in_channels, upsample=upsample)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {GENERATORS}")
+    return SynthesisNet(variant, features, image_size=image_size, intensity_scaling=intensity_scaling,
+                        in_channels=in_channels, upsample=upsample)
 
 
 class TumourSegmenter(nn.Module):
@@ -404,3 +434,120 @@ class SingleTargetSynthesisNet(SynthesisNet):
         if labels is None:
             labels = torch.full((x.shape[0],), self.target_index, dtype=torch.long, device=x.device)
         return self.synthesize(x, labels)
+
+
+#: The value a missing modality's slot holds: raw intensity 0, i.e. background after scaling to [-1, 1].
+MISSING_FILL = -1.0
+
+
+def t2_only(batch: int, device=None) -> torch.Tensor:
+    """The paper's scenario as an availability mask: ``(batch, 4)`` with only T2 present (:data:`CHANNELS` order)."""
+    available = torch.zeros(batch, len(CHANNELS), dtype=torch.bool, device=device)
+    available[:, CHANNELS.index(SOURCE)] = True
+    return available
+
+
+def any_missing_input(x: torch.Tensor, available: torch.Tensor, context: int = 1) -> torch.Tensor:
+    """The any-missing generator's input, built the same way in training, validation and inference.
+
+    Args:
+        x: ``(N, 4 * context, H, W)`` modality slots in :data:`CHANNELS` order (FLAIR, T1, T1ce, T2), each modality's
+            ``context`` neighbouring slices together; in [-1, 1]. What a missing slot holds does not matter.
+        available: ``(N, 4)`` or ``(1, 4)`` availability (bool or 0/1), :data:`CHANNELS` order.
+        context: slices per modality.
+
+    Returns:
+        ``(N, 4 * context + 4, H, W)``: the slots with every missing modality filled with :data:`MISSING_FILL`
+        (raw 0, as if zero-filled before scaling), then one constant plane per modality, 1 if available, else 0.
+    """
+    m = len(CHANNELS)
+    if x.shape[1] != m * context:
+        raise ValueError(f"expected {m * context} slot channels ({m} modalities x {context} slices), got {x.shape[1]}")
+    avail = available.to(x.dtype).reshape(-1, m).expand(x.shape[0], m)
+    keep = avail.repeat_interleave(int(context), dim=1)[:, :, None, None]
+    slots = x * keep + MISSING_FILL * (1 - keep)
+    planes = avail[:, :, None, None].expand(-1, -1, x.shape[-2], x.shape[-1])
+    return torch.cat([slots, planes], dim=1)
+
+
+class AnyMissingNet(nn.Module):
+    """Any available modalities -> a missing one: G(slots, availability, c), the ``anymissing`` generator.
+
+    One :class:`Pix2PixUNet` reads :func:`any_missing_input` (the four modality slots, a missing one filled with
+    background, and the availability planes) plus the one-hot label of the modality to synthesise (TC-MGAN's label
+    planes, over four modalities). The target's own slot is always treated as missing, so the network never sees
+    what it is asked to produce.
+
+    Args:
+        features: base width. num_downs: U-Net depth (7 for 128x128). image_size, intensity_scaling, upsample: as
+            :class:`SynthesisNet`. context: slices per modality (1, or an odd k for 2.5D context).
+
+    ``forward(x, available=None, labels=None, outputs=None)``: ``x`` ``(N, 4 * context, H, W)`` slots,
+    ``available`` ``(N or 1, 4)`` (None: T2 only, the paper's task, so that one-input tools such as the zoo's
+    ``verify_net_in_out`` can call it). With ``labels`` ``(N,)`` (indices in :data:`CHANNELS`): one modality per
+    sample, ``(N, 1, H, W)``; else the modalities ``outputs`` (indices, default all four) ``(N, len, H, W)``.
+    The state dict's ``arch`` buffer is ``[features, num_downs, image_size, scaling index, context, upsample
+    index]`` and its weights sit under ``generator.`` (a paper generator's under ``generators.``).
+    """
+
+    variant = ANYMISSING
+
+    def __init__(self, features: int = 64, num_downs: int = 7, image_size: int = 128,
+                 intensity_scaling: str = "volume", context: int = 1, upsample: str = "transpose"):
+        super().__init__()
+        if intensity_scaling not in INTENSITY_SCALINGS:
+            raise ValueError(f"unknown intensity_scaling {intensity_scaling!r}; expected one of {INTENSITY_SCALINGS}")
+        if upsample not in UPSAMPLINGS:
+            raise ValueError(f"unknown upsample {upsample!r}; expected one of {UPSAMPLINGS}")
+        if min(int(features), int(image_size), int(context)) < 1 or int(context) % 2 == 0:
+            raise ValueError("features and image_size must be >= 1 and context an odd number >= 1")
+        self.num_modalities = len(CHANNELS)
+        self.context = int(context)
+        self.image_size = int(image_size)
+        self.intensity_scaling = intensity_scaling
+        self.upsample = upsample
+        m = self.num_modalities
+        self.generator = Pix2PixUNet(m * self.context + 2 * m, 1, features, num_downs, upsample)
+        self.register_buffer("arch", torch.tensor([
+            features, num_downs, self.image_size, INTENSITY_SCALINGS.index(intensity_scaling), self.context,
+            UPSAMPLINGS.index(upsample)]))  # fmt: skip
+
+    def description(self) -> dict:
+        """The settings the ``arch`` buffer records (``decode_any_missing_arch`` reads them back)."""
+        return decode_any_missing_arch(self.arch)
+
+    def synthesize(self, x: torch.Tensor, available: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """One modality per sample: ``(N, 1, H, W)``; the target's slot is masked whatever ``available`` says."""
+        avail = t2_only(1, x.device) if available is None else available
+        avail = avail.to(x.dtype).reshape(-1, self.num_modalities).expand(x.shape[0], -1)
+        onehot = nn.functional.one_hot(labels.long(), self.num_modalities).to(x.dtype)
+        g_in = any_missing_input(x, avail * (1 - onehot), self.context)
+        return self.generator(torch.cat([g_in, label_planes(labels, self.num_modalities, x)], dim=1))
+
+    def forward(self, x: torch.Tensor, available: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                outputs=None) -> torch.Tensor:
+        if labels is not None:
+            return self.synthesize(x, available, labels)
+        wanted = list(range(self.num_modalities)) if outputs is None else [int(i) for i in outputs]
+        n = x.shape[0]
+        labels = torch.tensor(wanted, device=x.device).repeat_interleave(n)
+        avail = t2_only(1, x.device) if available is None else available
+        avail = avail.reshape(-1, self.num_modalities).expand(n, -1).repeat(len(wanted), 1)
+        out = self.synthesize(x.repeat(len(wanted), 1, 1, 1), avail, labels)
+        return out.reshape(len(wanted), n, x.shape[-2], x.shape[-1]).transpose(0, 1)
+
+
+def decode_any_missing_arch(arch) -> dict:
+    """An :class:`AnyMissingNet` ``arch`` buffer as ``{"variant", "features", "num_downs", "image_size",
+    "intensity_scaling", "context", "upsample"}``.
+
+    Raises:
+        ValueError: not such a buffer.
+    """
+    values = [int(v) for v in arch.tolist()] if isinstance(arch, torch.Tensor) else []
+    if (len(values) != 6 or not 0 <= values[3] < len(INTENSITY_SCALINGS) or not 0 <= values[5] < len(UPSAMPLINGS)
+            or min(values[:3]) < 1 or values[4] < 1):
+        raise ValueError(f"{arch!r} is not an any-missing generator's arch entry")
+    return {"variant": ANYMISSING, "features": values[0], "num_downs": values[1], "image_size": values[2],
+            "intensity_scaling": INTENSITY_SCALINGS[values[3]], "context": values[4],
+            "upsample": UPSAMPLINGS[values[5]]}

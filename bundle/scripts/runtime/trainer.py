@@ -72,6 +72,10 @@ class TCMGANTrainer(Trainer):
         reduction: ``"sum"`` (per image, reference) or ``"mean"`` for the critic score and L1.
         num_targets: number of target modalities.
         epoch_length: iterations per epoch (default: the loader's length).
+        draw: step 1 of the iteration, ``draw(image, label, source) -> (g_inputs, x, k, y, tumour, seg_rows)``: G is
+            called as ``g(*g_inputs, labels=k)``, the critic is conditioned on ``x``, ``seg_rows`` (None: all) are
+            the samples the tumour-consistency term covers. Default :meth:`paper_draw`;
+            :class:`scripts.runtime.anymissing.AvailabilityDraw` for the any-missing generator.
         other arguments: as in MONAI's ``Trainer``.
     """
 
@@ -96,6 +100,7 @@ class TCMGANTrainer(Trainer):
         reduction: str = "sum",
         num_targets: int = 3,
         epoch_length: int | None = None,
+        draw=None,
         non_blocking: bool = False,
         prepare_batch=default_prepare_batch,
         key_train_metric=None,
@@ -129,17 +134,26 @@ class TCMGANTrainer(Trainer):
         self.d_train_steps = d_train_steps
         self.reduction = reduction
         self.num_targets = num_targets
+        self.draw = draw if draw is not None else self.paper_draw
         if seg_network is not None and not train_segmenter:
             seg_network.eval().requires_grad_(False)
 
+    def paper_draw(self, image: torch.Tensor, label: torch.Tensor, source: torch.Tensor | None):
+        """Step 1 for the paper's variants: a random target per sample (:func:`draw_targets`); G reads the T2
+        slice, or the ``source`` stack when the batch has one (2.5D context and/or augmented T2; the critic then
+        gets its centre slice)."""
+        x, k, y, tumour = draw_targets(image, label, self.num_targets)
+        if source is None:
+            return (x,), x, k, y, tumour, None
+        centre = source.shape[1] // 2
+        return (source,), source[:, centre : centre + 1], k, y, tumour, None
+
     def _iteration(self, engine: TCMGANTrainer, batchdata: dict) -> dict:
         image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
-        x, k, y, tumour = draw_targets(image, label, self.num_targets)
-        g_in = x  # G's input: the T2 slice, or the "source" stack (2.5D context and/or augmented T2)
-        if "source" in batchdata:
-            g_in = batchdata["source"].to(engine.state.device, non_blocking=engine.non_blocking)
-            centre = g_in.shape[1] // 2
-            x = g_in[:, centre : centre + 1]  # the critic sees the centre slice G saw
+        source = batchdata.get("source")
+        if source is not None:
+            source = source.to(engine.state.device, non_blocking=engine.non_blocking)
+        g_in, x, k, y, tumour, seg_rows = self.draw(image, label, source)
         out: dict[str, Any] = {"t2": x, "real": y, "modality": k}
         g, d, s = self.g_network, self.d_network, self.seg_network
         g.train()
@@ -150,7 +164,7 @@ class TCMGANTrainer(Trainer):
         # critic step(s), eq. (6)
         for _ in range(self.d_train_steps):
             with torch.no_grad():
-                fake = g(g_in, k)
+                fake = g(*g_in, labels=k)
             self.d_optimizer.zero_grad(set_to_none=True)
             d_loss, d_terms = critic_loss(d, x, y, fake, k, self.lambda_cls, self.lambda_gp, self.reduction)
             d_loss.backward()
@@ -159,10 +173,10 @@ class TCMGANTrainer(Trainer):
         # generator step, eq. (7) with the tumour-consistency term eq. (4)
         d.requires_grad_(False)
         self.g_optimizer.zero_grad(set_to_none=True)
-        fake = g(g_in, k)
+        fake = g(*g_in, labels=k)
         g_loss, g_terms = generator_loss(
             d, x, y, fake, k, self.lambda_cls, self.lambda_l1, self.lambda_seg, self.reduction,
-            segmenter=s, tumour=tumour, dice=self.seg_loss_function,
+            segmenter=s, tumour=tumour, dice=self.seg_loss_function, seg_rows=seg_rows,
         )  # fmt: skip
         g_loss.backward()
         self.g_optimizer.step()
