@@ -178,8 +178,8 @@ def _load_state(network: torch.nn.Module, state: Mapping, path: str, what: str) 
         raise ValueError(f"{path}: its weights do not fit the {what} its 'arch' entry describes ({e})") from None
 
 
-def load_synthesis_weights(network: SynthesisNet, path: str) -> SynthesisNet:
-    """Load ``model.pt`` into ``network``.
+def load_synthesis_weights(network: SynthesisNet | AnyMissingNet, path: str) -> SynthesisNet | AnyMissingNet:
+    """Load ``model.pt`` into ``network`` (a paper generator, or an any-missing one from :func:`any_missing_arch`).
 
     Raises:
         FileNotFoundError, ValueError: as :func:`synthesis_arch`; or the network differs from what the checkpoint
@@ -188,6 +188,14 @@ def load_synthesis_weights(network: SynthesisNet, path: str) -> SynthesisNet:
             ``volume``. The workflows take these settings from the checkpoint, so this happens only when an
             option given explicitly contradicts it.
     """
+    if isinstance(network, AnyMissingNet):
+        found, want = any_missing_arch(path), network.description()
+        wrong = [f"{k} {found[k]!r} (the workflow asks {v!r})" for k, v in want.items() if found[k] != v]
+        if wrong:
+            raise ValueError(f"{path} does not match the workflow's any-missing generator: the checkpoint has "
+                             + ", ".join(wrong))  # fmt: skip
+        _load_state(network, load_checkpoint(path, map_location=network.arch.device), path, "any-missing generator")
+        return network
     state = load_checkpoint(path, map_location=network.arch.device)
     found = synthesis_arch(path)
     want = {"variant": network.variant, "features": int(network.arch[1]), "num_targets": network.num_targets}

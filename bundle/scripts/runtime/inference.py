@@ -3,6 +3,8 @@
 - :func:`inference_cases`: the cases to synthesise (one ``--input`` file, or a split of a datalist), with every
   file checked to exist before anything runs; under ``torchrun``, this process's share of them.
 - :func:`checkpoint_arch`: the generator's variant and width as recorded in ``model.pt``.
+- :class:`LoadInputsd`: the input volume of a case and its mask (the T2 via :class:`LoadT2d`, or an any-missing
+  case's available modalities).
 - :class:`LoadT2d`: ``LoadImaged`` for the T2 source whose every failure (unreadable file, not 3D, NaN/Inf,
   constant, negative intensities) is one error naming the file, raised before anything is written.
 - :class:`SliceRunner`: a 2D network over a stack of slices in equal batches, eager, compiled, with ONNX
@@ -40,12 +42,13 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import LoadImaged
+from monai.transforms import Compose, CopyItemsd, EnsureChannelFirstd, LoadImaged, MapTransform
 
-from .checkpoints import LEGACY_GENERATOR, synthesis_arch
-from .conventions import SOURCE, TARGETS
+from .checkpoints import LEGACY_GENERATOR, any_missing_arch, checkpoint_kind, load_checkpoint, synthesis_arch
+from .conventions import CHANNELS, SOURCE, TARGETS
 from .data import load_split, neighbour_slices, read_datalist
 from .files import atomic_paths
+from .networks import ANYMISSING
 from .throughput import process_shard, shard
 
 logger = logging.getLogger(__name__)
@@ -97,6 +100,11 @@ def inference_cases(
     output_ext: str = ".nii.gz",
     overwrite: bool = True,
     targets=None,
+    flair: str = "",
+    t1: str = "",
+    t1ce: str = "",
+    t2: str = "",
+    variant: str = "",
 ) -> list[dict]:
     """The cases to synthesise, each ``{"image": T2 path, "case": case id}`` (plus ``"t2_channel"`` for a 4D
     multi-channel file of a datalist).
@@ -117,11 +125,25 @@ def inference_cases(
         output_dir, output_ext: where the outputs go (as :class:`SaveTargetsd`).
         overwrite: synthesise every case again, replacing earlier outputs.
         targets: the targets written (:func:`parse_targets`; default all); a case counts as done when those exist.
+        flair, t1, t1ce, t2: per-modality input files, for an any-missing model (``variant="anymissing"``; the cases
+            then come from :func:`scripts.runtime.anymissing.any_missing_cases`, ``--input`` counting as the T2);
+            a paper model takes ``t2`` as ``input``.
+        variant: the checkpoint's variant.
 
     Raises:
         FileNotFoundError: the input, the datalist or a listed T2 file does not exist (the message names it).
         ValueError: the split is missing or empty, an entry has no T2, or two cases share an id.
     """
+    if variant == ANYMISSING or flair or t1 or t1ce:
+        if variant != ANYMISSING:
+            raise ValueError(f"--flair, --t1 and --t1ce need an any-missing model (train.json --variant anymissing) as "
+                             f"--ckpt_path; this one is {variant!r}, which synthesises from a T2 alone (--input)")
+        from .anymissing import any_missing_cases
+
+        files = {"flair": flair, "t1": t1, "t1ce": t1ce, "t2": t2 or input}
+        cases = any_missing_cases(files, "" if any(files.values()) else datalist, split)
+        return _still_to_do(_shared(cases), output_dir, output_ext, overwrite, targets)
+    input = input or t2
     if input:
         if not os.path.exists(input):
             raise FileNotFoundError(f"{input}: no such file or folder (the --input T2 volume)")
@@ -199,7 +221,10 @@ def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite:
         return cases
     todo = []
     for case in cases:
-        finals = output_paths(output_dir, case["case"], output_ext, parse_targets(targets))
+        if "output_names" in case:  # any-missing: the case's missing modalities
+            finals = [os.path.join(output_dir, n + output_ext) for n in case["output_names"].split(",")]
+        else:
+            finals = output_paths(output_dir, case["case"], output_ext, parse_targets(targets))
         if all(os.path.isfile(f) for f in finals):
             logger.info(f"{case['case']}: kept the outputs of an earlier run in {output_dir} (--overwrite true "
                         "synthesises it again)")  # fmt: skip
@@ -211,7 +236,9 @@ def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite:
 
 
 def checkpoint_arch(path: str, variant: str = "tcmgan", features: int = 64) -> dict:
-    """What the generator checkpoint at ``path`` records (:func:`scripts.runtime.checkpoints.synthesis_arch`).
+    """What the generator checkpoint at ``path`` records (:func:`scripts.runtime.checkpoints.synthesis_arch`; for an
+    any-missing generator :func:`scripts.runtime.checkpoints.any_missing_arch`, its ``context`` also as
+    ``in_channels``).
 
     When no file exists there, the defaults (``variant``, ``features`` and
     :data:`scripts.runtime.checkpoints.LEGACY_GENERATOR`) are returned (with a warning) so that ``network_def`` can still be
@@ -221,6 +248,10 @@ def checkpoint_arch(path: str, variant: str = "tcmgan", features: int = 64) -> d
         ValueError: the file exists but is not a generator checkpoint of this bundle.
     """
     if os.path.isfile(path):
+        state = load_checkpoint(path)
+        if checkpoint_kind(state) == "any-missing generator":
+            arch = any_missing_arch(path)
+            return {**arch, "in_channels": arch["context"], "targets": list(CHANNELS), "legacy": False}
         return synthesis_arch(path)
     logger.warning(f"{path} does not exist; network_def gets the defaults variant {variant!r}, features {features}")
     return {"variant": variant, "features": features, **LEGACY_GENERATOR}
@@ -266,6 +297,35 @@ class LoadT2d(LoadImaged):
             if self.check_contrast:
                 _check_t2_contrast(d[key], path)
         return d
+
+
+class LoadInputsd(MapTransform):
+    """The first step of ``inference.json``: a case's input volume ``image`` and its ``mask`` (the voxels the written
+    volumes keep), both channel-first, on the input's grid.
+
+    - A paper generator's case (``{"image": T2 path}``): :class:`LoadT2d` (with its checks), a channel added
+      (``EnsureChannelFirstd``), ``mask`` a copy of the T2 (``CopyItemsd``): ``(1, H, W, D)`` each.
+    - An any-missing case (``{"modalities": {...}}``, :func:`scripts.runtime.anymissing.any_missing_case`):
+      :class:`scripts.runtime.anymissing.LoadModalitiesd`: ``image`` ``(4, H, W, D)``, ``mask`` ``(1, H, W, D)``.
+
+    ``check_contrast``: refuse a T2 that does not look like one (see :class:`LoadT2d`).
+    """
+
+    def __init__(self, keys: KeysCollection = "image", check_contrast: bool = False):
+        super().__init__(keys)
+        self.check_contrast = bool(check_contrast)
+        self.load_t2 = Compose([
+            LoadT2d(keys, check_contrast=self.check_contrast),
+            EnsureChannelFirstd(keys, channel_dim="no_channel"),
+            CopyItemsd(keys, names="mask"),
+        ])  # fmt: skip
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        if "modalities" in data:
+            from .anymissing import LoadModalitiesd
+
+            return LoadModalitiesd(self.keys, check_contrast=self.check_contrast)(data)
+        return self.load_t2(dict(data))
 
 
 def _check_t2_contrast(img: torch.Tensor, path: str) -> None:
@@ -314,6 +374,9 @@ def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.
 class SaveTargetsd:
     """Write each channel of ``d[key]`` as ``output_dir/<case>_<target>.nii.gz``, all of a case or none.
 
+    An any-missing case (an item with ``missing`` and ``output_names``, :func:`scripts.runtime.anymissing.
+    any_missing_case`) has one channel per missing modality, written under its ``output_names``.
+
     Args:
         key: the prediction, ``(len(targets), H, W, D)`` on the input's voxel grid (after ``Invertd``), float.
         output_dir: destination folder (created if needed).
@@ -361,16 +424,20 @@ class SaveTargetsd:
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         pred, ref, case = d[self.key], d[self.ref_key], str(d[self.case_key])
-        if pred.shape[0] != len(self.targets) or tuple(pred.shape[1:]) != tuple(ref.shape[1:]):
+        channels = str(d["missing"]).split(",") if "missing" in d else list(self.targets)  # any-missing: per case
+        if pred.shape[0] != len(channels) or tuple(pred.shape[1:]) != tuple(ref.shape[1:]):
             raise RuntimeError(
-                f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(self.targets)} channels on "
+                f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(channels)} channels on "
                 f"the input grid {tuple(ref.shape[1:])}"
             )
-        keep = [i for i, t in enumerate(self.targets) if t in self.write]
+        keep = [i for i, t in enumerate(channels) if t in self.write or "missing" in d]
         volumes = torch.as_tensor(pred).detach()[keep].to("cpu", torch.float32).numpy()  # a copy: pred may change
-        targets = [self.targets[i] for i in keep]
+        targets = [channels[i] for i in keep]
         affine = np.asarray(ref.affine, dtype=np.float64)
-        finals = output_paths(self.output_dir, case, self.output_ext, targets)
+        if "output_names" in d:
+            finals = [os.path.join(self.output_dir, n + self.output_ext) for n in str(d["output_names"]).split(",")]
+        else:
+            finals = output_paths(self.output_dir, case, self.output_ext, targets)
         if self.writer is None:
             self._write(volumes, targets, affine, finals)
         else:
@@ -623,8 +690,10 @@ class BrainSliceInferer(Inferer):
     ``inputs`` ``(B, 1, H, W, D)`` in [-1, 1] with background exactly ``background`` (what
     :class:`scripts.runtime.data.ScaleBrainIntensityd` gives voxels <= 0) -> ``(B, C_out, H, W, D)``, where the network maps
     ``(N, 1, H, W)`` to ``(N, C_out, H, W)`` (all targets of a slice in one batched call). A network with
-    ``in_channels`` k > 1 (2.5D) gets each slice with its neighbours, ``(N, k, H, W)``, stacked by
-    :func:`scripts.runtime.data.neighbour_slices` exactly as in training (edges clamped).
+    ``in_channels`` (or ``context``) k > 1 (2.5D) gets each slice with its neighbours, ``(N, k, H, W)``, stacked by
+    :func:`scripts.runtime.data.neighbour_slices` exactly as in training (edges clamped); a C-channel volume (the
+    any-missing generator's four modality slots) gives ``(N, C * k, H, W)``, channel by channel. Extra tensor
+    arguments (the any-missing availability) are passed on per case.
 
     A slice whose every voxel equals ``background`` is not sent through the network: the network's output for one
     all-background slice is computed once (as one more sample of the last batch) and copied to every such slice. The
@@ -690,15 +759,17 @@ class BrainSliceInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"expected a (B, C, H, W, D) volume batch, got shape {tuple(inputs.shape)}")
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        context = int(getattr(network, "in_channels", 1))  # a 2.5D generator takes k neighbouring slices
+        # a 2.5D generator takes k neighbouring slices (of each channel: the any-missing generator's four slots)
+        context = int(getattr(network, "context", getattr(network, "in_channels", 1)))
         results = []
-        for volume in x:
+        for i, volume in enumerate(x):
             brain, run = self.slices_to_run(volume, context)
             if context > 1:
-                slices = neighbour_slices(volume[0], run, context)
+                slices = torch.cat([neighbour_slices(channel, run, context) for channel in volume], dim=1)
             else:
                 slices = volume[..., run].permute(3, 0, 1, 2)
-            pred = self.runner(slices.contiguous(), network, *args, **kwargs)
+            case_args = [a[i : i + 1] if isinstance(a, torch.Tensor) else a for a in args]  # per-case inputs
+            pred = self.runner(slices.contiguous(), network, *case_args, **kwargs)
             pred = pred.to(volume.dtype)  # under autocast the network answers in float16 / bfloat16
             out = torch.empty((pred.shape[1], *volume.shape[1:]), dtype=volume.dtype, device=pred.device)
             if run.numel() > brain.numel():  # the one all-background slice run stands for every such slice
