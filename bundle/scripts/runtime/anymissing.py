@@ -264,3 +264,208 @@ def any_missing_batch(batchdata: dict, device=None, non_blocking: bool = False, 
     missing = missing[0] if isinstance(missing, (list, tuple)) else missing
     outputs = [CHANNELS.index(m) for m in str(missing).split(",")]
     return image, None, (batchdata["available"].to(device),), {"outputs": outputs}
+
+
+# --- evaluation: a table per scenario, and BraSyn's downstream test -------------------------------------------------
+
+#: Metrics of the scenario table: the paper's slice convention, then the quality protocol (volume convention).
+SCENARIO_METRICS = ("psnr", "ssim", "protocol_psnr", "protocol_ssim_axial", "protocol_ssim_tumour",
+                    "protocol_ssim_healthy")  # fmt: skip
+#: Rows of the downstream table: the four real modalities, then per missing modality the synthesised and the
+#: zero-filled one.
+DOWNSTREAM_ROWS = ("real", *(f"{kind}_{m}" for m in CHANNELS for kind in ("synth", "zero")))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+class ScenarioEvaluation:
+    """Score an any-missing generator per scenario (:data:`SCENARIOS`) against trivial baselines, the paper's
+    TC-MGAN on its T2-only scenario, and in BraSyn's downstream form.
+
+    Per case and scenario (available modalities -> one target):
+
+    - ``anymissing``: the generator's synthesis, run as ``inference.json`` runs it (the whole volume at 128x128,
+      back to the input grid, 0 where no available modality has signal) for the volume convention, and on the
+      brain-filtered 128x128 slices of training for the paper's slice convention;
+    - ``baseline``: the best trivial answer, an available modality itself or inverted (1 - x inside the brain),
+      chosen per case by brain PSNR (an oracle choice, which favours the baseline), named in ``baseline_choice``;
+    - ``paper`` (T2-only scenarios, with ``paper_network``): the paper generator's synthesis of that target.
+
+    Scores: ``psnr`` / ``ssim`` (the paper's per-slice convention, :func:`scripts.runtime.metrics.paper_slice_scores`)
+    and the quality protocol (:func:`scripts.runtime.metrics.protocol_scores`: PSNR in the brain, axial SSIM, SSIM
+    in the tumour and in the healthy brain), the brain being the real T2's.
+
+    Downstream (with ``downstream_network``, a ``train_downstream.json --inputs real`` segmenter): its 3D Dice of
+    TC, WT and ET on the four real modalities, and for each modality on the three others plus that modality
+    synthesised from them (``synth_<m>``) or zero-filled (``zero_<m>``).
+
+    Writes to ``output_dir``: ``per_case.csv``, ``downstream_per_case.csv``, ``scores.json`` and ``scenarios.md``
+    (both tables).
+    """
+
+    def __init__(self, network, cases, load_transform, slice_transform, volume_transform, inferer, output_dir: str,
+                 paper_network=None, downstream_network=None, downstream_ckpt: str | None = None,
+                 min_pixels: int = 2000, device="cpu"):  # fmt: skip
+        if not cases:
+            raise ValueError("no cases to evaluate")
+        if downstream_network is not None and downstream_ckpt:
+            from .downstream import check_downstream_ckpt
+
+            check_downstream_ckpt(downstream_ckpt, "real")
+        self.network = network.eval()
+        self.paper = paper_network.eval() if paper_network is not None else None
+        self.downstream = downstream_network.eval() if downstream_network is not None else None
+        self.cases, self.inferer, self.output_dir = list(cases), inferer, str(output_dir)
+        self.load_transform, self.slice_transform, self.volume_transform = load_transform, slice_transform, volume_transform
+        self.min_pixels, self.device = int(min_pixels), torch.device(device)
+
+    def _run(self, network, volume: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.inferer(volume[None].to(self.device), network, *args, **kwargs)[0].cpu()
+
+    def _to_grid(self, pred128: torch.Tensor, full128, mask: torch.Tensor) -> torch.Tensor:
+        """A ``(1, 128, 128, D)`` synthesis in [-1, 1] back on the input grid, [0, 1], 0 outside ``mask``."""
+        pred = MetaTensor(_unit(torch.as_tensor(pred128).as_subclass(torch.Tensor)), meta=full128.meta, applied_operations=full128.applied_operations)
+        restored = torch.as_tensor(self.volume_transform.inverse({"image": pred})["image"]).float()
+        return restored[0] * mask
+
+    def score_case(self, case: Mapping) -> tuple[list[dict], list[dict]]:
+        from .data import case_name
+        from .downstream import REGIONS, case_dice_3d, predict_volume
+        from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores
+
+        name = case_name(case)
+        data = self.load_transform(dict(case))
+        image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"])
+        plain = MetaTensor(torch.as_tensor(image).as_subclass(torch.Tensor))  # a fresh record: only the resize
+        full128 = self.volume_transform({"image": plain})["image"]
+        sliced = self.slice_transform({"image": data["image"], "label": data["label"]})
+        image128, label128 = torch.as_tensor(sliced["image"]).float(), torch.as_tensor(sliced["label"])
+        centre = sliced.get("centre")
+        keep = torch.arange(image128.shape[-1]) if centre is None else torch.nonzero(torch.as_tensor(centre)).flatten()
+        t2_index = CHANNELS.index(SOURCE)
+        t2, tumour = image[t2_index], label[0] > 0
+        q_brain = protocol_brain(t2)
+        real128 = _unit(image128[..., keep])  # (4, h, w, N)
+
+        rows, slice_preds = [], {}
+        for scenario, (available, target) in SCENARIOS.items():
+            a = scenario_mask(available)
+            k = CHANNELS.index(target)
+            mask = (image[a] > 0).any(dim=0).float()
+            kwargs = {"outputs": [k]}
+            preds = {"anymissing": (self._run(self.network, image128, a[None], **kwargs)[..., keep],
+                                    self._to_grid(self._run(self.network, full128, a[None], **kwargs), full128, mask))}
+            slice_preds[scenario] = preds["anymissing"][0]
+            if self.paper is not None and available == (SOURCE,):
+                j = TARGETS.index(target)
+                p128 = self._run(self.paper, image128[t2_index : t2_index + 1])[j : j + 1, ..., keep]
+                pfull = self._run(self.paper, full128[t2_index : t2_index + 1])[j : j + 1]
+                preds["paper"] = (p128, self._to_grid(pfull, full128, mask))
+            # the baseline: the best available modality, as is or inverted (chosen by brain PSNR in the protocol)
+            candidates = {}
+            for m in available:
+                i = CHANNELS.index(m)
+                inverted = (1 - brain_unit(image[i], q_brain)) * (image[i] > 0)
+                x = image128[i : i + 1, ..., keep]
+                candidates[m] = (x, image[i])
+                candidates[f"inverted {m}"] = (torch.where(x > -1, -x, x), inverted)  # [-1, 1]: 1 - u is -x
+            psnrs = {c: protocol_scores(v[1], image[k], q_brain, tumour)["protocol_psnr"] for c, v in candidates.items()}
+            choice = max(psnrs, key=lambda c: psnrs[c] if np.isfinite(psnrs[c]) else -np.inf)
+            preds["baseline"] = candidates[choice]
+            for method, (p128, pvol) in preds.items():
+                psnr, ssim = paper_slice_scores(_unit(p128).permute(3, 0, 1, 2), real128[k : k + 1].permute(3, 0, 1, 2))
+                row = {"case": name, "scenario": scenario, "target": target, "method": method,
+                       "psnr": float(np.mean(psnr.numpy())), "ssim": float(ssim.mean())}  # fmt: skip
+                row.update(protocol_scores(pvol, image[k], q_brain, tumour))
+                row["baseline_choice"] = choice if method == "baseline" else ""
+                rows.append({key: row[key] for key in ("case", "scenario", "target", "method", *SCENARIO_METRICS,
+                                                        "baseline_choice")})  # fmt: skip
+
+        down = []
+        if self.downstream is not None:
+            from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+            truth = ConvertToMultiChannelBasedOnBratsClasses(et_label=3)(label128[..., keep])
+            x = image128[..., keep]
+            inputs = {"real": x}
+            for m in CHANNELS:
+                i = CHANNELS.index(m)
+                synth, zero = x.clone(), x.clone()
+                synth[i] = slice_preds[f"missing_{m}"][0]
+                zero[i] = -1.0  # raw 0 after scaling
+                inputs[f"synth_{m}"], inputs[f"zero_{m}"] = synth, zero
+            for row_name in DOWNSTREAM_ROWS:
+                dice = case_dice_3d(predict_volume(self.downstream, inputs[row_name], self.device), truth)
+                down.append({"case": name, "inputs": row_name, **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
+        return rows, down
+
+    def run(self) -> dict:
+        """Score every case (a log line each), write the outputs, return the summary (``scores.json``)."""
+        import time
+
+        from .files import write_csv, write_json, write_text
+        from .metrics import summarise
+
+        os.makedirs(self.output_dir, exist_ok=True)
+        rows, down, start = [], [], time.time()
+        for i, case in enumerate(self.cases):
+            r, d = self.score_case(case)
+            rows += r
+            down += d
+            logger.info(f"[{i + 1}/{len(self.cases)}] {r[0]['case']} scored ({time.time() - start:.0f} s)")
+        summary = {"scenarios": {}, "downstream": {}, "n_cases": len(self.cases)}
+        for scenario in SCENARIOS:
+            for method in ("anymissing", "paper", "baseline"):
+                mine = [r for r in rows if r["scenario"] == scenario and r["method"] == method]
+                if mine:
+                    summary["scenarios"].setdefault(scenario, {})[method] = {
+                        m: summarise([r[m] for r in mine]) for m in SCENARIO_METRICS}
+                    if method == "baseline":
+                        summary["scenarios"][scenario]["baseline_choices"] = sorted({r["baseline_choice"] for r in mine})
+        for row_name in DOWNSTREAM_ROWS:
+            mine = [r for r in down if r["inputs"] == row_name]
+            if mine:
+                summary["downstream"][row_name] = {k: summarise([r[k] for r in mine]) for k in mine[0] if k.startswith("dice_")}
+        write_csv(os.path.join(self.output_dir, "per_case.csv"), rows)
+        if down:
+            write_csv(os.path.join(self.output_dir, "downstream_per_case.csv"), down)
+        write_json(os.path.join(self.output_dir, "scores.json"), summary, indent=2)
+        text = scenario_tables(summary)
+        write_text(os.path.join(self.output_dir, "scenarios.md"), text)
+        logger.info(f"written to {self.output_dir}/scenarios.md\n{text}")
+        return summary
+
+
+def _cell(stat: Mapping, digits: int) -> str:
+    return "n/a" if not np.isfinite(stat["mean"]) else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def scenario_tables(summary: Mapping) -> str:
+    """The scenario table and the downstream table of a :class:`ScenarioEvaluation` summary, as Markdown."""
+    names = {"anymissing": "any-missing", "paper": "TC-MGAN (paper, T2 only)", "baseline": "best trivial baseline"}
+    head = ["scenario (available -> target)", "method", "PSNR slice", "SSIM slice", "PSNR brain", "SSIM axial",
+            "SSIM tumour", "SSIM healthy"]  # fmt: skip
+    lines = [f"Scenarios ({summary['n_cases']} cases; mean ± std over cases; slice = the paper's per-slice "
+             "convention, the rest the quality protocol)", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]  # fmt: skip
+    for scenario, methods in summary["scenarios"].items():
+        available, target = SCENARIOS[scenario]
+        label = f"{', '.join(available)} -> {target}"
+        for method in ("anymissing", "paper", "baseline"):
+            if method not in methods:
+                continue
+            s = methods[method]
+            name = names[method] + (f" ({', '.join(methods['baseline_choices'])})" if method == "baseline" else "")
+            cells = [_cell(s[m], 2 if "psnr" in m else 3) for m in SCENARIO_METRICS]
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    if summary.get("downstream"):
+        lines += ["", "Downstream (BraSyn form): a segmenter trained on the four real modalities; 3D Dice per case",
+                  "", "| inputs | Dice TC | Dice WT | Dice ET |", "|---|---|---|---|"]  # fmt: skip
+        for row_name, stats in summary["downstream"].items():
+            kind, _, m = row_name.partition("_")
+            label = "4 real" if kind == "real" else f"3 real + {m} {'synthesised' if kind == 'synth' else 'zero-filled'}"
+            lines.append(f"| {label} | " + " | ".join(_cell(stats[f"dice_{r}"], 3) for r in ("tc", "wt", "et")) + " |")
+    return "\n".join(lines) + "\n"
