@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The any-missing generator's documented CPU run (issue #16; bundle/docs/anymissing.md shows its tables).
 # From the repository root:  bash tools/anymissing_cpu_run.sh [STAGE...]   (default: every stage, in order)
-# Stages: data, pretrain (tumour segmenter S and the 4-real-modality downstream segmenter, side by side),
-#         gans (TC-MGAN and the any-missing generator at the same budget, side by side), evaluate.
+# Stages: data; segmenter (the tumour segmenter S the GANs' tumour-consistency term uses); gans (TC-MGAN and the
+#         any-missing generator at the same budget, side by side, one thread each); downstream (the segmenter of
+#         BraSyn's downstream test, on the four real modalities); evaluate (evaluate_anymissing.json).
 # Everything goes under runs/anymissing (override with R=...), the data under data/am30 (D=...).
 set -euo pipefail
 R=${R:-runs/anymissing}; D=${D:-data/am30}; PY=${PY:-python}
@@ -10,7 +11,7 @@ EPOCHS=${EPOCHS:-24}; LENGTH=${LENGTH:-25}   # 600 iterations of batch 16 for ea
 RUN="$PY -m monai.bundle run --bundle_root bundle"
 TRAIN=bundle/configs/train.json
 overlay() { echo "['$TRAIN','bundle/configs/$1']"; }
-stages=${*:-data pretrain gans evaluate}
+stages=${*:-data segmenter gans downstream evaluate}
 mkdir -p "$R/logs"
 for stage in $stages; do
   start=$(date +%s)
@@ -19,12 +20,9 @@ for stage in $stages; do
     # BraTS 2023 file names, so that the outputs get BraSyn's names; 15 gan / 9 seg / 6 test cases
     $PY bundle/scripts/phantom.py --output_dir "$D" --num_cases 30 --seed 0 --layout brats2023
     $PY bundle/scripts/prepare_datalist.py --data_dir "$D" --fractions "[0.5,0.3,0.2]" ;;
-  pretrain)
-    OMP_NUM_THREADS=1 $RUN --config_file "$(overlay train_segmenter.json)" --dataset_dir "$D" --output_dir "$R" \
-      --features 16 --batch_size 32 --max_epochs 6 --val_num_cases 3 > "$R/logs/segmenter.log" 2>&1 &
-    OMP_NUM_THREADS=1 $RUN --config_file "$(overlay train_downstream.json)" --dataset_dir "$D" --output_dir "$R" \
-      --inputs real --features 16 --batch_size 32 --max_epochs 10 --val_num_cases 3 > "$R/logs/downstream_real.log" 2>&1 &
-    wait %1 && wait %2 ;;
+  segmenter)
+    $RUN --config_file "$(overlay train_segmenter.json)" --dataset_dir "$D" --output_dir "$R" \
+      --features 16 --batch_size 32 --max_epochs 6 --val_num_cases 3 > "$R/logs/segmenter.log" 2>&1 ;;
   gans)
     common=(--dataset_dir "$D" --output_dir "$R" --features 16 --batch_size 16 --max_epochs "$EPOCHS"
             --epoch_length "$LENGTH" --val_num_cases 2 --val_interval 3)
@@ -32,10 +30,14 @@ for stage in $stages; do
     OMP_NUM_THREADS=1 $RUN --config_file $TRAIN "${common[@]}" --variant anymissing --context 3 --upsample resize \
       --augment true > "$R/logs/anymissing.log" 2>&1 &
     wait %1 && wait %2 ;;
+  downstream)
+    $RUN --config_file "$(overlay train_downstream.json)" --dataset_dir "$D" --output_dir "$R" --inputs real \
+      --features 16 --batch_size 32 --max_epochs 30 --val_num_cases 3 --overwrite true > "$R/logs/downstream_real.log" 2>&1 ;;
   evaluate)
     $RUN --config_file "$(overlay evaluate_anymissing.json)" --dataset_dir "$D" --ckpt_path "$R/anymissing/model.pt" \
-      --paper_ckpt "$R/tcmgan/model.pt" --downstream_ckpt "$R/downstream/real/model.pt" --output_dir "$R/evaluation" ;;
-  *) echo "unknown stage $stage (expected data, pretrain, gans, evaluate)" >&2; exit 2 ;;
+      --paper_ckpt "$R/tcmgan/model.pt" --downstream_ckpt "$R/downstream/real/model.pt" --output_dir "$R/evaluation" \
+      > "$R/logs/evaluate.log" 2>&1 ;;
+  *) echo "unknown stage $stage (expected data, segmenter, gans, downstream, evaluate)" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$R/logs/times.txt"
 done
