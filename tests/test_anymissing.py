@@ -307,3 +307,23 @@ def test_evaluation_refuses_a_paper_model_as_the_any_missing_one(phantom_dir, tm
     with pytest.raises(SystemExit, match="needs an any-missing one"):
         run_workflow("evaluate_anymissing.json", dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
                      ckpt_path=str(tcmgan_ckpt), min_brain_pixels=SMALL_MIN_PIXELS)  # fmt: skip
+
+
+def test_brasyn_folder_with_a_missing_modality_runs_through_prepare_datalist(tmp_path, any_missing_ckpt):
+    """A BraSyn validation-style folder (three modalities, no label): ``prepare_datalist --allow_missing true`` lists
+    it with nulls, and inference writes each case's one missing modality under BraSyn's name."""
+    from conftest import SMALL_SHAPE
+
+    from scripts.phantom import generate
+    from scripts.prepare_datalist import prepare_datalist
+
+    generate(str(tmp_path / "d"), num_cases=2, seed=0, layout="brats2023", shape=SMALL_SHAPE)
+    cases = sorted(p.name for p in (tmp_path / "d").iterdir() if p.is_dir())
+    for case, tag in zip(cases, ("t1n", "t2w")):
+        (tmp_path / "d" / case / f"{case}-{tag}.nii.gz").unlink()
+        (tmp_path / "d" / case / f"{case}-seg.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="required file"):
+        prepare_datalist(str(tmp_path / "d"), fractions="[0,0,1]")
+    prepare_datalist(str(tmp_path / "d"), fractions="[0,0,1]", allow_missing="true")
+    infer(tmp_path / "out", any_missing_ckpt, dataset_dir=str(tmp_path / "d"), check_contrast="false")
+    assert files_in(tmp_path / "out") == [f"{cases[0]}-t1n.nii.gz", f"{cases[1]}-t2w.nii.gz"]

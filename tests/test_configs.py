@@ -23,6 +23,7 @@ OVERLAYS = (
     "evaluate_downstream.json",
     "multi_gpu_train.json",
     "recommended.json",
+    "evaluate_anymissing.json",
 )
 
 

@@ -173,16 +173,17 @@ def train(dataset_dir, output_dir, variant: str = "tcmgan", segmenter: bool = Fa
     Args:
         dataset_dir: folder with ``datalist.json`` (``prepare_datalist.py``).
         output_dir: run folder (``<output_dir>/<variant or recommended or segmenter>/model.pt``).
-        variant: ``pix2pix``, ``mgan``, ``tcmgan``, ``tcmgan_bw`` or ``recommended``.
+        variant: ``pix2pix``, ``mgan``, ``tcmgan``, ``tcmgan_bw``, ``recommended`` or ``anymissing`` (any available
+            modalities -> the missing ones, ``docs/anymissing.md``).
         segmenter: pre-train S instead of a generator.
         features, batch_size, max_epochs, device: as the workflow's ids (default: the config's).
         resume, overwrite: continue the run in ``output_dir``, or replace it.
         verbose: full tracebacks.
     """
-    from scripts.runtime.conventions import VARIANTS
+    from scripts.runtime.conventions import GENERATORS
 
-    if variant not in (*VARIANTS, "recommended"):
-        raise ValueError(f"--variant {variant!r}: expected one of {', '.join((*VARIANTS, 'recommended'))}")
+    if variant not in (*GENERATORS, "recommended"):
+        raise ValueError(f"--variant {variant!r}: expected one of {', '.join((*GENERATORS, 'recommended'))}")
     files = ["train.json"]
     overrides = {}
     if flag(segmenter):

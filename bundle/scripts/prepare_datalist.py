@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # the channel order of every "image" entry, and each layout's file names and label values
+from scripts.runtime.command_line import flag  # noqa: E402
 from scripts.runtime.conventions import CHANNELS, FILE_SUFFIXES, LAYOUT_LABELS, MSD_MODALITIES  # noqa: E402
 from scripts.runtime.files import write_json  # noqa: E402
 
@@ -155,8 +156,9 @@ def _relative(path: str, data_dir: str) -> str:
     return os.path.relpath(path, data_dir).replace(os.sep, "/")
 
 
-def _brats_cases(data_dir: str, layout: str) -> tuple[list[dict], list[str]]:
-    """Case items of a BraTS layout, plus one line per missing file."""
+def _brats_cases(data_dir: str, layout: str, allow_missing: bool = False) -> tuple[list[dict], list[str]]:
+    """Case items of a BraTS layout, plus one line per missing file (with ``allow_missing``, a missing modality or
+    label is ``None`` in the item instead, and only a case without any modality is reported)."""
     suffixes = FILE_SUFFIXES[layout]
     if layout == "brats2018":
         # Case folders live one level down, under HGG and/or LGG.
@@ -184,6 +186,11 @@ def _brats_cases(data_dir: str, layout: str) -> tuple[list[dict], list[str]]:
                 found[key] = _relative(path, data_dir)
         if len(found) == len(suffixes):
             cases.append({"case": case, "image": [found[c] for c in CHANNELS], "label": found["seg"]})
+        elif allow_missing and any(c in found for c in CHANNELS):
+            cases.append({"case": case, "image": [found.get(c) for c in CHANNELS], "label": found.get("seg")})
+    if allow_missing:
+        listed = {c["case"] for c in cases}
+        missing = [line for line in missing if line.split(":")[0].removeprefix("case ") not in listed]
     return cases, missing
 
 
@@ -229,7 +236,7 @@ def _msd_cases(data_dir: str) -> tuple[list[dict], list[str]]:
     return cases, missing
 
 
-def find_cases(data_dir: str) -> tuple[str, list[dict]]:
+def find_cases(data_dir: str, allow_missing: bool = False) -> tuple[str, list[dict]]:
     """Detect the layout of ``data_dir`` and list its cases.
 
     Args:
@@ -239,7 +246,9 @@ def find_cases(data_dir: str) -> tuple[str, list[dict]]:
         ``(layout, cases)``: the layout name and the cases sorted by case id. Each case is
         ``{"case": id, "image": ..., "label": seg path}`` with paths relative to ``D`` ('/'
         separators). ``image`` is a list of 4 files ordered FLAIR, T1, T1ce, T2 for BraTS layouts,
-        and the single 4D file (channels already FLAIR, T1w, T1gd, T2w) for msd.
+        and the single 4D file (channels already FLAIR, T1w, T1gd, T2w) for msd. With ``allow_missing`` (BraTS
+        layouts), a case may lack modalities and its label: those entries are ``None`` (BraSyn's validation
+        folders hold three modalities and no label; for inference with an any-missing model only).
 
     Raises:
         FileNotFoundError: one or more cases lack a modality or the segmentation; the message
@@ -249,7 +258,9 @@ def find_cases(data_dir: str) -> tuple[str, list[dict]]:
     """
     data_dir = str(data_dir)
     layout = detect_layout(data_dir)
-    cases, missing = _msd_cases(data_dir) if layout == "msd" else _brats_cases(data_dir, layout)
+    if allow_missing and layout == "msd":
+        raise ValueError(f"{data_dir}: allow_missing applies to the BraTS layouts (one file per modality), not msd")
+    cases, missing = _msd_cases(data_dir) if layout == "msd" else _brats_cases(data_dir, layout, allow_missing)
 
     if missing:
         listed = "\n  ".join(missing[:_MAX_LISTED])
@@ -366,7 +377,8 @@ def split_cases(cases: list[dict], fractions=DEFAULT_FRACTIONS, seed: int = 0) -
     return result
 
 
-def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fractions=DEFAULT_FRACTIONS) -> str:
+def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fractions=DEFAULT_FRACTIONS,
+                     allow_missing: bool = False) -> str:
     """Scan ``data_dir``, split its cases and write the datalist JSON.
 
     Args:
@@ -375,6 +387,8 @@ def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fr
         seed: integer >= 0 for the shuffle.
         fractions: (gan, seg, test) shares, each >= 0, summing to 1 within 1e-6; a list or its
             text form. The default (0.35, 0.35, 0.30) gives the paper's 100/100/85 of 285 cases.
+        allow_missing: list cases that lack modalities or a label (``null`` entries; BraTS layouts), for inference
+            with an any-missing model (``docs/anymissing.md``); the training workflows need complete cases.
 
     Returns:
         The absolute path of the written file. Its content is
@@ -391,7 +405,8 @@ def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fr
     seed = _check_seed(seed)
     output = os.path.abspath(str(output) if output is not None else os.path.join(data_dir, "datalist.json"))
 
-    layout, cases = find_cases(data_dir)
+    allow_missing = flag(allow_missing, "allow_missing")  # fire hands "--allow_missing false" over as a word
+    layout, cases = find_cases(data_dir, allow_missing)
     splits = split_cases(cases, values, seed)
     content = {
         "name": "brainsynth datalist",

@@ -19,6 +19,12 @@ T2_INDEX = CHANNELS.index(SOURCE)
 
 #: The four generator variants of the paper, in table order; a checkpoint's ``arch`` stores the index.
 VARIANTS = ("pix2pix", "mgan", "tcmgan", "tcmgan_bw")
+#: The any-missing generator (any available modalities -> the missing ones, ``docs/anymissing.md``): accepted
+#: wherever a variant is (``train.json --variant anymissing``), but not one of the paper's :data:`VARIANTS`, which
+#: the study iterates over.
+ANYMISSING = "anymissing"
+#: Every generator ``train.json`` builds: the paper's four variants, then the any-missing generator.
+GENERATORS = (*VARIANTS, ANYMISSING)
 
 #: Display names of the modalities.
 MODALITY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}

@@ -45,10 +45,9 @@ from monai.inferers import Inferer
 from monai.transforms import Compose, CopyItemsd, EnsureChannelFirstd, LoadImaged, MapTransform
 
 from .checkpoints import LEGACY_GENERATOR, any_missing_arch, checkpoint_kind, load_checkpoint, synthesis_arch
-from .conventions import CHANNELS, SOURCE, TARGETS
+from .conventions import ANYMISSING, CHANNELS, SOURCE, TARGETS
 from .data import load_split, neighbour_slices, read_datalist
 from .files import atomic_paths
-from .networks import ANYMISSING
 from .throughput import process_shard, shard
 
 logger = logging.getLogger(__name__)

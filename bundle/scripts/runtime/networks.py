@@ -29,13 +29,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 # target modalities (index k of the one-hot label selects TARGETS[k]) and the paper's variants, declared once
-from .conventions import CHANNELS, SOURCE, TARGETS, VARIANTS  # noqa: F401  (re-exported: networks.TARGETS)
-
-#: The any-missing generator's name, accepted wherever a variant is (``train.json --variant anymissing``); it is not
-#: one of the paper's :data:`VARIANTS`, which the study iterates over.
-ANYMISSING = "anymissing"
-#: Every generator ``train.json`` builds: the paper's four variants, then the any-missing generator.
-GENERATORS = (*VARIANTS, ANYMISSING)
+from .conventions import ANYMISSING, CHANNELS, GENERATORS, SOURCE, TARGETS, VARIANTS  # noqa: F401 (re-exported)
 
 #: How a T2 volume is scaled to [-1, 1] (``scripts.runtime.data.ScaleBrainIntensityd`` modes).
 INTENSITY_SCALINGS = ("volume", "slice")
