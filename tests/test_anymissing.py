@@ -301,6 +301,13 @@ def test_evaluation_writes_the_scenario_and_downstream_tables(phantom_dir, tmp_p
     assert len(scores["downstream"]) == 9
     table = (tmp_path / "ev" / "scenarios.md").read_text()
     assert "t2 -> flair | TC-MGAN (paper, T2 only)" in table and "3 real + t1ce zero-filled" in table
+    from scripts.figures import anymissing_figure
+
+    example = np.load(tmp_path / "ev" / "examples.npz")
+    assert example["anymissing_missing_t2_axial"].shape == example["real_t2_axial"].shape
+    for view in ("axial", "sagittal"):
+        png = anymissing_figure(tmp_path / "ev" / "examples.npz", tmp_path / f"{view}.png", view=view)
+        assert (tmp_path / f"{view}.png").stat().st_size > 10_000 and png.endswith(f"{view}.png")
 
 
 def test_evaluation_refuses_a_paper_model_as_the_any_missing_one(phantom_dir, tmp_path, tcmgan_ckpt):

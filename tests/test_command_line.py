@@ -153,7 +153,7 @@ def test_inference_takes_false_as_false(word, tmp_path):
     parser = _parsed("inference.json", input=str(tmp_path / "t2.nii.gz"), output_dir=str(tmp_path / "out"),
                      check_contrast=word, background_write=word, overwrite=word, compile=word)  # fmt: skip
     expected = word == "true"
-    load = next(t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "LoadT2d")
+    load = next(t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "LoadInputsd")
     assert load.check_contrast is expected
     assert parser.get_parsed_content("writer").enabled is expected
 

@@ -3,6 +3,7 @@
 Command line (one sub-command per figure function)::
 
     python bundle/scripts/figures.py phantom_figure data/phantom/BraTS2021_00000 bundle/docs/images/phantom_case.png
+    python bundle/scripts/figures.py anymissing_figure runs/anymissing/evaluation/examples.npz out.png --view sagittal
 """
 
 from __future__ import annotations
@@ -333,8 +334,56 @@ def comparison_figure(examples, output_png, names=None) -> str:
     return _save(fig, output_png, dpi=90)
 
 
+def anymissing_figure(examples, output_png, view: str = "axial") -> str:
+    """The any-missing generator on one slice (``examples.npz`` of ``evaluate_anymissing.json``): per modality
+    (columns FLAIR, T1, T1ce, T2), the real image, its synthesis from the three others (BraSyn), from T2 alone, and
+    the paper's TC-MGAN from T2 alone when it was evaluated; the whole tumour outlined in yellow.
+
+    Args:
+        examples: the ``examples.npz`` file.
+        output_png: PNG to write.
+        view: ``"axial"`` or ``"sagittal"`` (through the most tumour of the case).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if view not in ("axial", "sagittal"):
+        raise ValueError(f"view must be 'axial' or 'sagittal', got {view!r}")
+    ex = dict(np.load(str(examples)))
+    show = (lambda a: a.T) if view == "axial" else (lambda a: a[::-1, ::-1].T)  # as synthesis_figure shows them
+    tumour = show(ex[f"label_{view}"].astype(np.float32))
+    real = {m: ex[f"real_{m}_{view}"] for m in CHANNELS}
+    rows = [("real", {m: real[m] for m in CHANNELS}),
+            ("from the other three", {m: ex[f"anymissing_missing_{m}_{view}"] for m in CHANNELS}),
+            ("from T2 alone", {t: ex.get(f"anymissing_t2_only_{t}_{view}") for t in TARGETS})]  # fmt: skip
+    if any(f"paper_t2_only_{t}_{view}" in ex for t in TARGETS):
+        rows.append(("TC-MGAN, from T2 alone", {t: ex.get(f"paper_t2_only_{t}_{view}") for t in TARGETS}))
+    fig, axes = plt.subplots(len(rows), len(CHANNELS), figsize=(3.1 * len(CHANNELS), 3.0 * len(rows)),
+                             facecolor="black", squeeze=False)  # fmt: skip
+    for r, (name, images) in enumerate(rows):
+        for c, m in enumerate(CHANNELS):
+            ax = axes[r, c]
+            ax.axis("off")
+            image = images.get(m)
+            if image is None:
+                continue
+            brain = real[m] > 0
+            top = np.percentile(real[m][brain], 99.5) if r == 0 and brain.any() else 1.0
+            ax.imshow(show(image), cmap="gray", vmin=0, vmax=top)
+            if tumour.any():
+                ax.contour(tumour, levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.set_title(f"{TITLES[m]} {name}", color="white", fontsize=9)
+    index = int(ex[f"{view}_index"])
+    fig.suptitle(f"{ex['case']}  {view} slice {index}  (any-missing generator)", color="white", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, output_png, dpi=80)
+
+
 if __name__ == "__main__":
     from scripts.runtime.command_line import run_tool
 
     run_tool({"phantom_figure": phantom_figure, "synthesis_figure": synthesis_figure,
-              "training_figure": training_figure, "comparison_figure": comparison_figure})
+              "training_figure": training_figure, "comparison_figure": comparison_figure,
+              "anymissing_figure": anymissing_figure})

@@ -301,8 +301,9 @@ class ScenarioEvaluation:
     TC, WT and ET on the four real modalities, and for each modality on the three others plus that modality
     synthesised from them (``synth_<m>``) or zero-filled (``zero_<m>``).
 
-    Writes to ``output_dir``: ``per_case.csv``, ``downstream_per_case.csv``, ``scores.json`` and ``scenarios.md``
-    (both tables).
+    Writes to ``output_dir``: ``per_case.csv``, ``downstream_per_case.csv``, ``scores.json``, ``scenarios.md``
+    (both tables) and ``examples.npz`` (the axial and sagittal slices through the most tumour of the case with the
+    most tumour: the real modalities, the label and every synthesis; ``figures.py anymissing_figure`` draws them).
     """
 
     def __init__(self, network, cases, load_transform, slice_transform, volume_transform, inferer, output_dir: str,
@@ -331,7 +332,8 @@ class ScenarioEvaluation:
         restored = torch.as_tensor(self.volume_transform.inverse({"image": pred})["image"]).float()
         return restored[0] * mask
 
-    def score_case(self, case: Mapping) -> tuple[list[dict], list[dict]]:
+    def score_case(self, case: Mapping) -> tuple[list[dict], list[dict], dict]:
+        """Scenario rows, downstream rows and the example views of one datalist entry."""
         from .data import case_name
         from .downstream import REGIONS, case_dice_3d, predict_volume
         from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores
@@ -349,6 +351,14 @@ class ScenarioEvaluation:
         t2, tumour = image[t2_index], label[0] > 0
         q_brain = protocol_brain(t2)
         real128 = _unit(image128[..., keep])  # (4, h, w, N)
+
+        # the example views: the axial and the sagittal slice through the most tumour (full grid, RAS)
+        z = int(tumour.sum(dim=(0, 1)).argmax())
+        x0 = int(tumour.sum(dim=(1, 2)).argmax())
+        example = {"case": name, "tumour_voxels": int(tumour.sum()), "axial_index": z, "sagittal_index": x0,
+                   "label_axial": tumour[..., z].numpy(), "label_sagittal": tumour[x0].numpy()}  # fmt: skip
+        for i, m in enumerate(CHANNELS):
+            example[f"real_{m}_axial"], example[f"real_{m}_sagittal"] = image[i, ..., z].numpy(), image[i, x0].numpy()
 
         rows, slice_preds = [], {}
         for scenario, (available, target) in SCENARIOS.items():
@@ -375,6 +385,11 @@ class ScenarioEvaluation:
             psnrs = {c: protocol_scores(v[1], image[k], q_brain, tumour)["protocol_psnr"] for c, v in candidates.items()}
             choice = max(psnrs, key=lambda c: psnrs[c] if np.isfinite(psnrs[c]) else -np.inf)
             preds["baseline"] = candidates[choice]
+            for method in ("anymissing", "paper"):
+                if method in preds:
+                    pvol = preds[method][1]
+                    example[f"{method}_{scenario}_axial"] = pvol[..., z].numpy()
+                    example[f"{method}_{scenario}_sagittal"] = pvol[x0].numpy()
             for method, (p128, pvol) in preds.items():
                 psnr, ssim = paper_slice_scores(_unit(p128).permute(3, 0, 1, 2), real128[k : k + 1].permute(3, 0, 1, 2))
                 row = {"case": name, "scenario": scenario, "target": target, "method": method,
@@ -400,21 +415,23 @@ class ScenarioEvaluation:
             for row_name in DOWNSTREAM_ROWS:
                 dice = case_dice_3d(predict_volume(self.downstream, inputs[row_name], self.device), truth)
                 down.append({"case": name, "inputs": row_name, **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
-        return rows, down
+        return rows, down, example
 
     def run(self) -> dict:
         """Score every case (a log line each), write the outputs, return the summary (``scores.json``)."""
         import time
 
-        from .files import write_csv, write_json, write_text
+        from .files import write_atomic, write_csv, write_json, write_text
         from .metrics import summarise
 
         os.makedirs(self.output_dir, exist_ok=True)
-        rows, down, start = [], [], time.time()
+        rows, down, start, example = [], [], time.time(), None
         for i, case in enumerate(self.cases):
-            r, d = self.score_case(case)
+            r, d, ex = self.score_case(case)
             rows += r
             down += d
+            if example is None or ex["tumour_voxels"] > example["tumour_voxels"]:
+                example = ex
             logger.info(f"[{i + 1}/{len(self.cases)}] {r[0]['case']} scored ({time.time() - start:.0f} s)")
         summary = {"scenarios": {}, "downstream": {}, "n_cases": len(self.cases)}
         for scenario in SCENARIOS:
@@ -433,6 +450,7 @@ class ScenarioEvaluation:
         if down:
             write_csv(os.path.join(self.output_dir, "downstream_per_case.csv"), down)
         write_json(os.path.join(self.output_dir, "scores.json"), summary, indent=2)
+        write_atomic(os.path.join(self.output_dir, "examples.npz"), lambda p: np.savez_compressed(p, **example))
         text = scenario_tables(summary)
         write_text(os.path.join(self.output_dir, "scenarios.md"), text)
         logger.info(f"written to {self.output_dir}/scenarios.md\n{text}")

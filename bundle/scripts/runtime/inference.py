@@ -42,7 +42,7 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import Compose, CopyItemsd, EnsureChannelFirstd, LoadImaged, MapTransform
+from monai.transforms import CopyItemsd, EnsureChannelFirstd, LoadImaged
 
 from .checkpoints import LEGACY_GENERATOR, any_missing_arch, checkpoint_kind, load_checkpoint, synthesis_arch
 from .conventions import ANYMISSING, CHANNELS, SOURCE, TARGETS
@@ -298,7 +298,7 @@ class LoadT2d(LoadImaged):
         return d
 
 
-class LoadInputsd(MapTransform):
+class LoadInputsd(LoadT2d):
     """The first step of ``inference.json``: a case's input volume ``image`` and its ``mask`` (the voxels the written
     volumes keep), both channel-first, on the input's grid.
 
@@ -307,24 +307,21 @@ class LoadInputsd(MapTransform):
     - An any-missing case (``{"modalities": {...}}``, :func:`scripts.runtime.anymissing.any_missing_case`):
       :class:`scripts.runtime.anymissing.LoadModalitiesd`: ``image`` ``(4, H, W, D)``, ``mask`` ``(1, H, W, D)``.
 
-    ``check_contrast``: refuse a T2 that does not look like one (see :class:`LoadT2d`).
+    A ``LoadImaged`` (through :class:`LoadT2d`), so that MONAI Label recognises the loading step of the exported
+    bundles. ``check_contrast``: refuse a T2 that does not look like one (see :class:`LoadT2d`).
     """
 
-    def __init__(self, keys: KeysCollection = "image", check_contrast: bool = False):
-        super().__init__(keys)
-        self.check_contrast = bool(check_contrast)
-        self.load_t2 = Compose([
-            LoadT2d(keys, check_contrast=self.check_contrast),
-            EnsureChannelFirstd(keys, channel_dim="no_channel"),
-            CopyItemsd(keys, names="mask"),
-        ])  # fmt: skip
+    def __init__(self, keys: KeysCollection = "image", check_contrast: bool = False, **kwargs):
+        super().__init__(keys, check_contrast=check_contrast, **kwargs)
+        self.channel_first = EnsureChannelFirstd(keys, channel_dim="no_channel")
+        self.copy_mask = CopyItemsd(keys, names="mask")
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+    def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
         if "modalities" in data:
             from .anymissing import LoadModalitiesd
 
             return LoadModalitiesd(self.keys, check_contrast=self.check_contrast)(data)
-        return self.load_t2(dict(data))
+        return self.copy_mask(self.channel_first(super().__call__(data, reader)))
 
 
 def _check_t2_contrast(img: torch.Tensor, path: str) -> None:
