@@ -29,11 +29,13 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, MapTransform
 
 from .conventions import CHANNELS, FILE_SUFFIXES, SOURCE, TARGETS
-from .data import read_datalist
+from .data import case_name, read_datalist
+from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .inference import LoadT2d, volume_stem
+from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores
 from .networks import any_missing_input, t2_only
 
 logger = logging.getLogger(__name__)
@@ -271,6 +273,8 @@ def any_missing_batch(batchdata: dict, device=None, non_blocking: bool = False, 
 #: Metrics of the scenario table: the paper's slice convention, then the quality protocol (volume convention).
 SCENARIO_METRICS = ("psnr", "ssim", "protocol_psnr", "protocol_ssim_axial", "protocol_ssim_tumour",
                     "protocol_ssim_healthy")  # fmt: skip
+#: Columns of ``per_case.csv``.
+ROW_KEYS = ("case", "scenario", "target", "method", *SCENARIO_METRICS, "baseline_choice")
 #: Rows of the downstream table: the four real modalities, then per missing modality the synthesised and the
 #: zero-filled one.
 DOWNSTREAM_ROWS = ("real", *(f"{kind}_{m}" for m in CHANNELS for kind in ("synth", "zero")))
@@ -307,20 +311,18 @@ class ScenarioEvaluation:
     """
 
     def __init__(self, network, cases, load_transform, slice_transform, volume_transform, inferer, output_dir: str,
-                 paper_network=None, downstream_network=None, downstream_ckpt: str | None = None,
-                 min_pixels: int = 2000, device="cpu"):  # fmt: skip
+                 paper_network=None, downstream_network=None, downstream_ckpt: str | None = None, device="cpu"):
         if not cases:
             raise ValueError("no cases to evaluate")
         if downstream_network is not None and downstream_ckpt:
-            from .downstream import check_downstream_ckpt
-
             check_downstream_ckpt(downstream_ckpt, "real")
         self.network = network.eval()
         self.paper = paper_network.eval() if paper_network is not None else None
         self.downstream = downstream_network.eval() if downstream_network is not None else None
         self.cases, self.inferer, self.output_dir = list(cases), inferer, str(output_dir)
-        self.load_transform, self.slice_transform, self.volume_transform = load_transform, slice_transform, volume_transform
-        self.min_pixels, self.device = int(min_pixels), torch.device(device)
+        self.load_transform, self.slice_transform = load_transform, slice_transform
+        self.volume_transform = volume_transform
+        self.device = torch.device(device)
 
     def _run(self, network, volume: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         with torch.inference_mode():
@@ -328,16 +330,44 @@ class ScenarioEvaluation:
 
     def _to_grid(self, pred128: torch.Tensor, full128, mask: torch.Tensor) -> torch.Tensor:
         """A ``(1, 128, 128, D)`` synthesis in [-1, 1] back on the input grid, [0, 1], 0 outside ``mask``."""
-        pred = MetaTensor(_unit(torch.as_tensor(pred128).as_subclass(torch.Tensor)), meta=full128.meta, applied_operations=full128.applied_operations)
+        unit = _unit(torch.as_tensor(pred128).as_subclass(torch.Tensor))
+        pred = MetaTensor(unit, meta=full128.meta, applied_operations=full128.applied_operations)
         restored = torch.as_tensor(self.volume_transform.inverse({"image": pred})["image"]).float()
         return restored[0] * mask
 
+    @staticmethod
+    def _baseline(image, image128, available, k, q_brain, tumour):
+        """The best trivial answer for target ``k``: an available modality, as is or inverted, by brain PSNR.
+        Returns ``(name, (slices in [-1, 1], volume))``."""
+        candidates = {}
+        for m in available:
+            i = CHANNELS.index(m)
+            candidates[m] = (image128[i : i + 1], image[i])
+            inverted = (1 - brain_unit(image[i], q_brain)) * (image[i] > 0)
+            x = image128[i : i + 1]
+            candidates[f"inverted {m}"] = (torch.where(x > -1, -x, x), inverted)  # in [-1, 1], 1 - u is -x
+        psnr = {c: protocol_scores(v[1], image[k], q_brain, tumour)["protocol_psnr"] for c, v in candidates.items()}
+        choice = max(psnr, key=lambda c: psnr[c] if np.isfinite(psnr[c]) else -np.inf)
+        return choice, candidates[choice]
+
+    def _downstream_rows(self, name: str, x: torch.Tensor, label: torch.Tensor, synthesised: Mapping) -> list[dict]:
+        """BraSyn's test on the kept slices ``x`` ``(4, h, w, N)``: the four real modalities, then each one replaced
+        by its synthesis from the other three (``synthesised[m]`` ``(h, w, N)``) or by zeros."""
+        truth = ConvertToMultiChannelBasedOnBratsClasses(et_label=3)(label)
+        inputs = {"real": x}
+        for i, m in enumerate(CHANNELS):
+            synth, zero = x.clone(), x.clone()
+            synth[i] = synthesised[m]
+            zero[i] = -1.0  # raw 0 after scaling
+            inputs[f"synth_{m}"], inputs[f"zero_{m}"] = synth, zero
+        rows = []
+        for row_name in DOWNSTREAM_ROWS:
+            dice = case_dice_3d(predict_volume(self.downstream, inputs[row_name], self.device), truth)
+            rows.append({"case": name, "inputs": row_name, **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
+        return rows
+
     def score_case(self, case: Mapping) -> tuple[list[dict], list[dict], dict]:
         """Scenario rows, downstream rows and the example views of one datalist entry."""
-        from .data import case_name
-        from .downstream import REGIONS, case_dice_3d, predict_volume
-        from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores
-
         name = case_name(case)
         data = self.load_transform(dict(case))
         image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"])
@@ -345,76 +375,50 @@ class ScenarioEvaluation:
         full128 = self.volume_transform({"image": plain})["image"]
         sliced = self.slice_transform({"image": data["image"], "label": data["label"]})
         image128, label128 = torch.as_tensor(sliced["image"]).float(), torch.as_tensor(sliced["label"])
-        centre = sliced.get("centre")
+        centre = sliced.get("centre")  # with 2.5D context the sliced volume also holds the kept slices' neighbours
         keep = torch.arange(image128.shape[-1]) if centre is None else torch.nonzero(torch.as_tensor(centre)).flatten()
         t2_index = CHANNELS.index(SOURCE)
-        t2, tumour = image[t2_index], label[0] > 0
-        q_brain = protocol_brain(t2)
+        tumour = label[0] > 0
+        q_brain = protocol_brain(image[t2_index])
         real128 = _unit(image128[..., keep])  # (4, h, w, N)
 
         # the example views: the axial and the sagittal slice through the most tumour (full grid, RAS)
-        z = int(tumour.sum(dim=(0, 1)).argmax())
-        x0 = int(tumour.sum(dim=(1, 2)).argmax())
+        z, x0 = int(tumour.sum(dim=(0, 1)).argmax()), int(tumour.sum(dim=(1, 2)).argmax())
         example = {"case": name, "tumour_voxels": int(tumour.sum()), "axial_index": z, "sagittal_index": x0,
                    "label_axial": tumour[..., z].numpy(), "label_sagittal": tumour[x0].numpy()}  # fmt: skip
         for i, m in enumerate(CHANNELS):
             example[f"real_{m}_axial"], example[f"real_{m}_sagittal"] = image[i, ..., z].numpy(), image[i, x0].numpy()
 
-        rows, slice_preds = [], {}
+        rows, synthesised = [], {}
         for scenario, (available, target) in SCENARIOS.items():
-            a = scenario_mask(available)
-            k = CHANNELS.index(target)
-            mask = (image[a] > 0).any(dim=0).float()
-            kwargs = {"outputs": [k]}
-            preds = {"anymissing": (self._run(self.network, image128, a[None], **kwargs)[..., keep],
-                                    self._to_grid(self._run(self.network, full128, a[None], **kwargs), full128, mask))}
-            slice_preds[scenario] = preds["anymissing"][0]
-            if self.paper is not None and available == (SOURCE,):
+            a, k = scenario_mask(available), CHANNELS.index(target)
+            mask = (image[a] > 0).any(dim=0).float()  # as inference: 0 where no available modality has signal
+            ask = {"outputs": [k]}
+            preds = {"anymissing": (self._run(self.network, image128, a[None], **ask)[..., keep],
+                                    self._to_grid(self._run(self.network, full128, a[None], **ask), full128, mask))}
+            if available != (SOURCE,):
+                synthesised[target] = preds["anymissing"][0][0]
+            elif self.paper is not None:
                 j = TARGETS.index(target)
                 p128 = self._run(self.paper, image128[t2_index : t2_index + 1])[j : j + 1, ..., keep]
                 pfull = self._run(self.paper, full128[t2_index : t2_index + 1])[j : j + 1]
                 preds["paper"] = (p128, self._to_grid(pfull, full128, mask))
-            # the baseline: the best available modality, as is or inverted (chosen by brain PSNR in the protocol)
-            candidates = {}
-            for m in available:
-                i = CHANNELS.index(m)
-                inverted = (1 - brain_unit(image[i], q_brain)) * (image[i] > 0)
-                x = image128[i : i + 1, ..., keep]
-                candidates[m] = (x, image[i])
-                candidates[f"inverted {m}"] = (torch.where(x > -1, -x, x), inverted)  # [-1, 1]: 1 - u is -x
-            psnrs = {c: protocol_scores(v[1], image[k], q_brain, tumour)["protocol_psnr"] for c, v in candidates.items()}
-            choice = max(psnrs, key=lambda c: psnrs[c] if np.isfinite(psnrs[c]) else -np.inf)
-            preds["baseline"] = candidates[choice]
-            for method in ("anymissing", "paper"):
-                if method in preds:
-                    pvol = preds[method][1]
+            choice, (b128, bvol) = self._baseline(image, image128, available, k, q_brain, tumour)
+            preds["baseline"] = (b128[..., keep], bvol)
+            for method, (p128, pvol) in preds.items():
+                if method != "baseline":
                     example[f"{method}_{scenario}_axial"] = pvol[..., z].numpy()
                     example[f"{method}_{scenario}_sagittal"] = pvol[x0].numpy()
-            for method, (p128, pvol) in preds.items():
                 psnr, ssim = paper_slice_scores(_unit(p128).permute(3, 0, 1, 2), real128[k : k + 1].permute(3, 0, 1, 2))
                 row = {"case": name, "scenario": scenario, "target": target, "method": method,
                        "psnr": float(np.mean(psnr.numpy())), "ssim": float(ssim.mean())}  # fmt: skip
                 row.update(protocol_scores(pvol, image[k], q_brain, tumour))
                 row["baseline_choice"] = choice if method == "baseline" else ""
-                rows.append({key: row[key] for key in ("case", "scenario", "target", "method", *SCENARIO_METRICS,
-                                                        "baseline_choice")})  # fmt: skip
+                rows.append({key: row[key] for key in ROW_KEYS})
 
         down = []
         if self.downstream is not None:
-            from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
-
-            truth = ConvertToMultiChannelBasedOnBratsClasses(et_label=3)(label128[..., keep])
-            x = image128[..., keep]
-            inputs = {"real": x}
-            for m in CHANNELS:
-                i = CHANNELS.index(m)
-                synth, zero = x.clone(), x.clone()
-                synth[i] = slice_preds[f"missing_{m}"][0]
-                zero[i] = -1.0  # raw 0 after scaling
-                inputs[f"synth_{m}"], inputs[f"zero_{m}"] = synth, zero
-            for row_name in DOWNSTREAM_ROWS:
-                dice = case_dice_3d(predict_volume(self.downstream, inputs[row_name], self.device), truth)
-                down.append({"case": name, "inputs": row_name, **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
+            down = self._downstream_rows(name, image128[..., keep], label128[..., keep], synthesised)
         return rows, down, example
 
     def run(self) -> dict:
@@ -441,11 +445,13 @@ class ScenarioEvaluation:
                     summary["scenarios"].setdefault(scenario, {})[method] = {
                         m: summarise([r[m] for r in mine]) for m in SCENARIO_METRICS}
                     if method == "baseline":
-                        summary["scenarios"][scenario]["baseline_choices"] = sorted({r["baseline_choice"] for r in mine})
+                        choices = sorted({r["baseline_choice"] for r in mine})
+                        summary["scenarios"][scenario]["baseline_choices"] = choices
         for row_name in DOWNSTREAM_ROWS:
             mine = [r for r in down if r["inputs"] == row_name]
             if mine:
-                summary["downstream"][row_name] = {k: summarise([r[k] for r in mine]) for k in mine[0] if k.startswith("dice_")}
+                summary["downstream"][row_name] = {f"dice_{r}": summarise([row[f"dice_{r}"] for row in mine])
+                                                   for r in REGIONS}  # fmt: skip
         write_csv(os.path.join(self.output_dir, "per_case.csv"), rows)
         if down:
             write_csv(os.path.join(self.output_dir, "downstream_per_case.csv"), down)
@@ -484,6 +490,7 @@ def scenario_tables(summary: Mapping) -> str:
                   "", "| inputs | Dice TC | Dice WT | Dice ET |", "|---|---|---|---|"]  # fmt: skip
         for row_name, stats in summary["downstream"].items():
             kind, _, m = row_name.partition("_")
-            label = "4 real" if kind == "real" else f"3 real + {m} {'synthesised' if kind == 'synth' else 'zero-filled'}"
+            how = "synthesised" if kind == "synth" else "zero-filled"
+            label = "4 real" if kind == "real" else f"3 real + {m} {how}"
             lines.append(f"| {label} | " + " | ".join(_cell(stats[f"dice_{r}"], 3) for r in ("tc", "wt", "et")) + " |")
     return "\n".join(lines) + "\n"

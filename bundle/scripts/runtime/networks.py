@@ -278,8 +278,9 @@ class ModalityCritic(nn.Module):
     target-modality logits.
 
     ``forward(source, target, labels=None)``: ``source`` (T2; ``(B, source_channels, H, W)``, the any-missing
-    generator's :func:`any_missing_input`) and ``target`` (real or synthesised, ``(B, 1, H, W)``); returns ``(src (B, 1, h, w), cls (B, num_classes) or None)``. ``labels`` is ignored (it
-    exists so that :class:`PerTargetCritics` shares the signature).
+    generator's :func:`any_missing_input`) and ``target`` (real or synthesised, ``(B, 1, H, W)``); returns
+    ``(src (B, 1, h, w), cls (B, num_classes) or None)``. ``labels`` is ignored (it exists so that
+    :class:`PerTargetCritics` shares the signature).
     """
 
     def __init__(self, features: int = 64, num_classes: int = 3, image_size: int = 128, repeat_num: int = 5,
