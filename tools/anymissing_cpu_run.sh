@@ -3,7 +3,9 @@
 # From the repository root:  bash tools/anymissing_cpu_run.sh [STAGE...]   (default: every stage, in order)
 # Stages: data; segmenter (the tumour segmenter S the GANs' tumour-consistency term uses); gans (TC-MGAN and the
 #         any-missing generator at the same budget, side by side, one thread each); downstream (the segmenter of
-#         BraSyn's downstream test, on the four real modalities); evaluate (evaluate_anymissing.json).
+#         BraSyn's downstream test, on the four real modalities); evaluate (evaluate_anymissing.json); brasyn (the test
+#         cases copied as BraSyn's validation folders hold them, one modality and the label removed, listed with
+#         prepare_datalist --allow_missing true and synthesised by inference.json: outputs under BraSyn's names).
 # Everything goes under runs/anymissing (override with R=...), the data under data/am30 (D=...).
 set -euo pipefail
 R=${R:-runs/anymissing}; D=${D:-data/am30}; PY=${PY:-python}
@@ -11,7 +13,7 @@ EPOCHS=${EPOCHS:-24}; LENGTH=${LENGTH:-25}   # 600 iterations of batch 16 for ea
 RUN="$PY -m monai.bundle run --bundle_root bundle"
 TRAIN=bundle/configs/train.json
 overlay() { echo "['$TRAIN','bundle/configs/$1']"; }
-stages=${*:-data segmenter gans downstream evaluate}
+stages=${*:-data segmenter gans downstream evaluate brasyn}
 mkdir -p "$R/logs"
 for stage in $stages; do
   start=$(date +%s)
@@ -37,7 +39,23 @@ for stage in $stages; do
     $RUN --config_file "$(overlay evaluate_anymissing.json)" --dataset_dir "$D" --ckpt_path "$R/anymissing/model.pt" \
       --paper_ckpt "$R/tcmgan/model.pt" --downstream_ckpt "$R/downstream/real/model.pt" --output_dir "$R/evaluation" \
       > "$R/logs/evaluate.log" 2>&1 ;;
-  *) echo "unknown stage $stage (expected data, segmenter, gans, downstream, evaluate)" >&2; exit 2 ;;
+  brasyn)
+    rm -rf "$R/brasyn"
+    $PY - "$D" "$R/brasyn/data" <<'PY'
+import json, os, shutil, sys
+data, out = sys.argv[1:]
+tags = ["t2f", "t1n", "t1c", "t2w"]  # FLAIR, T1, T1ce, T2 in BraTS 2023 names; case i loses tags[i % 4]
+for i, entry in enumerate(json.load(open(os.path.join(data, "datalist.json")))["test"]):
+    case = entry["case"]
+    shutil.copytree(os.path.join(data, case), os.path.join(out, case))
+    for tag in (tags[i % 4], "seg"):
+        os.remove(os.path.join(out, case, f"{case}-{tag}.nii.gz"))
+PY
+    $PY bundle/scripts/prepare_datalist.py --data_dir "$R/brasyn/data" --fractions "[0,0,1]" --allow_missing true
+    $RUN --config_file bundle/configs/inference.json --ckpt_path "$R/anymissing/model.pt" \
+      --dataset_dir "$R/brasyn/data" --output_dir "$R/brasyn/out" > "$R/logs/brasyn.log" 2>&1
+    ls "$R/brasyn/out" ;;
+  *) echo "unknown stage $stage (expected data, segmenter, gans, downstream, evaluate, brasyn)" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$R/logs/times.txt"
 done
