@@ -87,7 +87,7 @@ def test_help_prints_the_options_and_does_no_work(tmp_path, args, shown):
         (["synthesize", "x.nii.gz"],
          "brainsynth.py: unknown sub-command 'synthesize'; expected one of synthesise, train, evaluate, phantom"),
         (["train", "--dataset_dir", "D", "--output_dir", "OUT", "--variant", "cyclegan"],
-         "ValueError: --variant 'cyclegan': expected one of pix2pix, mgan, tcmgan, tcmgan_bw, recommended"),
+         "ValueError: --variant 'cyclegan': expected one of pix2pix, mgan, tcmgan, tcmgan_bw, anymissing, recommended"),
     ],
 )  # fmt: skip
 def test_a_mistake_ends_in_one_line_and_writes_nothing(tmp_path, args, line):
