@@ -35,7 +35,7 @@ from .conventions import CHANNELS, FILE_SUFFIXES, SOURCE, TARGETS
 from .data import case_name, read_datalist
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .inference import LoadT2d, volume_stem
-from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores
+from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores, psnr_in_mask
 from .networks import any_missing_input, t2_only
 
 logger = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class ScenarioEvaluation:
         return restored[0] * mask
 
     @staticmethod
-    def _baseline(image, image128, available, k, q_brain, tumour):
+    def _baseline(image, image128, available, k, q_brain):
         """The best trivial answer for target ``k``: an available modality, as is or inverted, by brain PSNR.
         Returns ``(name, (slices in [-1, 1], volume))``."""
         candidates = {}
@@ -346,7 +346,8 @@ class ScenarioEvaluation:
             inverted = (1 - brain_unit(image[i], q_brain)) * (image[i] > 0)
             x = image128[i : i + 1]
             candidates[f"inverted {m}"] = (torch.where(x > -1, -x, x), inverted)  # in [-1, 1], 1 - u is -x
-        psnr = {c: protocol_scores(v[1], image[k], q_brain, tumour)["protocol_psnr"] for c, v in candidates.items()}
+        real = brain_unit(image[k], q_brain)  # the protocol's PSNR (protocol_scores), without its SSIM maps
+        psnr = {c: psnr_in_mask(brain_unit(v[1], q_brain), real, q_brain) for c, v in candidates.items()}
         choice = max(psnr, key=lambda c: psnr[c] if np.isfinite(psnr[c]) else -np.inf)
         return choice, candidates[choice]
 
@@ -389,7 +390,7 @@ class ScenarioEvaluation:
         for i, m in enumerate(CHANNELS):
             example[f"real_{m}_axial"], example[f"real_{m}_sagittal"] = image[i, ..., z].numpy(), image[i, x0].numpy()
 
-        rows, synthesised = [], {}
+        rows, synthesised, paper = [], {}, {}
         for scenario, (available, target) in SCENARIOS.items():
             a, k = scenario_mask(available), CHANNELS.index(target)
             mask = (image[a] > 0).any(dim=0).float()  # as inference: 0 where no available modality has signal
@@ -399,11 +400,13 @@ class ScenarioEvaluation:
             if available != (SOURCE,):
                 synthesised[target] = preds["anymissing"][0][0]
             elif self.paper is not None:
+                if not paper:  # all three targets of the paper's generator at once, the first time
+                    paper = {"slices": self._run(self.paper, image128[t2_index : t2_index + 1])[..., keep],
+                             "volume": self._run(self.paper, full128[t2_index : t2_index + 1])}  # fmt: skip
                 j = TARGETS.index(target)
-                p128 = self._run(self.paper, image128[t2_index : t2_index + 1])[j : j + 1, ..., keep]
-                pfull = self._run(self.paper, full128[t2_index : t2_index + 1])[j : j + 1]
-                preds["paper"] = (p128, self._to_grid(pfull, full128, mask))
-            choice, (b128, bvol) = self._baseline(image, image128, available, k, q_brain, tumour)
+                pfull = self._to_grid(paper["volume"][j : j + 1], full128, mask)
+                preds["paper"] = (paper["slices"][j : j + 1], pfull)
+            choice, (b128, bvol) = self._baseline(image, image128, available, k, q_brain)
             preds["baseline"] = (b128[..., keep], bvol)
             for method, (p128, pvol) in preds.items():
                 if method != "baseline":
