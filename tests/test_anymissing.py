@@ -256,6 +256,24 @@ def test_per_modality_inputs_need_an_any_missing_model(tmp_path, tcmgan_ckpt, ca
     assert "need an any-missing model" in str(info.value) or "need an any-missing model" in repr(info.value.__cause__)
 
 
+@pytest.mark.parametrize("extra, says", [({"targets": "t1"}, "writes each case's missing modalities"),
+                                         ({"input": "other_t2.nii.gz"}, "two T2 volumes for one case")])
+def test_options_that_do_not_apply_are_refused(tmp_path, any_missing_ckpt, case_files, extra, says):
+    with pytest.raises(Exception) as info:
+        infer(tmp_path, any_missing_ckpt, t1=case_files["t1"], t2=case_files["t2"], **extra)
+    assert says in str(info.value) + repr(info.value.__cause__)
+    assert files_in(tmp_path) == []
+
+
+def test_a_datalist_with_a_case_twice_is_refused(tmp_path, case_files):
+    from scripts.runtime.anymissing import any_missing_cases
+
+    entry = {"case": "A", "image": [case_files["flair"], None, None, case_files["t2"]]}
+    (tmp_path / "datalist.json").write_text(json.dumps({"channels": list(CHANNELS), "test": [entry, entry]}))
+    with pytest.raises(ValueError, match=r"appear more than once in 'test': \['A'\]"):
+        any_missing_cases({}, str(tmp_path / "datalist.json"), "test")
+
+
 def test_grids_that_differ_are_one_error_naming_both_files(tmp_path, any_missing_ckpt, case_files):
     other = save_nifti(tmp_path / "Case01_t1.nii.gz", np.asarray(nib.load(case_files["t1"]).dataobj)[:, :, :20],
                        AFFINE)  # fmt: skip
@@ -331,6 +349,8 @@ def test_brasyn_folder_with_a_missing_modality_runs_through_prepare_datalist(tmp
         (tmp_path / "d" / case / f"{case}-seg.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="required file"):
         prepare_datalist(str(tmp_path / "d"), fractions="[0,0,1]")
+    with pytest.raises(ValueError, match="can only be inference inputs"):  # not into the training splits
+        prepare_datalist(str(tmp_path / "d"), allow_missing="true")
     prepare_datalist(str(tmp_path / "d"), fractions="[0,0,1]", allow_missing="true")
     infer(tmp_path / "out", any_missing_ckpt, dataset_dir=str(tmp_path / "d"), check_contrast="false")
     assert files_in(tmp_path / "out") == [f"{cases[0]}-t1n.nii.gz", f"{cases[1]}-t2w.nii.gz"]

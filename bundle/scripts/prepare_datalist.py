@@ -407,6 +407,12 @@ def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fr
 
     allow_missing = flag(allow_missing, "allow_missing")  # fire hands "--allow_missing false" over as a word
     layout, cases = find_cases(data_dir, allow_missing)
+    incomplete = [c["case"] for c in cases if c["label"] is None or (isinstance(c["image"], list) and None in c["image"])]
+    if incomplete and (values[0] > 0 or values[1] > 0):
+        raise ValueError(
+            f"{data_dir}: {len(incomplete)} case(s) lack a modality or the label (e.g. {incomplete[0]}); they can only "
+            "be inference inputs of an any-missing model, not training cases: give --fractions \"[0,0,1]\" (all test)"
+        )
     splits = split_cases(cases, values, seed)
     content = {
         "name": "brainsynth datalist",

@@ -31,7 +31,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, MapTransform
 
-from .conventions import CHANNELS, FILE_SUFFIXES, SOURCE, TARGETS
+from .conventions import CHANNELS, FILE_SUFFIXES, SOURCE, TARGETS, VARIANT_NAMES
 from .data import case_name, read_datalist
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .inference import LoadT2d, volume_stem
@@ -209,6 +209,10 @@ def any_missing_cases(files: Mapping[str, str | None], datalist: str = "", split
         case = any_missing_case(files, where, name)
         if case:
             cases.append(case)
+    ids = [c["case"] for c in cases]
+    duplicates = sorted({c for c in ids if ids.count(c) > 1})
+    if duplicates:
+        raise ValueError(f"{datalist}: case ids appear more than once in {split!r}: {duplicates}")
     return cases
 
 
@@ -316,6 +320,15 @@ class ScenarioEvaluation:
             raise ValueError("no cases to evaluate")
         if downstream_network is not None and downstream_ckpt:
             check_downstream_ckpt(downstream_ckpt, "real")
+        if paper_network is not None:
+            want = {"image_size": network.image_size, "intensity_scaling": network.intensity_scaling}
+            have = {k: getattr(paper_network, k) for k in want}
+            if have != want or paper_network.in_channels > network.context:
+                raise ValueError(
+                    f"the paper checkpoint's input preparation {have} (in_channels {paper_network.in_channels}) "
+                    f"differs from the any-missing model's {want} (context {network.context}); both must be "
+                    "scored on the same slices: train them with the same image_size and intensity_scaling"
+                )
         self.network = network.eval()
         self.paper = paper_network.eval() if paper_network is not None else None
         self.downstream = downstream_network.eval() if downstream_network is not None else None
@@ -395,10 +408,12 @@ class ScenarioEvaluation:
             a, k = scenario_mask(available), CHANNELS.index(target)
             mask = (image[a] > 0).any(dim=0).float()  # as inference: 0 where no available modality has signal
             ask = {"outputs": [k]}
-            preds = {"anymissing": (self._run(self.network, image128, a[None], **ask)[..., keep],
-                                    self._to_grid(self._run(self.network, full128, a[None], **ask), full128, mask))}
-            if available != (SOURCE,):
-                synthesised[target] = preds["anymissing"][0][0]
+            avail = a[None].to(self.device)
+            preds = {"anymissing": (self._run(self.network, image128, avail, **ask)[..., keep],
+                                    self._to_grid(self._run(self.network, full128, avail, **ask), full128, mask))}
+            if available != (SOURCE,):  # for the downstream test: background where no input has signal, as inference
+                signal = (image128[a][..., keep] > -1).any(dim=0)
+                synthesised[target] = torch.where(signal, preds["anymissing"][0][0], torch.tensor(-1.0))
             elif self.paper is not None:
                 if not paper:  # all three targets of the paper's generator at once, the first time
                     paper = {"slices": self._run(self.paper, image128[t2_index : t2_index + 1])[..., keep],
@@ -440,7 +455,8 @@ class ScenarioEvaluation:
             if example is None or ex["tumour_voxels"] > example["tumour_voxels"]:
                 example = ex
             logger.info(f"[{i + 1}/{len(self.cases)}] {r[0]['case']} scored ({time.time() - start:.0f} s)")
-        summary = {"scenarios": {}, "downstream": {}, "n_cases": len(self.cases)}
+        summary = {"scenarios": {}, "downstream": {}, "n_cases": len(self.cases),
+                   "paper_variant": self.paper.variant if self.paper is not None else None}
         for scenario in SCENARIOS:
             for method in ("anymissing", "paper", "baseline"):
                 mine = [r for r in rows if r["scenario"] == scenario and r["method"] == method]
@@ -472,7 +488,8 @@ def _cell(stat: Mapping, digits: int) -> str:
 
 def scenario_tables(summary: Mapping) -> str:
     """The scenario table and the downstream table of a :class:`ScenarioEvaluation` summary, as Markdown."""
-    names = {"anymissing": "any-missing", "paper": "TC-MGAN (paper, T2 only)", "baseline": "best trivial baseline"}
+    paper = VARIANT_NAMES.get(summary.get("paper_variant"), "paper generator")
+    names = {"anymissing": "any-missing", "paper": f"{paper} (paper, T2 only)", "baseline": "best trivial baseline"}
     head = ["scenario (available -> target)", "method", "PSNR slice", "SSIM slice", "PSNR brain", "SSIM axial",
             "SSIM tumour", "SSIM healthy"]  # fmt: skip
     lines = [f"Scenarios ({summary['n_cases']} cases; mean ± std over cases; slice = the paper's per-slice "

@@ -104,6 +104,7 @@ def inference_cases(
     t1ce: str = "",
     t2: str = "",
     variant: str = "",
+    ckpt_path: str = "",
 ) -> list[dict]:
     """The cases to synthesise, each ``{"image": T2 path, "case": case id}`` (plus ``"t2_channel"`` for a 4D
     multi-channel file of a datalist).
@@ -127,16 +128,24 @@ def inference_cases(
         flair, t1, t1ce, t2: per-modality input files, for an any-missing model (``variant="anymissing"``; the cases
             then come from :func:`scripts.runtime.anymissing.any_missing_cases`, ``--input`` counting as the T2);
             a paper model takes ``t2`` as ``input``.
-        variant: the checkpoint's variant.
+        variant: the checkpoint's variant; ckpt_path: its file (named in the error when a paper generator is given
+            per-modality inputs).
 
     Raises:
         FileNotFoundError: the input, the datalist or a listed T2 file does not exist (the message names it).
         ValueError: the split is missing or empty, an entry has no T2, or two cases share an id.
     """
+    if input and t2 and os.path.abspath(input) != os.path.abspath(t2):
+        raise ValueError(f"--input {input} and --t2 {t2}: two T2 volumes for one case; give one of them")
     if variant == ANYMISSING or flair or t1 or t1ce:
         if variant != ANYMISSING:
+            held = f"{ckpt_path} holds a {variant!r} generator" if os.path.isfile(ckpt_path) else (
+                f"there is no checkpoint at {ckpt_path}")  # fmt: skip
             raise ValueError(f"--flair, --t1 and --t1ce need an any-missing model (train.json --variant anymissing) as "
-                             f"--ckpt_path; this one is {variant!r}, which synthesises from a T2 alone (--input)")
+                             f"--ckpt_path; {held}, and a paper generator synthesises from a T2 alone (--input)")
+        if targets not in (None, "", []):
+            raise ValueError(f"--targets {targets}: an any-missing model writes each case's missing modalities; "
+                             "--targets chooses among a paper generator's three")
         from .anymissing import any_missing_cases
 
         files = {"flair": flair, "t1": t1, "t1ce": t1ce, "t2": t2 or input}
@@ -247,8 +256,7 @@ def checkpoint_arch(path: str, variant: str = "tcmgan", features: int = 64) -> d
         ValueError: the file exists but is not a generator checkpoint of this bundle.
     """
     if os.path.isfile(path):
-        state = load_checkpoint(path)
-        if checkpoint_kind(state) == "any-missing generator":
+        if checkpoint_kind(load_checkpoint(path)) == "any-missing generator":
             arch = any_missing_arch(path)
             return {**arch, "in_channels": arch["context"], "targets": list(CHANNELS), "legacy": False}
         return synthesis_arch(path)
@@ -315,12 +323,15 @@ class LoadInputsd(LoadT2d):
         super().__init__(keys, check_contrast=check_contrast, **kwargs)
         self.channel_first = EnsureChannelFirstd(keys, channel_dim="no_channel")
         self.copy_mask = CopyItemsd(keys, names="mask")
+        self._modalities = None  # the any-missing loader, made at its first case
 
     def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
         if "modalities" in data:
-            from .anymissing import LoadModalitiesd
+            if self._modalities is None:
+                from .anymissing import LoadModalitiesd
 
-            return LoadModalitiesd(self.keys, check_contrast=self.check_contrast)(data)
+                self._modalities = LoadModalitiesd(self.keys, check_contrast=self.check_contrast)
+            return self._modalities(data)
         return self.copy_mask(self.channel_first(super().__call__(data, reader)))
 
 
@@ -426,7 +437,10 @@ class SaveTargetsd:
                 f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(channels)} channels on "
                 f"the input grid {tuple(ref.shape[1:])}"
             )
-        keep = [i for i, t in enumerate(channels) if t in self.write or "missing" in d]
+        if "missing" in d:  # an any-missing case: every channel is one of its missing modalities
+            keep = list(range(len(channels)))
+        else:
+            keep = [i for i, t in enumerate(channels) if t in self.write]
         volumes = torch.as_tensor(pred).detach()[keep].to("cpu", torch.float32).numpy()  # a copy: pred may change
         targets = [channels[i] for i in keep]
         affine = np.asarray(ref.affine, dtype=np.float64)

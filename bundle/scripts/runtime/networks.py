@@ -458,7 +458,7 @@ def any_missing_input(x: torch.Tensor, available: torch.Tensor, context: int = 1
     m = len(CHANNELS)
     if x.shape[1] != m * context:
         raise ValueError(f"expected {m * context} slot channels ({m} modalities x {context} slices), got {x.shape[1]}")
-    avail = available.to(x.dtype).reshape(-1, m).expand(x.shape[0], m)
+    avail = available.to(device=x.device, dtype=x.dtype).reshape(-1, m).expand(x.shape[0], m)
     keep = avail.repeat_interleave(int(context), dim=1)[:, :, None, None]
     slots = x * keep + MISSING_FILL * (1 - keep)
     planes = avail[:, :, None, None].expand(-1, -1, x.shape[-2], x.shape[-1])
@@ -514,7 +514,7 @@ class AnyMissingNet(nn.Module):
     def synthesize(self, x: torch.Tensor, available: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """One modality per sample: ``(N, 1, H, W)``; the target's slot is masked whatever ``available`` says."""
         avail = t2_only(1, x.device) if available is None else available
-        avail = avail.to(x.dtype).reshape(-1, self.num_modalities).expand(x.shape[0], -1)
+        avail = avail.to(device=x.device, dtype=x.dtype).reshape(-1, self.num_modalities).expand(x.shape[0], -1)
         onehot = nn.functional.one_hot(labels.long(), self.num_modalities).to(x.dtype)
         g_in = any_missing_input(x, avail * (1 - onehot), self.context)
         return self.generator(torch.cat([g_in, label_planes(labels, self.num_modalities, x)], dim=1))
@@ -527,7 +527,7 @@ class AnyMissingNet(nn.Module):
         n = x.shape[0]
         labels = torch.tensor(wanted, device=x.device).repeat_interleave(n)
         avail = t2_only(1, x.device) if available is None else available
-        avail = avail.reshape(-1, self.num_modalities).expand(n, -1).repeat(len(wanted), 1)
+        avail = avail.to(x.device).reshape(-1, self.num_modalities).expand(n, -1).repeat(len(wanted), 1)
         out = self.synthesize(x.repeat(len(wanted), 1, 1, 1), avail, labels)
         return out.reshape(len(wanted), n, x.shape[-2], x.shape[-1]).transpose(0, 1)
 

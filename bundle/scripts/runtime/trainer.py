@@ -154,7 +154,7 @@ class TCMGANTrainer(Trainer):
         if source is not None:
             source = source.to(engine.state.device, non_blocking=engine.non_blocking)
         g_in, x, k, y, tumour, seg_rows = self.draw(image, label, source)
-        out: dict[str, Any] = {"t2": x, "real": y, "modality": k}
+        out: dict[str, Any] = {"condition": x, "real": y, "modality": k}  # condition: the critic's (the T2)
         g, d, s = self.g_network, self.d_network, self.seg_network
         g.train()
         d.train()
