@@ -336,8 +336,10 @@ def comparison_figure(examples, output_png, names=None) -> str:
 
 def anymissing_figure(examples, output_png, view: str = "axial") -> str:
     """The any-missing generator on one slice (``examples.npz`` of ``evaluate_anymissing.json``): per modality
-    (columns FLAIR, T1, T1ce, T2), the real image, its synthesis from the three others (BraSyn), from T2 alone, and
-    the paper's TC-MGAN from T2 alone when it was evaluated; the whole tumour outlined in yellow.
+    (columns FLAIR, T1, T1ce, T2), the real image; its synthesis from the three others (BraSyn) and that scenario's
+    best trivial baseline; its synthesis from T2 alone, the paper's TC-MGAN from T2 alone (when it was evaluated)
+    and that scenario's best trivial baseline (the T2 or the inverted T2); the whole tumour outlined in yellow.
+    Real images and baselines are windowed to their own 99.5th percentile, syntheses to [0, 1].
 
     Args:
         examples: the ``examples.npz`` file.
@@ -355,26 +357,34 @@ def anymissing_figure(examples, output_png, view: str = "axial") -> str:
     show = (lambda a: a.T) if view == "axial" else (lambda a: a[::-1, ::-1].T)  # as synthesis_figure shows them
     tumour = show(ex[f"label_{view}"].astype(np.float32))
     real = {m: ex[f"real_{m}_{view}"] for m in CHANNELS}
-    rows = [("real", {m: real[m] for m in CHANNELS}),
-            ("from the other three", {m: ex[f"anymissing_missing_{m}_{view}"] for m in CHANNELS}),
-            ("from T2 alone", {t: ex.get(f"anymissing_t2_only_{t}_{view}") for t in TARGETS})]  # fmt: skip
+    def baselines(scenarios):  # the best trivial baseline of each scenario, titled by its choice
+        return {m: (ex[f"baseline_{s}_{view}"], f"baseline: {ex[f'baseline_{s}_choice']}") for m, s in scenarios}
+
+    # (name, {modality: image or (image, title)}, windowed like the real images)
+    rows = [("real", {m: real[m] for m in CHANNELS}, True),
+            ("from the other three", {m: ex[f"anymissing_missing_{m}_{view}"] for m in CHANNELS}, False),
+            ("", baselines((m, f"missing_{m}") for m in CHANNELS), True),
+            ("from T2 alone", {t: ex[f"anymissing_t2_only_{t}_{view}"] for t in TARGETS}, False)]  # fmt: skip
     if any(f"paper_t2_only_{t}_{view}" in ex for t in TARGETS):
-        rows.append(("TC-MGAN, from T2 alone", {t: ex.get(f"paper_t2_only_{t}_{view}") for t in TARGETS}))
+        rows.append(("TC-MGAN, from T2 alone", {t: ex[f"paper_t2_only_{t}_{view}"] for t in TARGETS}, False))
+    rows.append(("", baselines((t, f"t2_only_{t}") for t in TARGETS), True))
     fig, axes = plt.subplots(len(rows), len(CHANNELS), figsize=(3.1 * len(CHANNELS), 3.0 * len(rows)),
                              facecolor="black", squeeze=False)  # fmt: skip
-    for r, (name, images) in enumerate(rows):
+    for r, (name, images, own_window) in enumerate(rows):
         for c, m in enumerate(CHANNELS):
             ax = axes[r, c]
             ax.axis("off")
-            image = images.get(m)
+            image, title = images.get(m), f"{TITLES[m]} {name}"
             if image is None:
                 continue
-            brain = real[m] > 0
-            top = np.percentile(real[m][brain], 99.5) if r == 0 and brain.any() else 1.0
+            if isinstance(image, tuple):
+                image, title = image[0], f"{TITLES[m]} {image[1]}"
+            inside = image[image > 0]
+            top = np.percentile(inside, 99.5) if own_window and inside.size else 1.0
             ax.imshow(show(image), cmap="gray", vmin=0, vmax=top)
             if tumour.any():
                 ax.contour(tumour, levels=[0.5], colors="yellow", linewidths=0.6)
-            ax.set_title(f"{TITLES[m]} {name}", color="white", fontsize=9)
+            ax.set_title(title, color="white", fontsize=9)
     index = int(ex[f"{view}_index"])
     fig.suptitle(f"{ex['case']}  {view} slice {index}  (any-missing generator)", color="white", fontsize=10)
     fig.tight_layout()

@@ -311,7 +311,8 @@ class ScenarioEvaluation:
 
     Writes to ``output_dir``: ``per_case.csv``, ``downstream_per_case.csv``, ``scores.json``, ``scenarios.md``
     (both tables) and ``examples.npz`` (the axial and sagittal slices through the most tumour of the case with the
-    most tumour: the real modalities, the label and every synthesis; ``figures.py anymissing_figure`` draws them).
+    most tumour: the real modalities, the label, every synthesis and every scenario's baseline with its choice;
+    ``figures.py anymissing_figure`` draws them).
     """
 
     def __init__(self, network, cases, load_transform, slice_transform, volume_transform, inferer, output_dir: str,
@@ -423,10 +424,10 @@ class ScenarioEvaluation:
                 preds["paper"] = (paper["slices"][j : j + 1], pfull)
             choice, (b128, bvol) = self._baseline(image, image128, available, k, q_brain)
             preds["baseline"] = (b128[..., keep], bvol)
+            example[f"baseline_{scenario}_choice"] = choice
             for method, (p128, pvol) in preds.items():
-                if method != "baseline":
-                    example[f"{method}_{scenario}_axial"] = pvol[..., z].numpy()
-                    example[f"{method}_{scenario}_sagittal"] = pvol[x0].numpy()
+                example[f"{method}_{scenario}_axial"] = pvol[..., z].numpy()
+                example[f"{method}_{scenario}_sagittal"] = pvol[x0].numpy()
                 psnr, ssim = paper_slice_scores(_unit(p128).permute(3, 0, 1, 2), real128[k : k + 1].permute(3, 0, 1, 2))
                 row = {"case": name, "scenario": scenario, "target": target, "method": method,
                        "psnr": float(np.mean(psnr.numpy())), "ssim": float(ssim.mean())}  # fmt: skip
