@@ -34,7 +34,8 @@ from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, MapTransf
 from .conventions import CHANNELS, FILE_SUFFIXES, SOURCE, TARGETS, VARIANT_NAMES
 from .data import case_name, read_datalist
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
-from .inference import LoadT2d, volume_stem
+from .evaluation import _fmt, _to_unit
+from .inference import LoadT2d, case_id, volume_stem
 from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores, psnr_in_mask
 from .networks import any_missing_input, t2_only
 
@@ -90,11 +91,13 @@ class AvailabilityDraw:
             weights[k, alone] = t2_alone
             weights[k, rest] = (1 - three - weights[k, alone].sum()) / rest.sum()
         self.weights = weights  # (targets, subsets): each row sums to 1
+        self.table = SUBSETS
 
     def subsets(self, k: torch.Tensor) -> torch.Tensor:
         """``(B, 4)`` bool availability for targets ``k`` ``(B,)`` (one ``torch.multinomial`` draw)."""
-        choice = torch.multinomial(self.weights.to(k.device)[k], 1).flatten()
-        return SUBSETS.to(k.device)[choice]
+        if self.weights.device != k.device:  # moved once, not every iteration
+            self.weights, self.table = self.weights.to(k.device), self.table.to(k.device)
+        return self.table[torch.multinomial(self.weights[k], 1).flatten()]
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, source: torch.Tensor | None):
         b, m = image.shape[0], len(CHANNELS)
@@ -128,11 +131,6 @@ _MODALITY_TAG = re.compile(r"[_\-.](t1ce|t1gd|t1c|t1n|t1w?|t2f|t2w?|flair)$", re
 _BRATS2023 = re.compile(r"-(t1n|t1c|t2w|t2f)$")
 
 
-def _case_id(path: str) -> str:
-    name = volume_stem(os.path.basename(os.path.normpath(path)))
-    return _MODALITY_TAG.sub("", name) or name
-
-
 def output_names(case: str, modalities, brats2023: bool = False) -> list[str]:
     """File stems of the synthesised ``modalities`` of ``case``: ``<case>_<modality>`` as the paper's inference
     names them, or BraSyn's ``<case>-<t1n|t1c|t2w|t2f>`` when the inputs have BraTS 2023 names."""
@@ -163,7 +161,7 @@ def any_missing_case(files: Mapping[str, str | None], where: str = "", case: str
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file (the {m} of {where or 'the inputs'})")
     ordered = [m for m in CHANNELS if m in present]
-    name = case or _case_id(present[SOURCE] if SOURCE in present else present[ordered[0]])
+    name = case or case_id(present[SOURCE] if SOURCE in present else present[ordered[0]], _MODALITY_TAG)
     missing = [m for m in CHANNELS if m not in present]
     if not missing:
         logger.info(f"{name}: all four modalities are present; nothing to synthesise (left out)")
@@ -284,10 +282,6 @@ ROW_KEYS = ("case", "scenario", "target", "method", *SCENARIO_METRICS, "baseline
 DOWNSTREAM_ROWS = ("real", *(f"{kind}_{m}" for m in CHANNELS for kind in ("synth", "zero")))
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
 class ScenarioEvaluation:
     """Score an any-missing generator per scenario (:data:`SCENARIOS`) against trivial baselines, the paper's
     TC-MGAN on its T2-only scenario, and in BraSyn's downstream form.
@@ -344,7 +338,7 @@ class ScenarioEvaluation:
 
     def _to_grid(self, pred128: torch.Tensor, full128, mask: torch.Tensor) -> torch.Tensor:
         """A ``(1, 128, 128, D)`` synthesis in [-1, 1] back on the input grid, [0, 1], 0 outside ``mask``."""
-        unit = _unit(torch.as_tensor(pred128).as_subclass(torch.Tensor))
+        unit = _to_unit(torch.as_tensor(pred128).as_subclass(torch.Tensor))
         pred = MetaTensor(unit, meta=full128.meta, applied_operations=full128.applied_operations)
         restored = torch.as_tensor(self.volume_transform.inverse({"image": pred})["image"]).float()
         return restored[0] * mask
@@ -395,7 +389,7 @@ class ScenarioEvaluation:
         t2_index = CHANNELS.index(SOURCE)
         tumour = label[0] > 0
         q_brain = protocol_brain(image[t2_index])
-        real128 = _unit(image128[..., keep])  # (4, h, w, N)
+        real128 = _to_unit(image128[..., keep])  # (4, h, w, N)
 
         # the example views: the axial and the sagittal slice through the most tumour (full grid, RAS)
         z, x0 = int(tumour.sum(dim=(0, 1)).argmax()), int(tumour.sum(dim=(1, 2)).argmax())
@@ -428,7 +422,8 @@ class ScenarioEvaluation:
             for method, (p128, pvol) in preds.items():
                 example[f"{method}_{scenario}_axial"] = pvol[..., z].numpy()
                 example[f"{method}_{scenario}_sagittal"] = pvol[x0].numpy()
-                psnr, ssim = paper_slice_scores(_unit(p128).permute(3, 0, 1, 2), real128[k : k + 1].permute(3, 0, 1, 2))
+                slices = _to_unit(p128).permute(3, 0, 1, 2), real128[k : k + 1].permute(3, 0, 1, 2)
+                psnr, ssim = paper_slice_scores(*slices)
                 row = {"case": name, "scenario": scenario, "target": target, "method": method,
                        "psnr": float(np.mean(psnr.numpy())), "ssim": float(ssim.mean())}  # fmt: skip
                 row.update(protocol_scores(pvol, image[k], q_brain, tumour))
@@ -483,10 +478,6 @@ class ScenarioEvaluation:
         return summary
 
 
-def _cell(stat: Mapping, digits: int) -> str:
-    return "n/a" if not np.isfinite(stat["mean"]) else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
 def scenario_tables(summary: Mapping) -> str:
     """The scenario table and the downstream table of a :class:`ScenarioEvaluation` summary, as Markdown."""
     paper = VARIANT_NAMES.get(summary.get("paper_variant"), "paper generator")
@@ -504,7 +495,7 @@ def scenario_tables(summary: Mapping) -> str:
                 continue
             s = methods[method]
             name = names[method] + (f" ({', '.join(methods['baseline_choices'])})" if method == "baseline" else "")
-            cells = [_cell(s[m], 2 if "psnr" in m else 3) for m in SCENARIO_METRICS]
+            cells = [_fmt(s[m], 2 if "psnr" in m else 3) for m in SCENARIO_METRICS]
             lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     if summary.get("downstream"):
         lines += ["", "Downstream (BraSyn form): a segmenter trained on the four real modalities; 3D Dice per case",
@@ -513,5 +504,5 @@ def scenario_tables(summary: Mapping) -> str:
             kind, _, m = row_name.partition("_")
             how = "synthesised" if kind == "synth" else "zero-filled"
             label = "4 real" if kind == "real" else f"3 real + {m} {how}"
-            lines.append(f"| {label} | " + " | ".join(_cell(stats[f"dice_{r}"], 3) for r in ("tc", "wt", "et")) + " |")
+            lines.append(f"| {label} | " + " | ".join(_fmt(stats[f"dice_{r}"], 3) for r in ("tc", "wt", "et")) + " |")
     return "\n".join(lines) + "\n"

@@ -62,14 +62,15 @@ _T2_TAG = re.compile(r"[_\-.]t2w?$", re.IGNORECASE)
 MAX_NEGATIVE_FRACTION = 0.01
 
 
-def case_id(path: str) -> str:
-    """Case id of an input file: its name without extension and without a trailing T2 tag.
+def case_id(path: str, tag: re.Pattern = _T2_TAG) -> str:
+    """Case id of an input file: its name without extension and without a trailing modality tag (``tag``: the T2's;
+    the any-missing inference gives one matching every modality).
 
     ``/d/BraTS2021_00000_t2.nii.gz`` -> ``BraTS2021_00000``; ``/d/sub-01_T2w.nrrd`` -> ``sub-01``;
     a DICOM series folder ``/d/series7/`` -> ``series7``.
     """
     name = volume_stem(os.path.basename(os.path.normpath(path)))
-    stripped = _T2_TAG.sub("", name)
+    stripped = tag.sub("", name)
     return stripped or name
 
 
@@ -223,16 +224,23 @@ def output_paths(output_dir: str, case: str, output_ext: str = ".nii.gz", target
     return [os.path.join(output_dir, f"{case}_{target}{output_ext}") for target in targets]
 
 
+def case_output_paths(output_dir: str, case: str, output_ext: str = ".nii.gz", targets=TARGETS,
+                      names: str | None = None) -> list[str]:
+    """The files inference writes for one case: ``names`` (an any-missing case's ``output_names``, comma-separated
+    file stems) when given, else :func:`output_paths` of ``case`` and ``targets``."""
+    if names:
+        return [os.path.join(output_dir, name + output_ext) for name in str(names).split(",")]
+    return output_paths(output_dir, case, output_ext, targets)
+
+
 def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite: bool, targets=None) -> list[dict]:
     """``cases`` without those whose outputs all exist in ``output_dir`` (unless ``overwrite``), one line each."""
     if overwrite or not output_dir:
         return cases
     todo = []
     for case in cases:
-        if "output_names" in case:  # any-missing: the case's missing modalities
-            finals = [os.path.join(output_dir, n + output_ext) for n in case["output_names"].split(",")]
-        else:
-            finals = output_paths(output_dir, case["case"], output_ext, parse_targets(targets))
+        finals = case_output_paths(output_dir, case["case"], output_ext, parse_targets(targets),
+                                   case.get("output_names"))
         if all(os.path.isfile(f) for f in finals):
             logger.info(f"{case['case']}: kept the outputs of an earlier run in {output_dir} (--overwrite true "
                         "synthesises it again)")  # fmt: skip
@@ -444,10 +452,7 @@ class SaveTargetsd:
         volumes = torch.as_tensor(pred).detach()[keep].to("cpu", torch.float32).numpy()  # a copy: pred may change
         targets = [channels[i] for i in keep]
         affine = np.asarray(ref.affine, dtype=np.float64)
-        if "output_names" in d:
-            finals = [os.path.join(self.output_dir, n + self.output_ext) for n in str(d["output_names"]).split(",")]
-        else:
-            finals = output_paths(self.output_dir, case, self.output_ext, targets)
+        finals = case_output_paths(self.output_dir, case, self.output_ext, targets, d.get("output_names"))
         if self.writer is None:
             self._write(volumes, targets, affine, finals)
         else:
