@@ -387,7 +387,7 @@ def anymissing_figure(examples, output_png, view: str = "axial") -> str:
             ax.set_title(title, color="white", fontsize=9)
     index = int(ex[f"{view}_index"])
     fig.suptitle(f"{ex['case']}  {view} slice {index}  (any-missing generator)", color="white", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     return _save(fig, output_png, dpi=80)
 
 
