@@ -19,7 +19,7 @@ import torch
 from conftest import BUNDLE, CONFIGS, REPO, brain, files_in, save_nifti
 from monai.bundle import ConfigWorkflow
 
-from scripts.runtime import inference
+from scripts.runtime import inference, precision
 from scripts.runtime.command_line import one_line
 from scripts.runtime.networks import TARGETS
 from scripts.runtime.throughput import BackgroundWriter, Prefetcher, process_shard, shard
@@ -276,11 +276,12 @@ def test_the_inference_overlay_alone_says_how_to_stack_it(tmp_path):
 def test_precision_names_are_checked_and_bf16_without_native_support_warns(monkeypatch, caplog):
     with pytest.raises(ValueError, match="precision"):
         inference.SliceRunner(precision="fp16")
-    monkeypatch.setattr(inference, "native_bf16", lambda: True)
-    assert inference.resolve_precision("auto", "cpu") == "bf16"
-    assert inference.resolve_precision("auto", "cuda") == "fp32"
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
+    assert precision.resolve_precision("auto", "cuda") == "fp32"
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
     monkeypatch.setattr(inference, "native_bf16", lambda: False)
-    assert inference.resolve_precision("auto", "cpu") == "fp32"
+    assert precision.resolve_precision("auto", "cpu") == "fp32"
     runner = inference.SliceRunner(batch_size=4, precision="bf16")
     runner(torch.rand(2, 1, 8, 8), torch.nn.Conv2d(1, 3, 3, padding=1))
     assert "no native bfloat16" in caplog.text and runner.last_engine == "bf16"

@@ -3,6 +3,7 @@
     python bundle/scripts/benchmark.py inference   # inference.json on one 240x240x155 case vs the bare forward
     python bundle/scripts/benchmark.py throughput  # volumes/min over many cases vs the I/O floor; bf16 vs fp32
     python bundle/scripts/benchmark.py training    # the bundle's GAN trainer (train.json) vs a plain loop
+    python bundle/scripts/benchmark.py precision   # the recommended model's trainer in fp32 and bf16, GFLOP/s
     python bundle/scripts/benchmark.py data        # slice loader vs one training step; memory vs number of cases
     python bundle/scripts/benchmark.py all --output report.json
 
@@ -23,6 +24,9 @@ ratios. Phantom data (``scripts.phantom``) is made in a temporary folder when no
 - ``training``: per variant, iterations/s of ``TCMGANTrainer`` built from ``train.json`` with its handlers and data
   loader vs a plain PyTorch loop (:func:`plain_gan_step`) doing the same forward/backward/optimizer steps on the
   same batches (both call the loss functions of ``scripts.runtime.losses``).
+- ``precision``: iterations/s of the recommended model's trainer (``recommended.json``'s settings) in fp32 and in
+  bf16 (autocast, ``--precision``), the GFLOP one iteration does, the GFLOP/s that makes, and its share of the
+  matrix-product rate this machine reaches in the same number format.
 - ``data``: slices/s that ``train.json``'s slice loader delivers (default ``num_workers``) vs slices/s one
   training step consumes; peak and final resident memory after caching N cases, in memory vs ``cache_dir``.
 """
@@ -753,6 +757,106 @@ def training(
     return _report("training", rows, TRAINING_COLUMNS, meta, output)
 
 
+# --- precision ----------------------------------------------------------------------------------------------------
+
+
+def matmul_rate(dtype=torch.float32, size: int = 1024, seconds: float = 1.0) -> float:
+    """GFLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` on the CPU with the current threads: the
+    machine's practical peak for that number format (bf16 without native support is emulated, and slow)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def iteration_gflop(trainer) -> float:
+    """Floating-point work of one GAN iteration of ``trainer`` (a ``TCMGANTrainer``) in GFLOP, counted by
+    ``torch.utils.flop_counter`` over one real iteration on one batch of its loader (forward and backward of G,
+    D and S, the gradient penalty's double backward included). ``FlopCounterMode`` itself cannot be used: its
+    module tracking refuses ``autograd.grad``, so its per-operator formulas are applied here to every operator."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Counter(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Counter.flops += formula(*args, **kwargs, out_val=out)
+            return out
+
+    batch = next(iter(trainer.data_loader))
+    with Counter():
+        trainer._iteration(trainer, batch)
+    return Counter.flops / 1e9
+
+
+def precision(
+    precisions: str = "fp32,bf16",
+    features: int = 16,
+    batch_size: int = 16,
+    iterations: int = 2,
+    repeats: int = 2,
+    device=None,
+    dataset_dir: str | None = None,
+    threads=None,
+    output: str | None = None,
+):
+    """The recommended model's trainer (``train.json`` + ``recommended.json``'s settings) in each of ``precisions``:
+    iterations/s, the GFLOP of one iteration, the GFLOP/s reached, and that as a share of the machine's matmul
+    rate in the same number format (:func:`matmul_rate`); whether this CPU computes bf16 natively."""
+    from scripts.runtime.precision import native_bf16
+
+    set_threads(threads)
+    dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    with open(os.path.join(CONFIGS, "recommended.json")) as f:
+        recommended = {k: v for k, v in json.load(f).items() if k in ("context", "upsample", "augment")}
+    meta = {"machine": machine(dev), "load_before": load(), "native_bf16": native_bf16(), **recommended}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        small = {} if dataset_dir else {"min_brain_pixels": SMALL_MIN_PIXELS}
+        data = dataset_dir or phantom_dataset(os.path.join(tmp, "data"), max(6, -(-4 * batch_size // 25)),
+                                              shape=SMALL_SHAPE)  # fmt: skip
+        for name in str(precisions).split(","):
+            settings = {**recommended, **small, "precision": name}
+            row = time_training(data, "tcmgan", features, batch_size, iterations, repeats, dev, plain=False,
+                                **settings)  # fmt: skip
+            wf = training_workflow(data, os.path.join(tmp, "flops"), "tcmgan", features=features,
+                                   batch_size=batch_size, device=str(dev), epoch_length=1, **settings)  # fmt: skip
+            gflop = iteration_gflop(wf.parser.get_parsed_content("train#trainer"))
+            peak = matmul_rate(torch.bfloat16 if name == "bf16" else torch.float32) if dev.type == "cpu" else None
+            row.update(precision=name, gflop_per_it=gflop, gflops=gflop * row["trainer_it_per_s"], matmul_peak=peak,
+                       share_of_peak=gflop * row["trainer_it_per_s"] / peak if peak else None)
+            rows.append(row)
+            print(table(rows[-1:], PRECISION_COLUMNS).splitlines()[-1], flush=True)
+    base = next((r["trainer_it_per_s"] for r in rows if r["precision"] == "fp32"), None)
+    for r in rows:
+        r["speed_vs_fp32"] = r["trainer_it_per_s"] / base if base else None
+    meta["load_after"] = load()
+    return _report("precision", rows, PRECISION_COLUMNS, meta, output)
+
+
+PRECISION_COLUMNS = {
+    "precision": "precision",
+    "device": "device",
+    "threads": "threads",
+    "features": "width",
+    "batch_size": "batch",
+    "trainer_it_per_s": "it/s",
+    "speed_vs_fp32": "x fp32",
+    "gflop_per_it": "GFLOP / it",
+    "gflops": "GFLOP/s",
+    "matmul_peak": "matmul GFLOP/s (same format)",
+    "share_of_peak": "share of matmul rate",
+}
+
+
 # --- data ---------------------------------------------------------------------------------------------------------
 
 
@@ -925,6 +1029,7 @@ def run_all(device=None, threads=None, output: str | None = None):
 if __name__ == "__main__":
     from scripts.runtime.command_line import run_tool
 
-    commands = {"inference": inference, "throughput": throughput, "training": training, "data": data, "all": run_all}
+    commands = {"inference": inference, "throughput": throughput, "training": training, "precision": precision,
+                "data": data, "all": run_all}
     # the tables are printed as they are measured; the returned dicts are for callers in Python
     run_tool({**commands, "memory_probe": _memory_probe_cli}, serialize=lambda result: None)

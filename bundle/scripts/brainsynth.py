@@ -145,7 +145,7 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
             (docs/performance.md).
         verbose: full tracebacks.
     """
-    from scripts.runtime.inference import PRECISIONS
+    from scripts.runtime.precision import PRECISIONS
 
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")

@@ -102,9 +102,13 @@ TUMOUR_KIND_P = (0.10, 0.15, 0.20, 0.55)
 #   around the table, a per-modality gamma), wider blur, bias, noise, gain and anatomical deformation, and more
 #   varied tumours (multifocal, large oedema); each modality's tissue ordering is kept;
 # - "shifted" (held-out evaluation out of distribution): ranges beyond "randomised" (gamma, blur, bias, noise,
-#   brain size, rotation, deformation), case seeds from a separate stream (see ``case_seed``).
+#   brain size, rotation, deformation), case seeds from a separate stream (see ``case_seed``);
+# - "physics" (for training): as "randomised", but each tissue mean comes from MR signal equations
+#   (``_physics_contrast``: per-case tissue T1, T2 and proton density, per-sequence TR/TE/TI from clinical
+#   ranges), so the relationships between the modalities vary as they do between scanners, tissue orderings
+#   included; case seeds from a third stream.
 # A range is (low, high); a list of ranges means: one of them, chosen at random, then uniform inside it.
-DOMAINS = ("randomised", "fixed", "shifted")
+DOMAINS = ("randomised", "fixed", "shifted", "physics")
 GEOMETRY_FIXED = dict(rotation_deg=6.0, zoom=(0.86, 0.95), zoom_axis=(0.97, 1.03), elastic_mm=(1.5, 3.0))
 DOMAIN_RANGES = {
     "randomised": dict(
@@ -124,6 +128,76 @@ DOMAIN_RANGES = {
         multifocal_p=0.4, lesions=(2, 4),
     ),
 }
+
+DOMAIN_RANGES["physics"] = dict(DOMAIN_RANGES["randomised"], contrast_model="physics")
+
+# Tissue relaxation times (ms) and proton densities (relative) for the "physics" domain, each drawn uniformly per
+# case (shared/notes/robust_synthesis.md; they vary with field strength and between studies, hence ranges).
+# "enhancing_t1_gd": the enhancing tumour's T1 after gadolinium (T1ce only: the enhancing rim is a T1 effect).
+TISSUE_RELAXATION = {
+    #                T1 (ms)          T2 (ms)          PD
+    "csf":          ((3500, 4500), (1500, 2000), (0.97, 1.00)),
+    "gm":           ((950, 1800), (80, 110), (0.76, 0.84)),
+    "wm":           ((600, 1100), (65, 90), (0.64, 0.71)),
+    "oedema":       ((1100, 2000), (140, 260), (0.78, 0.90)),
+    "necrosis":     ((2000, 3600), (400, 1200), (0.84, 0.96)),
+    "nonenhancing": ((1100, 1700), (100, 170), (0.74, 0.86)),
+    "enhancing":    ((1000, 1600), (85, 140), (0.74, 0.86)),
+}
+ENHANCING_T1_GD = (300, 600)
+FIELD_T1_SCALE = (0.9, 1.3)  # every T1 of a case scaled together (1.5 T -> 3 T lengthens T1)
+#: Sequence parameters (ms) per modality: spin echo T2w and T1w, inversion recovery for FLAIR and for the 3D
+#: MPRAGE-like T1ce (inversion-prepared gradient echo; TE there is T2*-like, a few ms).
+SEQUENCES = {
+    "t2": dict(tr=(3000, 6000), te=(80, 120)),
+    "t1": dict(tr=(400, 700), te=(8, 20)),  # a 2D spin echo, or (T1_GRADIENT_ECHO_P) like T1ce without contrast
+    "flair": dict(tr=(8000, 11000), te=(80, 140), ti_null=(0.95, 1.05)),  # TI about CSF's null point, x this
+    "t1ce": dict(tr=(1600, 2500), te=(2, 5), ti=(700, 1100)),
+}
+T1_GRADIENT_ECHO_P = 0.5  # share of cases whose T1 is a 3D inversion-prepared gradient echo (as many BraTS sites)
+
+
+def _physics_contrast(rng: np.random.Generator) -> dict:
+    """A per-case tissue x modality table from MR signal equations (magnitudes; PD relative, times in ms):
+
+    - spin echo (T2w, T1w): ``PD (1 - exp(-TR/T1)) exp(-TE/T2)``;
+    - inversion recovery (FLAIR with TI near CSF's null point, and the MPRAGE-like T1ce; T1 too in
+      :data:`T1_GRADIENT_ECHO_P` of the cases, with T1ce's sequence and no gadolinium):
+      ``PD |1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2)``.
+
+    Tissue parameters are drawn from :data:`TISSUE_RELAXATION` (every T1 scaled by one field factor), sequence
+    parameters from :data:`SEQUENCES`; the enhancing tumour takes its post-gadolinium T1 in T1ce. Each modality is
+    scaled so that its brightest tissue has the brightest value of ``BASE_CONTRAST`` in that modality (the scale
+    is arbitrary: the case's gain and the training's intensity scaling follow). No tissue ordering is imposed.
+    """
+    field = rng.uniform(*FIELD_T1_SCALE)
+    params = {t: (rng.uniform(*r1) * field, rng.uniform(*r2), rng.uniform(*r3))
+              for t, (r1, r2, r3) in TISSUE_RELAXATION.items()}
+    t1_gd = rng.uniform(*ENHANCING_T1_GD) * field
+    seq = {m: {k: rng.uniform(*v) for k, v in spec.items()} for m, spec in SEQUENCES.items()}
+    csf_t1, flair = params["csf"][0], seq["flair"]  # CSF's null point: 1 - 2 exp(-TI/T1) + exp(-TR/T1) = 0
+    flair["ti"] = csf_t1 * np.log(2 / (1 + np.exp(-flair["tr"] / csf_t1))) * flair.pop("ti_null")
+    t1_gradient_echo = rng.random() < T1_GRADIENT_ECHO_P
+
+    def spin_echo(t1, t2, pd, s):
+        return pd * (1 - np.exp(-s["tr"] / t1)) * np.exp(-s["te"] / t2)
+
+    def inversion(t1, t2, pd, s):
+        return pd * abs(1 - 2 * np.exp(-s["ti"] / t1) + np.exp(-s["tr"] / t1)) * np.exp(-s["te"] / t2)
+
+    table = {}
+    for tissue, (t1, t2, pd) in params.items():
+        t1ce = t1_gd if tissue == "enhancing" else t1
+        t1w = inversion(t1, t2, pd, seq["t1ce"]) if t1_gradient_echo else spin_echo(t1, t2, pd, seq["t1"])
+        table[tissue] = {"t1": t1w, "t2": spin_echo(t1, t2, pd, seq["t2"]),
+                         "flair": inversion(t1, t2, pd, seq["flair"]), "t1ce": inversion(t1ce, t2, pd, seq["t1ce"])}
+    for j, mod in enumerate(MODALITIES):
+        top = max(table[t][mod] for t in TISSUES)
+        base_top = max(BASE_CONTRAST[t][j] for t in TISSUES)
+        for t in TISSUES:
+            table[t][mod] = float(max(table[t][mod] / top, 0.02) * base_top)  # nulled tissue: a floor, not 0
+    return table
+
 
 # Internal label convention returned by make_case; the writers map it to each layout's convention.
 LABEL_NECROSIS, LABEL_OEDEMA, LABEL_ENHANCING = (INTERNAL_LABELS[k] for k in ("necrosis", "edema", "enhancing"))
@@ -217,9 +291,10 @@ def case_seed(seed: int, index: int, domain: str = "randomised") -> int:
     """Seed of case ``index`` in a run with base ``seed``; it does not depend on how many cases are made.
 
     Cases of the ``shifted`` domain draw from a separate stream (``SeedSequence([seed, index, 1])``), so no held-out
-    case shares its seed, and so its anatomy and tumour, with a training case of any base seed.
+    case shares its seed, and so its anatomy and tumour, with a training case of any base seed; ``physics`` cases
+    from a third (``[seed, index, 2]``), so that they add anatomy to a training set of ``randomised`` cases.
     """
-    words = [int(seed), int(index)] + ([1] if domain == "shifted" else [])
+    words = [int(seed), int(index)] + {"shifted": [1], "physics": [2]}.get(domain, [])
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
@@ -348,7 +423,8 @@ def _domain_contrast(rng: np.random.Generator, ranges: dict) -> dict:
 def _randomise_imaging(rng: np.random.Generator, ranges: dict, look: dict, pair: dict) -> None:
     """Replace the contrast table and the imaging parameters of ``look`` and ``pair`` by a domain's draws."""
     n = len(MODALITIES)
-    look["contrast"] = _domain_contrast(rng, ranges)
+    physics = ranges.get("contrast_model") == "physics"
+    look["contrast"] = _physics_contrast(rng) if physics else _domain_contrast(rng, ranges)
     look["blur_sigma"] = _uniform(rng, ranges["blur"], n)
     look["bias_amp"] = _uniform(rng, ranges["bias"], n)
     look["noise_sd"] = _uniform(rng, ranges["noise"], n)

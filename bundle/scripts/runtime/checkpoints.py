@@ -5,8 +5,9 @@
   :func:`checkpoint_kind` / :func:`describe` say what a file holds, so that a generator, segmenter, critic or
   training checkpoint given in the wrong place, or one of another variant or width, gets an error saying which.
 - :class:`TrainingCheckpoint` saves everything needed to resume (networks, optimizers, LR schedulers, the
-  trainer's epoch/iteration) to one file, atomically (temp file + rename), every epoch and optionally every
-  N iterations; with ``resume=True`` it restores that file before training starts.
+  trainer's epoch/iteration) to one file, atomically (temp file + rename), every epoch, optionally every
+  N iterations and every T seconds of wall time, and when the run is stopped early (``--time_limit``); with
+  ``resume=True`` it restores that file before training starts.
 - :class:`ModelSaver` writes the generator alone as a plain ``state_dict`` (``model.pt``, what the model-zoo
   tools, inference and MONAI Label load): after each epoch whose validation score is the best so far, or
   after every epoch when there is no validation.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 from collections.abc import Mapping
 
 import torch
@@ -270,6 +272,13 @@ def load_segmenter(path: str, device="cpu") -> TumourSegmenter:
     return net.to(device)
 
 
+def cpu_weights(network: torch.nn.Module) -> dict:
+    """``network``'s state dict (a DDP wrapper unwrapped) as detached CPU tensors: what a ``model.pt`` holds, so
+    that it loads on a machine without the training GPU (ckpt_export, MONAI Label, CPU inference)."""
+    net = getattr(network, "module", network)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
 class TrainingCheckpoint:
     """Save/restore the full training state atomically.
 
@@ -279,24 +288,41 @@ class TrainingCheckpoint:
         path: checkpoint file.
         iteration_interval: also save every this many iterations (0: only at epoch ends).
         resume: restore from ``path`` when training starts (an error if ``path`` does not exist).
+        time_interval: also save after the first iteration that ends this many seconds (wall time) after the
+            last save (0: never by time), so that a killed run loses at most about this much work whatever an
+            iteration costs.
+
+    The file is also written when the run is stopped early (``Events.TERMINATE``, e.g. by
+    :class:`scripts.runtime.long_run.TimeLimit`), so ``--resume true`` continues exactly where it stopped.
     """
 
-    def __init__(self, save_dict: dict, path: str, iteration_interval: int = 0, resume: bool = False):
+    def __init__(self, save_dict: dict, path: str, iteration_interval: int = 0, resume: bool = False,
+                 time_interval: float = 0):  # fmt: skip
         self.save_dict = {k: v for k, v in save_dict.items() if v is not None}
         self.path = path
         self.iteration_interval = iteration_interval
         self.resume = resume
+        self.time_interval = float(time_interval or 0)
+        self.last_save = time.monotonic()
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.TERMINATE, self.save)
         if self.iteration_interval > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.iteration_interval), self.save)
+        if self.time_interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._save_if_due)
+
+    def _save_if_due(self, engine: Engine) -> None:
+        if time.monotonic() - self.last_save >= self.time_interval:
+            self.save(engine)
 
     def save(self, engine: Engine | None = None) -> None:
         save_atomic({k: v.state_dict() for k, v in self.save_dict.items()}, self.path)
+        self.last_save = time.monotonic()
 
     def load(self, engine: Engine | None = None) -> None:
         """Restore every entry of ``save_dict`` from ``path``.
@@ -383,6 +409,14 @@ class ModelSaver:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._save_if_never_saved)
+
+    def _save_if_never_saved(self, engine: Engine) -> None:
+        """A run stopped before its first epoch ended (``--time_limit``) still leaves a model.pt: its last state."""
+        if not self.saved:
+            logging.getLogger(__name__).warning(f"the run stopped before any epoch ended: {self.path} holds its "
+                                                f"last state (iteration {engine.state.iteration})")
+            self._write(engine)
 
     def __call__(self, engine: Engine | None) -> None:
         if self.evaluator is not None and getattr(self.evaluator.state, "best_metric_epoch", -1) != engine.state.epoch:
@@ -391,10 +425,11 @@ class ModelSaver:
                 return
             logging.getLogger(__name__).warning(
                 f"no validation ran in this run (val_interval > max_epochs?): {self.path} holds its last epoch")
+        self._write(engine)
+
+    def _write(self, engine: Engine | None) -> None:
         self.saved = True
-        net = getattr(self.network, "module", self.network)  # unwrap DDP
-        # CPU tensors: the file loads on a machine without the training GPU (ckpt_export, MONAI Label, CPU inference)
-        weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        weights = cpu_weights(self.network)
         if self.record is None:
             save_atomic(weights, self.path)
         else:

@@ -34,7 +34,8 @@ import torch
 from monai.data import MetaTensor
 
 from .conventions import T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
-from .data import case_name, neighbour_slices
+from .data import case_name, load_split, neighbour_slices
+from .checkpoints import cpu_weights, save_atomic
 from .files import write_atomic, write_csv, write_json, write_text
 from .metrics import (
     PROTOCOL_METRICS,
@@ -68,6 +69,18 @@ PAPER_TABLE1 = {
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1] (clipped)."""
     return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def synthesise_volume(network: torch.nn.Module, t2: torch.Tensor, volume_transform: Callable, inferer,
+                      device) -> torch.Tensor:  # fmt: skip
+    """The inference workflow's synthesis of a raw ``(1, H, W, D)`` T2 -> ``(3, H, W, D)`` in [0, 1] on its grid
+    (``volume_transform``: resize + scaling, inverted after ``inferer`` ran ``network``; background 0)."""
+    x = volume_transform({"image": t2})["image"]
+    with torch.inference_mode():
+        pred = inferer(x.unsqueeze(0).to(device), network)[0]
+    pred = MetaTensor(_to_unit(pred.cpu()), meta=x.meta, applied_operations=x.applied_operations)
+    restored = torch.as_tensor(volume_transform.inverse({"image": pred})["image"]).float()
+    return restored * (t2 > 0).float()
 
 
 class SynthesisEvaluation:
@@ -125,16 +138,7 @@ class SynthesisEvaluation:
         return _to_unit(out).cpu()
 
     def _synthesise_volume(self, t2: torch.Tensor) -> torch.Tensor:
-        """The inference workflow's synthesis of a ``(1, H, W, D)`` T2 -> ``(3, H, W, D)`` in [0, 1] on its grid."""
-        pre = self.volume_transform({"image": t2})
-        x = pre["image"]
-        with torch.inference_mode():
-            pred = self.inferer(x.unsqueeze(0).to(self.device), self.network)[0]
-        pred = _to_unit(pred.cpu())
-        pred = MetaTensor(pred, meta=x.meta, applied_operations=x.applied_operations)
-        restored = self.volume_transform.inverse({"image": pred})["image"]
-        restored = torch.as_tensor(restored).float()
-        return restored * (t2 > 0).float()
+        return synthesise_volume(self.network, t2, self.volume_transform, self.inferer, self.device)
 
     def _slice_predictions(self, image128: torch.Tensor, network_input: torch.Tensor) -> dict[str, torch.Tensor]:
         """Method -> ``(N, 3, h, w)`` predictions on the kept 128x128 slices (channel-first ``(4, h, w, N)`` input;
@@ -366,3 +370,184 @@ def write_table1(summaries: Sequence, output_dir: str, paper_reference: bool = T
     write_json(os.path.join(output_dir, "table1.json"), {"methods": methods, "order": order}, indent=2)
     return markdown
 
+
+
+# --- model selection during training --------------------------------------------------------------------------------
+
+#: What the model selection scores, with the margin over the better baseline each metric is measured against (the
+#: project's goal: +3 dB PSNR, +0.05 SSIM over the better trivial baseline, in the quality protocol).
+SELECTION_GOALS = {"protocol_psnr": 3.0, "protocol_ssim_axial": 0.05, "protocol_ssim_tumour": 0.05}
+SELECTION_NAMES = {"protocol_psnr": "PSNR", "protocol_ssim_axial": "SSIM", "protocol_ssim_tumour": "tumour SSIM"}
+
+
+def selection_margins(rows: Sequence[Mapping]) -> dict:
+    """Per target and metric of :data:`SELECTION_GOALS`: the synthesis's mean over cases, the better baseline's
+    mean, and the margin (synthesis - better baseline); ``rows`` as ``per_case.csv``'s (``method`` ``synthesis``,
+    ``t2`` or ``inverted_t2``). A metric with no finite value (no tumour in any case) is left out."""
+    margins = {}
+    for target in TARGETS:
+        margins[target] = {}
+        for metric in SELECTION_GOALS:
+            means = {}
+            for method in ("synthesis",) + BASELINES:
+                values = [r[metric] for r in rows if r["method"] == method and r["target"] == target]
+                means[method] = summarise(values)["mean"]
+            if not all(math.isfinite(v) for v in means.values()):
+                continue
+            baseline = max(BASELINES, key=lambda m: means[m])
+            margins[target][metric] = {"synthesis": means["synthesis"], "baseline": baseline,
+                                       "baseline_value": means[baseline],
+                                       "margin": means["synthesis"] - means[baseline]}
+    return margins
+
+
+def selection_score(margins: Mapping) -> float:
+    """The worst margin in units of its goal (:data:`SELECTION_GOALS`), over every target and metric: > 0 means
+    the synthesis beats the better baseline everywhere, >= 1 that it reaches the goal everywhere."""
+    ratios = [m["margin"] / SELECTION_GOALS[metric] for target in margins.values() for metric, m in target.items()]
+    return min(ratios) if ratios else float("-inf")
+
+
+def format_margins(margins: Mapping) -> str:
+    """``FLAIR +0.42 dB / +0.031 / -0.012, T1 ...``: each target's PSNR, SSIM and tumour-SSIM margins."""
+    parts = []
+    for target, metrics in margins.items():
+        values = [f"{m['margin']:+.2f} dB" if metric == "protocol_psnr" else f"{m['margin']:+.3f}"
+                  for metric, m in metrics.items()]
+        parts.append(f"{TARGET_NAMES.get(target, target)} " + " / ".join(values))
+    return ", ".join(parts)
+
+
+class MarginSelection:
+    """Choose ``model.pt`` during training by the quality protocol on held-out cases: every ``interval``
+    iterations (and when the run ends) the generator synthesises each case's volume as inference does, is scored
+    against the real targets (:func:`scripts.runtime.metrics.protocol_scores`) beside the T2 and inverted-T2
+    baselines, and ``path`` is written when :func:`selection_score` (the worst margin over the better baseline,
+    in units of the goal) is the best so far. The cases should be ones the test set does not hold (e.g. shifted
+    phantoms from another seed: ``phantom.py --domain shifted --seed 1``).
+
+    Every pass is appended to ``history`` (JSON: iteration, epoch, margins, score, whether it was saved); with
+    ``resume`` the earlier passes are read back, so a resumed run keeps the best model of the run as a whole.
+
+    Args:
+        network: the generator being trained (a DDP wrapper is unwrapped).
+        dataset_dir: the held-out cases' folder, with its ``datalist.json`` (``prepare_datalist.py``).
+        split: the datalist's split to use (``test`` for a folder prepared with ``--fractions "[0,0,1]"``).
+        load_transform: full-resolution loading (as ``evaluate.json``'s); the volumes are loaded once and kept.
+        volume_transform: inference preprocessing of the T2 (as ``evaluate.json``'s), inverted after synthesis.
+        inferer: a ``BrainSliceInferer``.
+        path: the ``model.pt`` to write.
+        interval: iterations between passes (<= 0: only at the end).
+        history: the JSON file of every pass (None: not kept).
+        resume: read ``history`` back first.
+        device: where the network runs.
+        keep_dir: when given, every pass's generator is also kept there as ``iteration_<n>.pt`` (a generator
+            ``model.pt`` each): the same run at several budgets, for the out-of-distribution table.
+    """
+
+    def __init__(self, network: torch.nn.Module, dataset_dir: str, split: str, load_transform: Callable,
+                 volume_transform: Callable, inferer, path: str, interval: int = 500, history: str | None = None,
+                 resume: bool = False, device="cpu", keep_dir: str | None = None):  # fmt: skip
+        cases = load_split(os.path.join(dataset_dir, "datalist.json"), split, base_dir=dataset_dir)
+        self.network, self.cases = network, list(cases)
+        self.load_transform, self.volume_transform, self.inferer = load_transform, volume_transform, inferer
+        self.path, self.interval, self.history_path = path, int(interval or 0), history
+        self.device = torch.device(device)
+        self.keep_dir = keep_dir
+        self.history: list[dict] = []
+        if resume and history and os.path.isfile(history):
+            with open(history) as f:
+                self.history = list(json.load(f))
+        self._volumes: list | None = None
+        self._baselines: list[dict] = []
+
+    @property
+    def best(self) -> dict | None:
+        """The best pass so far (None before the first)."""
+        saved = [h for h in self.history if h.get("saved")]
+        return max(saved, key=lambda h: h["score"]) if saved else None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # rank 0 selects and writes
+        if self.interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self._last_pass)
+
+    def _last_pass(self, engine) -> None:
+        done = any(h["iteration"] == engine.state.iteration for h in self.history)
+        if not done:
+            self(engine)
+        if not os.path.isfile(self.path):  # the run's passes all lost to an earlier run's best: keep the last
+            save_atomic(cpu_weights(self.network), self.path)
+
+    def _load(self) -> list:
+        if self._volumes is None:
+            self._volumes = []
+            for case in self.cases:
+                data = self.load_transform(dict(case))
+                image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"])
+                self._volumes.append((case_name(case), image, label[0] > 0))
+        return self._volumes
+
+    def rows(self) -> list[dict]:
+        """Protocol scores of the synthesis and both baselines, one row per case, method and target."""
+        net = getattr(self.network, "module", self.network)
+        mode = net.training
+        net.eval()
+        rows = []
+        try:
+            for i, (name, image, tumour) in enumerate(self._load()):
+                t2 = image[T2_INDEX]
+                brain = protocol_brain(t2)
+                pred = synthesise_volume(net, image[T2_INDEX : T2_INDEX + 1], self.volume_transform, self.inferer,
+                                         self.device)  # fmt: skip
+                if i == len(self._baselines):  # the baselines do not change: scored once
+                    inverted = (1 - brain_unit(t2, brain)) * (t2 > 0)
+                    self._baselines.append({
+                        (method, target): protocol_scores(volume, image[k], brain, tumour)
+                        for method, volume in (("t2", t2), ("inverted_t2", inverted))
+                        for k, target in enumerate(TARGETS)
+                    })  # fmt: skip
+                for k, target in enumerate(TARGETS):
+                    rows.append({"case": name, "method": "synthesis", "target": target,
+                                 **protocol_scores(pred[k], image[k], brain, tumour)})
+                    rows += [{"case": name, "method": m, "target": target, **self._baselines[i][(m, target)]}
+                             for m in BASELINES]
+        finally:
+            net.train(mode)
+        return rows
+
+    def __call__(self, engine) -> None:
+        start = time.time()
+        margins = selection_margins(self.rows())
+        score = selection_score(margins)
+        best = self.best
+        saved = best is None or score > best["score"]
+        if saved:
+            save_atomic(cpu_weights(self.network), self.path)
+        if self.keep_dir:
+            os.makedirs(self.keep_dir, exist_ok=True)
+            save_atomic(cpu_weights(self.network), os.path.join(self.keep_dir, f"iteration_{engine.state.iteration}.pt"))
+        entry = {"iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch), "score": score,
+                 "saved": saved, "seconds": round(time.time() - start, 1), "margins": margins}
+        self.history.append(entry)
+        if self.history_path:
+            write_json(self.history_path, self.history, indent=1)
+        logger.info(f"model selection at iteration {entry['iteration']} ({entry['seconds']:.0f} s, "
+                    f"{len(self.cases)} held-out cases): margin over the better baseline {format_margins(margins)}; "
+                    f"score {score:+.3f}" + (f", saved to {self.path}" if saved else
+                                               f" (best {self.best['score']:+.3f} at iteration "
+                                               f"{self.best['iteration']})"))
+
+    def summary(self) -> str:
+        """The latest pass in one phrase, for the progress line ("" before the first)."""
+        if not self.history:
+            return ""
+        last, best = self.history[-1], self.best
+        text = f"selection at iteration {last['iteration']}: {format_margins(last['margins'])} over the better baseline"
+        if best is not None:
+            text += f" (best score {best['score']:+.3f} at iteration {best['iteration']})"
+        return text

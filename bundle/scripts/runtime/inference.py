@@ -48,6 +48,7 @@ from .checkpoints import LEGACY_GENERATOR, any_missing_arch, checkpoint_kind, lo
 from .conventions import ANYMISSING, CHANNELS, SOURCE, TARGETS
 from .data import load_split, neighbour_slices, read_datalist
 from .files import atomic_paths
+from .precision import check_precision, native_bf16, resolve_precision
 from .throughput import process_shard, shard
 
 logger = logging.getLogger(__name__)
@@ -482,43 +483,6 @@ class SaveTargetsd:
 
 #: Ways :class:`BrainSliceInferer` can run the network.
 BACKENDS = ("auto", "torch", "onnxruntime")
-#: Number formats :class:`SliceRunner` can run the network in (``auto``: :func:`resolve_precision`).
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without it bf16 is emulated, and slow."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return False
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` itself when it is one of :data:`PRECISIONS` (bf16 on a CPU without native bf16 runs, with a
-    warning at its first use).
-
-    Raises:
-        ValueError: an unknown precision.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """The number format ``precision`` means for slices on a ``device_type`` device: ``"fp32"`` or ``"bf16"``.
-
-    ``auto`` is bf16 on a CPU that computes it natively (:func:`native_bf16`), where it was measured 1.3x faster
-    than the fp32 default path with outputs within 47.8 dB PSNR of fp32's (docs/performance.md), and fp32
-    elsewhere: on a CPU without it (emulated bf16 is slow) and on a GPU (the network is a few percent of a
-    volume's time there; ``amp`` is the GPU's option).
-    """
-    if check_precision(precision) == "auto":
-        return "bf16" if device_type == "cpu" and native_bf16() else "fp32"
-    return precision
-
-
 def onnxruntime_available() -> bool:
     """Whether ``onnx`` (needed by ``torch.onnx.export``) and ``onnxruntime`` can be imported."""
     try:

@@ -29,6 +29,7 @@ SEGMENTER_REAL_WEIGHT = 0.3
 
 
 def _per_image(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    x = x.float()  # a bf16 map (autocast) is summed in fp32: a 128x128 sum in bf16 would keep 3 significant digits
     if reduction == "sum":
         return x.flatten(1).sum(1).mean()
     if reduction == "mean":
@@ -48,7 +49,7 @@ def l1_loss(fake: torch.Tensor, real: torch.Tensor, reduction: str = "sum") -> t
 
 def modality_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``(B, num_targets)`` logits against ``(B,)`` target indices (modalities are exclusive)."""
-    return nn.functional.cross_entropy(logits, labels.long())
+    return nn.functional.cross_entropy(logits.float(), labels.long())
 
 
 def gradient_penalty(
@@ -70,8 +71,9 @@ def gradient_penalty(
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     src, _ = critic(source, x_hat, labels)
-    (grad,) = torch.autograd.grad(src.sum(), x_hat, create_graph=True)
-    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    (grad,) = torch.autograd.grad(src.float().sum(), x_hat, create_graph=True)
+    # x_hat is fp32, so is its gradient (under bf16 autocast too); the norm and the penalty are taken in fp32
+    return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
 def critic_loss(
@@ -131,7 +133,7 @@ def tumour_consistency_loss(
     Returns:
         scalar tensor.
     """
-    return dice(segmenter(fake, labels), tumour)
+    return dice(segmenter(fake, labels).float(), tumour)
 
 
 def generator_loss(

@@ -20,6 +20,10 @@ One iteration on a batch ``{"image": (B, 4, H, W) [FLAIR, T1, T1ce, T2] in [-1, 
 
 S is frozen (eval mode, no parameter gradients; the Dice gradient still reaches G) when ``train_segmenter``
 is False, and absent (λseg unused) when ``seg_network`` is None.
+
+With ``precision="bf16"`` (or ``"auto"`` where bf16 is native, :func:`~scripts.runtime.precision.training_precision`)
+every forward pass of G, D and S runs under bf16 autocast; weights, gradients and optimizer states stay fp32, and
+the losses, the gradient penalty's norm and the Dice term are reduced in fp32 (:mod:`scripts.runtime.losses`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch.optim import Optimizer
 
 from .data import draw_targets
 from .losses import critic_loss, generator_loss, segmenter_update_loss
+from .precision import autocast, training_precision
 
 #: The scalar terms an iteration reports (StatsHandler / TensorBoard tags).
 LOSS_KEYS = ("d_loss", "d_real", "d_fake", "d_cls", "d_gp", "g_loss", "g_adv", "g_cls", "g_l1", "g_seg", "s_loss")
@@ -76,6 +81,8 @@ class TCMGANTrainer(Trainer):
             called as ``g(*g_inputs, labels=k)``, the critic is conditioned on ``x``, ``seg_rows`` (None: all) are
             the samples the tumour-consistency term covers. Default :meth:`paper_draw`;
             :class:`scripts.runtime.anymissing.AvailabilityDraw` for the any-missing generator.
+        precision: ``"fp32"`` (default), ``"bf16"`` (autocast, fp32 master weights) or ``"auto"`` (bf16 where it is
+            native, :func:`~scripts.runtime.precision.training_precision`); the one used is ``self.precision``.
         other arguments: as in MONAI's ``Trainer``.
     """
 
@@ -101,6 +108,7 @@ class TCMGANTrainer(Trainer):
         num_targets: int = 3,
         epoch_length: int | None = None,
         draw=None,
+        precision: str = "fp32",
         non_blocking: bool = False,
         prepare_batch=default_prepare_batch,
         key_train_metric=None,
@@ -135,6 +143,7 @@ class TCMGANTrainer(Trainer):
         self.reduction = reduction
         self.num_targets = num_targets
         self.draw = draw if draw is not None else self.paper_draw
+        self.precision = training_precision(precision, torch.device(device).type)
         if seg_network is not None and not train_segmenter:
             seg_network.eval().requires_grad_(False)
 
@@ -161,23 +170,30 @@ class TCMGANTrainer(Trainer):
         if s is not None:
             s.train(self.train_segmenter)
 
+        device_type = engine.state.device.type if isinstance(engine.state.device, torch.device) else "cpu"
+
+        def amp():  # a fresh autocast context per use (bf16 or disabled)
+            return autocast(self.precision, device_type)
+
         # critic step(s), eq. (6)
         for _ in range(self.d_train_steps):
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 fake = g(*g_in, labels=k)
             self.d_optimizer.zero_grad(set_to_none=True)
-            d_loss, d_terms = critic_loss(d, x, y, fake, k, self.lambda_cls, self.lambda_gp, self.reduction)
+            with amp():
+                d_loss, d_terms = critic_loss(d, x, y, fake, k, self.lambda_cls, self.lambda_gp, self.reduction)
             d_loss.backward()
             self.d_optimizer.step()
 
         # generator step, eq. (7) with the tumour-consistency term eq. (4)
         d.requires_grad_(False)
         self.g_optimizer.zero_grad(set_to_none=True)
-        fake = g(*g_in, labels=k)
-        g_loss, g_terms = generator_loss(
-            d, x, y, fake, k, self.lambda_cls, self.lambda_l1, self.lambda_seg, self.reduction,
-            segmenter=s, tumour=tumour, dice=self.seg_loss_function, seg_rows=seg_rows,
-        )  # fmt: skip
+        with amp():
+            fake = g(*g_in, labels=k)
+            g_loss, g_terms = generator_loss(
+                d, x, y, fake, k, self.lambda_cls, self.lambda_l1, self.lambda_seg, self.reduction,
+                segmenter=s, tumour=tumour, dice=self.seg_loss_function, seg_rows=seg_rows,
+            )  # fmt: skip
         g_loss.backward()
         self.g_optimizer.step()
         d.requires_grad_(True)
@@ -185,12 +201,13 @@ class TCMGANTrainer(Trainer):
         # joint segmenter step (TC-MGAN bw)
         if self.train_segmenter:
             self.s_optimizer.zero_grad(set_to_none=True)
-            s_loss, _ = segmenter_update_loss(s, fake, y, k, tumour, self.seg_loss_function)
+            with amp():
+                s_loss, _ = segmenter_update_loss(s, fake, y, k, tumour, self.seg_loss_function)
             s_loss.backward()
             self.s_optimizer.step()
             out["s_loss"] = s_loss.detach()
 
-        out["fake"] = fake.detach()
+        out["fake"] = fake.detach().float()
         terms = {**d_terms, **g_terms}  # the last critic step's terms, as before
         # detached 0-d tensors, not floats: ``.item()`` here would make the CPU wait for the GPU every iteration
         # (no overlap of the next batch's loading with this step's kernels); see :func:`loss_terms`
