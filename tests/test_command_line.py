@@ -57,6 +57,28 @@ def test_an_error_ends_in_the_one_line_of_the_bundle(tmp_path):
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
+@pytest.mark.parametrize("config,typo,meant", [
+    ("bundle/configs/inference.json", "ckpt_pth", "ckpt_path"),
+    ("bundle/configs/train.json", "max_epoch", "max_epochs"),
+    ("bundle/configs/train.json", "dataset_dri", "dataset_dir"),
+])  # fmt: skip
+def test_a_misspelt_option_stops_the_workflow_in_one_line_naming_the_id_meant(config, typo, meant, tmp_path):
+    out = tmp_path / "out"
+    result = bundle_run("--config_file", config, "--output_dir", str(out), f"--{typo}", "1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"unknown option --{typo}: {os.path.basename(config)} has no id {typo!r}; did you mean --{meant}?")
+    assert not out.exists()
+
+
+def test_overrides_of_existing_ids_nested_ones_and_monai_options_are_known():
+    files = [str(REPO / "bundle" / "configs" / "train.json")]
+    argv = ["--max_epochs", "2", "--train#dataloader#num_workers", "0", "--config_file", "x", "--meta_file", "m"]
+    assert command_line.unknown_overrides(files, argv) == []
+    assert command_line.unknown_overrides(files, ["--trian#dataloader", "1", "--zzzz", "1"]) == [
+        ("trian#dataloader", "train#dataloader"), ("zzzz", None)]
+
+
 def test_one_line_is_the_innermost_error_with_its_lines_joined():
     try:
         try:

@@ -27,7 +27,7 @@ from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from torch import nn
 
-from scripts.runtime import inference
+from scripts.runtime import files, inference
 from scripts.runtime.inference import BrainSliceInferer
 from scripts.runtime.networks import TARGETS, SynthesisNet
 
@@ -82,11 +82,11 @@ def write_datalist(root: Path, splits: dict) -> Path:
 
 
 def test_case_id_drops_extension_and_t2_tag():
-    assert inference.case_id("/d/BraTS2021_00000_t2.nii.gz") == "BraTS2021_00000"
-    assert inference.case_id("/d/BraTS-GLI-00000-000-t2w.nii.gz") == "BraTS-GLI-00000-000"
-    assert inference.case_id("/d/sub-01_T2w.nrrd") == "sub-01"
-    assert inference.case_id("/d/t2.mha") == "t2"
-    assert inference.case_id("/d/series7/") == "series7"
+    assert files.case_id("/d/BraTS2021_00000_t2.nii.gz") == "BraTS2021_00000"
+    assert files.case_id("/d/BraTS-GLI-00000-000-t2w.nii.gz") == "BraTS-GLI-00000-000"
+    assert files.case_id("/d/sub-01_T2w.nrrd") == "sub-01"
+    assert files.case_id("/d/t2.mha") == "t2"
+    assert files.case_id("/d/series7/") == "series7"
 
 
 def test_brats_volume_gives_three_targets_on_its_grid_in_0_1(tmp_path, tcmgan_ckpt):

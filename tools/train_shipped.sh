@@ -1,82 +1,113 @@
 #!/usr/bin/env bash
-# The recipe of the shipped bundle/models/model.pt (the recommended model: TC-MGAN, 3-slice context,
-# resize-convolution, augmentation), run from the repository root: domain-randomised phantoms -> segmenter
-# pre-training -> recommended GAN -> its out-of-distribution evaluation (phantom.py --domain shifted) and figures.
-# Everything it keeps goes to $OUT (model.pt, logs, table1.md, the figures).
+# The recipe of the shipped bundle/models/model.pt, one command, resumable stage by stage (run it again after a
+# kill: finished stages are skipped, the GAN continues from its last checkpoint). From the repository root:
+#   phantoms (training: domain-randomised, optionally half of them with physics contrasts; model selection:
+#   shifted cases of seed 1; test: shifted cases of seed 0) -> segmenter pre-training -> the recommended GAN
+#   within a wall-time limit, model.pt chosen by the margin over the better trivial baseline on the selection
+#   cases -> the test set's quality table (model.pt, and the run's kept generators at three budgets) -> inference
+#   and the axial / sagittal figures of one test case. Everything it keeps goes to $OUT.
 #
-#   OUT=/tmp/ship bash tools/train_shipped.sh                    # the GPU recipe (one H100/H200, ~10 min)
-#   OUT=/tmp/ship DEVICE=cpu NCASES=40 SEG_EPOCHS=6 SEG_BATCH=32 BATCH=16 GAN_EPOCHS=48 EPOCH_LENGTH=25 \
-#       GAN_LIMIT=0 bash tools/train_shipped.sh                 # the CPU run the current model.pt comes from
-#   QUICK=1 OUT=/tmp/ship_dry bash tools/train_shipped.sh        # every stage tiny: a dry run of this script
+#   OUT=runs/shipped nohup bash tools/train_shipped.sh > runs/shipped.log 2>&1 &   # the CPU recipe (2 cores)
+#   OUT=/tmp/ship NCASES=96 BATCH=64 GAN_LIMIT=420 bash tools/train_shipped.sh      # a GPU (H100/H200)
+#   QUICK=1 OUT=/tmp/ship_dry bash tools/train_shipped.sh                          # every stage tiny: a dry run
 #
-# Settings (environment): NCASES training phantoms (their datalist: 90 % gan, 10 % seg), OOD held-out shifted
-# cases, SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, GAN_EPOCHS, EPOCH_LENGTH (iterations per GAN epoch; empty =
-# whole epochs), GAN_LIMIT (seconds, 0 = none; model.pt keeps the best validated epoch), BUDGET (seconds for the
-# whole script; the GAN gets what is left after RESERVE seconds for what follows it), DEVICE (default: cuda:0
-# when there is a GPU), WORKERS (processes for the phantoms and the cache).
+# Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (randomised, or
+# mix: the second half of the training cases from phantom.py --domain physics), NSELECT shifted cases for the model
+# selection (seed 1), OOD shifted test cases (seed 0), SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, CONTEXT (G's input
+# slices), GAN_LIMIT (seconds of GAN training; 0 = until GAN_EPOCHS x EPOCH_LENGTH iterations), GAN_EPOCHS,
+# EPOCH_LENGTH, SELECT_EVERY (iterations between model-selection passes), BUDGET (seconds for the whole script:
+# the GAN's limit shrinks to what is left after RESERVE seconds for what follows it), THREADS (torch threads of
+# the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache).
 set -uo pipefail
-OUT=${OUT:-/tmp/brainsynth_ship}; mkdir -p "$OUT"
+OUT=${OUT:-runs/shipped}; mkdir -p "$OUT"
 . "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
 Q=${QUICK:-0}
 W=${WORKERS:-$(nproc)}
-NCASES=$([ "$Q" = 1 ] && echo "${NCASES:-6}" || echo "${NCASES:-120}")
-OOD=$([ "$Q" = 1 ] && echo 2 || echo "${OOD:-12}")
-SHAPE=$([ "$Q" = 1 ] && echo "--shape [96,96,40]" || echo "")
-SEG_EPOCHS=$([ "$Q" = 1 ] && echo 1 || echo "${SEG_EPOCHS:-10}")
-SEG_BATCH=${SEG_BATCH:-64}
-FEATURES=$([ "$Q" = 1 ] && echo 4 || echo "${FEATURES:-16}")
-BATCH=$([ "$Q" = 1 ] && echo 4 || echo "${BATCH:-64}")
-GAN_EPOCHS=$([ "$Q" = 1 ] && echo 2 || echo "${GAN_EPOCHS:-40}")
-EPOCH_LENGTH=$([ "$Q" = 1 ] && echo 2 || echo "${EPOCH_LENGTH:-}")
-GAN_LIMIT=${GAN_LIMIT:-$([ "$Q" = 1 ] && echo 0 || echo 420)}
-BUDGET=${BUDGET:-0}     # seconds for the whole script (0 = none): the GAN's limit shrinks to what is left of it
-RESERVE=${RESERVE:-100} # seconds kept for the evaluation, inference and figures when BUDGET is set
-MINPIX=$([ "$Q" = 1 ] && echo "--min_brain_pixels 400" || echo "")
+pick() { [ "$Q" = 1 ] && echo "$1" || echo "$2"; }  # the QUICK value or the setting's
+NCASES=$(pick 6 "${NCASES:-40}"); NSELECT=$(pick 1 "${NSELECT:-4}"); OOD=$(pick 2 "${OOD:-8}")
+CONTRAST=${CONTRAST:-randomised}
+SHAPE=$(pick "--shape [96,96,40]" ""); MINPIX=$(pick "--min_brain_pixels 400" "")
+SEG_EPOCHS=$(pick 1 "${SEG_EPOCHS:-6}"); SEG_BATCH=${SEG_BATCH:-32}
+FEATURES=$(pick 4 "${FEATURES:-16}"); BATCH=$(pick 4 "${BATCH:-16}"); CONTEXT=${CONTEXT:-3}
+GAN_EPOCHS=$(pick 2 "${GAN_EPOCHS:-50}"); EPOCH_LENGTH=$(pick 2 "${EPOCH_LENGTH:-200}")
+GAN_LIMIT=$(pick 0 "${GAN_LIMIT:-5000}"); SELECT_EVERY=$(pick 2 "${SELECT_EVERY:-300}")
+BUDGET=${BUDGET:-0}; RESERVE=${RESERVE:-100}
+THREADS=${THREADS:-$(nproc)}
 DEVICE=${DEVICE:-$($PY -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")}
-D=$OUT/data; T=$OUT/ood; R=$OUT/runs
-(nvidia-smi -L 2>/dev/null || echo "no GPU: $DEVICE") | tee -a "$OUT/session.log"
+D=$OUT/data; S=$OUT/select; T=$OUT/ood; R=$OUT/runs; G=$R/recommended
+(nvidia-smi -L 2>/dev/null || echo "no GPU: $DEVICE, $THREADS threads") | tee -a "$OUT/session.log"
 BUNDLE="$PY -m monai.bundle run --bundle_root bundle"
-LEN=${EPOCH_LENGTH:+--epoch_length $EPOCH_LENGTH}
 
-log "phantoms: $NCASES randomised (seed 0), $OOD shifted (seed 0), $W processes"
-[ -f "$D/datalist.json" ] || $PY bundle/scripts/phantom.py --output_dir "$D" --num_cases "$NCASES" --seed 0 \
-  --domain randomised --workers "$W" $SHAPE > "$OUT/phantoms.log" 2>&1 || log "phantoms FAILED"
-[ -f "$T/datalist.json" ] || $PY bundle/scripts/phantom.py --output_dir "$T" --num_cases "$OOD" --seed 0 \
-  --domain shifted --workers "$W" $SHAPE >> "$OUT/phantoms.log" 2>&1 || log "shifted phantoms FAILED"
-$PY bundle/scripts/prepare_datalist.py --data_dir "$D" --fractions "[0.9,0.1,0.0]" | tail -1 | tee -a "$OUT/session.log"
-$PY bundle/scripts/prepare_datalist.py --data_dir "$T" --fractions "[0,0,1]" | tail -1 | tee -a "$OUT/session.log"
-
-log "segmenter: $SEG_EPOCHS epochs"
-$BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/train_segmenter.json']" --dataset_dir "$D" \
-  --output_dir "$R" --device "$DEVICE" --features 16 --batch_size "$SEG_BATCH" --max_epochs "$SEG_EPOCHS" \
-  --val_num_cases 3 $MINPIX --cache_num_workers "$W" --overwrite true > "$OUT/segmenter.log" 2>&1 || {
-  log "segmenter FAILED; its log ends:"; grep -a -v "INFO - >" "$OUT/segmenter.log" | tail -25 | tee -a "$OUT/session.log"; }
-VARIANT=""
-[ -f "$R/segmenter/model.pt" ] || { VARIANT="--variant mgan"; log "no segmenter: the GAN is trained without the tumour-consistency term (mgan)"; }
-grep -a "best value" "$OUT/segmenter.log" | tail -1 | tee -a "$OUT/session.log"
-
-log "recommended model: features $FEATURES, batch $BATCH, $GAN_EPOCHS epochs ${EPOCH_LENGTH:+of $EPOCH_LENGTH iterations}"
-if [ "$BUDGET" -gt 0 ]; then  # what is left of the session's budget, less the evaluation, inference and figures
-  LEFT=$((BUDGET - SECONDS - RESERVE)); [ "$GAN_LIMIT" -eq 0 ] || [ "$LEFT" -lt "$GAN_LIMIT" ] && GAN_LIMIT=$LEFT
-  [ "$GAN_LIMIT" -lt 30 ] && GAN_LIMIT=30
-  log "GAN time limit: $GAN_LIMIT s (budget $BUDGET s, $SECONDS s used, $RESERVE s kept for what follows)"
+phantoms() {  # folder, number, seed, domain, fractions
+  [ -f "$1/datalist.json" ] && return
+  $PY bundle/scripts/phantom.py --output_dir "$1" --num_cases "$2" --seed "$3" --domain "$4" --workers "$W" \
+    --overwrite true $SHAPE >> "$OUT/phantoms.log" 2>&1 || log "phantoms $1 FAILED"
+  $PY bundle/scripts/prepare_datalist.py --data_dir "$1" --fractions "$5" | tail -1 | tee -a "$OUT/session.log"
+}
+log "phantoms: $NCASES training ($CONTRAST), $NSELECT shifted for the selection (seed 1), $OOD shifted for the test (seed 0)"
+if [ "$CONTRAST" = mix ]; then  # the first half randomised, the second half physics contrasts (other anatomy too)
+  if [ ! -f "$D/datalist.json" ]; then
+    HALF=$((NCASES / 2))
+    $PY bundle/scripts/phantom.py --output_dir "$OUT/randomised" --num_cases "$HALF" --seed 0 --workers "$W" \
+      --overwrite true $SHAPE >> "$OUT/phantoms.log" 2>&1 || log "phantoms FAILED"
+    $PY bundle/scripts/phantom.py --output_dir "$OUT/physics" --num_cases "$NCASES" --seed 0 --domain physics \
+      --workers "$W" --overwrite true $SHAPE >> "$OUT/phantoms.log" 2>&1 || log "physics phantoms FAILED"
+    mkdir -p "$D"
+    for c in "$OUT"/randomised/BraTS2021_*; do ln -sfn "../randomised/$(basename "$c")" "$D/"; done
+    for c in "$OUT"/physics/BraTS2021_*; do  # the physics cases numbered from HALF on
+      n=$((10#${c##*_})); [ "$n" -ge "$HALF" ] && ln -sfn "../physics/$(basename "$c")" "$D/"
+    done
+    $PY bundle/scripts/prepare_datalist.py --data_dir "$D" --fractions "[0.85,0.15,0.0]" | tail -1 | tee -a "$OUT/session.log"
+  fi
+else
+  phantoms "$D" "$NCASES" 0 randomised "[0.85,0.15,0.0]"
 fi
-LIMIT=$([ "$GAN_LIMIT" -gt 0 ] && echo "timeout $GAN_LIMIT" || echo "")
-$LIMIT $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/recommended.json']" --dataset_dir "$D" $VARIANT \
-  --output_dir "$R" --device "$DEVICE" --features "$FEATURES" --batch_size "$BATCH" --max_epochs "$GAN_EPOCHS" $LEN \
-  --val_num_cases 3 --val_interval 4 $MINPIX --cache_num_workers "$W" --log_every 25 --overwrite true \
-  > "$OUT/recommended.log" 2>&1 || { log "training stopped (exit $?; 124 = time limit, model.pt holds the best validated epoch)"
-  grep -a -v "INFO - >" "$OUT/recommended.log" | grep -a -v "Epoch\|Iteration" | tail -8 | tee -a "$OUT/session.log"; }
-grep -a "Epoch\[[0-9]*\] Metrics" "$OUT/recommended.log" | tail -3 | tee -a "$OUT/session.log"
-cp "$R/recommended/model.pt" "$OUT/model.pt" 2>/dev/null || log "no model.pt"
+phantoms "$S" "$NSELECT" 1 shifted "[0,0,1]"
+phantoms "$T" "$OOD" 0 shifted "[0,0,1]"
 
-log "evaluation on the $OOD shifted cases"
-$BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --dataset_dir "$T" \
-  --ckpt_path "$OUT/model.pt" --output_dir "$OUT/evaluation" --device "$DEVICE" $MINPIX \
-  > "$OUT/evaluation.log" 2>&1 || log "evaluation FAILED"
+if [ ! -f "$R/segmenter/model.pt" ]; then
+  log "segmenter: $SEG_EPOCHS epochs"
+  $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/train_segmenter.json']" --dataset_dir "$D" \
+    --output_dir "$R" --device "$DEVICE" --features 16 --batch_size "$SEG_BATCH" --max_epochs "$SEG_EPOCHS" \
+    --val_num_cases 3 $MINPIX --cache_num_workers "$W" --overwrite true > "$OUT/segmenter.log" 2>&1 || {
+    log "segmenter FAILED; its log ends:"; grep -a -v "INFO - >" "$OUT/segmenter.log" | tail -25 | tee -a "$OUT/session.log"; }
+  grep -a "best value" "$OUT/segmenter.log" | tail -1 | tee -a "$OUT/session.log"
+fi
+
+if [ ! -f "$G/done" ]; then
+  if [ "$BUDGET" -gt 0 ]; then  # what is left of the session's budget, less the evaluation, inference and figures
+    LEFT=$((BUDGET - SECONDS - RESERVE)); { [ "$GAN_LIMIT" -eq 0 ] || [ "$LEFT" -lt "$GAN_LIMIT" ]; } && GAN_LIMIT=$LEFT
+    [ "$GAN_LIMIT" -lt 30 ] && GAN_LIMIT=30
+  fi
+  RESUME=$([ -f "$G/checkpoint.pt" ] && echo "--resume true" || echo "--overwrite true")
+  log "recommended model ($RESUME): features $FEATURES, batch $BATCH, context $CONTEXT, limit $GAN_LIMIT s"
+  OMP_NUM_THREADS=$THREADS $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/recommended.json']" \
+    --dataset_dir "$D" --output_dir "$R" --device "$DEVICE" --features "$FEATURES" --batch_size "$BATCH" \
+    --context "$CONTEXT" --max_epochs "$GAN_EPOCHS" --epoch_length "$EPOCH_LENGTH" --time_limit "$GAN_LIMIT" \
+    --select_dataset_dir "$S" --select_interval "$SELECT_EVERY" --select_keep true --val_num_cases 3 \
+    --val_interval 5 $MINPIX --cache_num_workers "$W" --log_every 100 $RESUME >> "$OUT/recommended.log" 2>&1 \
+    && touch "$G/done" || log "training stopped (exit $?): run this script again to resume it"
+  grep -a "model selection at\|progress:" "$OUT/recommended.log" | tail -3 | tee -a "$OUT/session.log"
+fi
+cp "$G/model.pt" "$OUT/model.pt" 2>/dev/null || { log "no model.pt"; exit 1; }
+
+evaluate() {  # checkpoint, output folder
+  [ -f "$2/table1.md" ] && return
+  $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --dataset_dir "$T" --ckpt_path "$1" --output_dir "$2" --device "$DEVICE" $MINPIX > "$2.log" 2>&1 \
+    || log "evaluation of $1 FAILED"
+}
+log "evaluation on the $OOD shifted test cases: model.pt, and the kept generators at three budgets"
+evaluate "$OUT/model.pt" "$OUT/evaluation"
 sed -n '/Quality protocol/,$p' "$OUT/evaluation/table1.md" | tee -a "$OUT/session.log"
-$BUNDLE inference --config_file bundle/configs/inference.json --dataset_dir "$T" --output_dir "$OUT/inference" \
-  --ckpt_path "$OUT/model.pt" --device "$DEVICE" > "$OUT/inference.log" 2>&1 || log "inference FAILED"
+KEPT=($(ls "$G"/selection/iteration_*.pt 2>/dev/null | sort -t_ -k2 -n))
+if [ "${#KEPT[@]}" -ge 3 ]; then
+  for k in "${KEPT[0]}" "${KEPT[$(( ${#KEPT[@]} / 2 ))]}" "${KEPT[-1]}"; do  # first, middle, last
+    evaluate "$k" "$OUT/budget_$(basename "$k" .pt)"
+  done
+fi
+[ -d "$OUT/inference" ] || $BUNDLE inference --config_file bundle/configs/inference.json --dataset_dir "$T" \
+  --output_dir "$OUT/inference" --ckpt_path "$OUT/model.pt" --device "$DEVICE" > "$OUT/inference.log" 2>&1 \
+  || log "inference FAILED"
 for view in axial sagittal; do
   $PY bundle/scripts/figures.py synthesis_figure "$T" "$OUT/inference" "$OUT/ood_$view.png" --view "$view" >/dev/null \
     || log "figure $view FAILED"

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts.runtime.command_line import VERBOSE_ENV, flag, run_tool  # noqa: E402
-from scripts.runtime.inference import _EXTENSIONS, case_id, volume_stem  # noqa: E402
+from scripts.runtime.files import _EXTENSIONS, case_id, volume_stem  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE / "configs"
@@ -37,10 +37,14 @@ CONFIGS = BUNDLE / "configs"
 def _workflow(files: list[str], verbose: bool = False, **overrides) -> None:
     """Run the bundle workflow made of ``files`` (config names in ``bundle/configs``) with ``overrides``, in this
     process, as ``python -m monai.bundle run`` does; options given as ``None`` keep the workflow's default."""
+    import logging
+
     from monai.bundle import ConfigWorkflow
 
     if flag(verbose):
         os.environ[VERBOSE_ENV] = "1"
+    else:  # MONAI's start-up lines (workflow type, logging file) are for the verbose
+        logging.getLogger("monai.bundle.workflows").setLevel(logging.WARNING)
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / f) for f in files],
         meta_file=str(CONFIGS / "metadata.json"),
@@ -155,6 +159,10 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
         if int(threads) < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
+    if not flag(verbose):  # the engine's start and end lines; the per-case progress lines stay
+        import logging
+
+        logging.getLogger("ignite").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="brainsynth_") as scratch:
         sources = inputs_of(input, scratch)
         if "datalist" in sources and "datalist_split" not in sources:

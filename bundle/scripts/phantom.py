@@ -945,6 +945,16 @@ def _clear_earlier_run(output_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _earlier_record(output_dir: Path) -> dict | None:
+    """The record (``phantom.json``) of an earlier phantom run in ``output_dir``, or None."""
+    import json
+
+    try:
+        return json.loads((output_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _one_thread() -> None:
     """Initializer of :func:`generate`'s worker processes: one torch thread each (the processes share the cores)."""
     import torch
@@ -971,10 +981,13 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
         shape: grid (X, Y, Z); BraTS is 240x240x155. Accepts a list/tuple or a string like "[240,240,155]".
         overwrite: write into a folder that is not empty, first removing what an earlier phantom run wrote there
             (its cases, ``dataset.json``, ``datalist*.json`` and ``phantom.json``); without it such a folder is
-            refused, so that fewer cases never mix with the old ones.
+            refused, so that fewer cases never mix with the old ones -- unless it holds exactly the cases asked
+            for (its ``phantom.json`` records the same number, seed, layout, shape and domain): then nothing is
+            done, so a command can be run again as it is.
         domain: "randomised" (default: domain-randomised contrasts, imaging, anatomy and tumours, for training),
-            "fixed" (the narrow phantom before randomisation) or "shifted" (held-out cases beyond the randomised
-            ranges, from a separate seed stream: an out-of-distribution evaluation set). See docs/phantom.md.
+            "fixed" (the narrow phantom before randomisation), "shifted" (held-out cases beyond the randomised
+            ranges, from a separate seed stream: an out-of-distribution evaluation set) or "physics" (as
+            "randomised", with contrasts from MR signal equations, another seed stream). See docs/phantom.md.
         workers: processes making cases at once (each case is the same whichever process makes it); 0 = one per
             CPU core.
 
@@ -1006,6 +1019,14 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
     from tqdm import tqdm
 
     output_dir = Path(output_dir)
+    record = {"num_cases": int(num_cases), "seed": int(seed), "layout": layout, "shape": list(shape),
+              "domain": domain}
+    earlier = _earlier_record(output_dir)
+    if not overwrite and earlier is not None and {k: earlier.get(k) for k in record} == record \
+            and all((output_dir / c).exists() or layout == "msd" for c in earlier.get("cases", [])):
+        print(f"{output_dir} already holds these {num_cases} cases (seed {seed}, {domain}, {layout}): nothing to do "
+              "(--overwrite true makes them anew)")
+        return list(earlier["cases"])
     _clear_earlier_run(output_dir, bool(overwrite))
     output_dir.mkdir(parents=True, exist_ok=True)
     affine = brats_affine(shape)
@@ -1022,8 +1043,7 @@ def generate(output_dir, num_cases: int = 10, seed: int = 0, layout: str = "brat
         case_ids = [_make_and_write(job) for job in tqdm(jobs, **progress)]
     if layout == "msd":
         _write_msd_json(output_dir, case_ids)
-    record = {"num_cases": int(num_cases), "seed": int(seed), "layout": layout, "shape": list(shape),
-              "domain": domain, "cases": case_ids}
+    record["cases"] = case_ids
     write_json(str(output_dir / RUN_RECORD), record, newline=True, indent=2)
     return case_ids
 

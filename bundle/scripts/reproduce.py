@@ -117,6 +117,13 @@ def _bundle_cmd(config: str, **overrides) -> list[str]:
     return cmd
 
 
+def portable(cmd: list[str]) -> str:
+    """A command as the records and ``results.md`` show it: ``python`` for this interpreter and paths relative to
+    the repository root, so that it runs as written on another machine from the root of a clone."""
+    root = str(REPO) + os.sep
+    return shlex.join(["python" if c == sys.executable else c.replace(root, "") for c in cmd])
+
+
 class Study:
     """The stages of one study (see the module doc) and the bookkeeping that makes it resumable."""
 
@@ -167,7 +174,7 @@ class Study:
         return self._marker(stage).is_file()
 
     def record(self, stage: str, commands: list[list[str]], wall: float) -> None:
-        info = {"stage": stage, "commands": [shlex.join(c) for c in commands], "wall_s": round(wall, 1),
+        info = {"stage": stage, "commands": [portable(c) for c in commands], "wall_s": round(wall, 1),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
         write_json(str(self._marker(stage)), info, indent=2)
 

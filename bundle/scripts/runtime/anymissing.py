@@ -35,7 +35,8 @@ from .conventions import CHANNELS, FILE_SUFFIXES, SOURCE, TARGETS, VARIANT_NAMES
 from .data import case_name, read_datalist
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .evaluation import _fmt, _to_unit
-from .inference import LoadT2d, case_id, volume_stem
+from .files import case_id, volume_stem
+from .inference import LoadT2d
 from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores, psnr_in_mask
 from .networks import any_missing_input, t2_only
 

@@ -107,19 +107,39 @@ def config_files(argv: list[str] | None = None) -> list[str]:
     return []
 
 
-def workflow_help(files: list[str]) -> str:
+def _given(argv: list[str]) -> dict[str, str]:
+    """``{id: value}`` of the ``--id value`` / ``--id=value`` options of a command line."""
+    given = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and len(arg) > 2:
+            name, _, value = arg[2:].partition("=")
+            if not _ and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+            given[name] = value
+    return given
+
+
+def workflow_help(files: list[str], argv: list[str] | None = None) -> str:
     """The overridable ids of the workflow made of ``files`` (later files override earlier ones): every top-level id
-    whose value is a plain setting (number, string, boolean, null or a list of those), with that value."""
+    whose value is a plain setting (number, string, boolean, null or a list of those), with the value this command
+    line (``argv``) would use: the one it gives, else the default. The workflow's own steps (lists of expressions
+    such as ``run``) and checks (``*_check``) are left out."""
     from monai.bundle import ConfigParser
 
     config = ConfigParser.load_config_files(files) if files else {}
+    given = _given(argv or [])
     plain = (int, float, str, bool, type(None))
     rows = []
     for key, value in config.items():
         if key.startswith("+") or key in ("imports", "config_stack", "help", "initialize", "finalize"):
             continue
+        steps = isinstance(value, list) and value and all(isinstance(v, str) and v.startswith("$") for v in value)
+        if key.endswith("_check") or steps:
+            continue
         if isinstance(value, plain) or (isinstance(value, list) and all(isinstance(v, plain) for v in value)):
-            if isinstance(value, str) and value.startswith("$"):
+            if key in given:
+                value = given[key]
+            elif isinstance(value, str) and value.startswith("$"):
                 value = f"computed: {value[1:]}"
             rows.append((key, value))
     width = max((len(k) for k, _ in rows), default=0)
@@ -130,12 +150,76 @@ def workflow_help(files: list[str]) -> str:
     return "\n".join(lines)
 
 
+#: Log messages that only repeat an error the one-line hook prints anyway (Ignite logs an engine's exception twice).
+_REPEATED_ERRORS = ("Current run is terminating due to exception", "Engine run is terminating due to exception",
+                    "Exception: ")
+#: Warnings MONAI gives for settings the bundle uses knowingly (``Orientationd``'s ``labels`` default).
+_KNOWN_WARNINGS = (r".*Orientationd.__init__:labels.*",)
+
+
+def _not_a_repeated_error(record) -> bool:
+    return not (record.levelname == "ERROR" and str(record.getMessage()).startswith(_REPEATED_ERRORS))
+
+
+def quiet() -> None:
+    """Keep a run's output to what a user needs (unless :data:`VERBOSE_ENV` is set): MONAI's warnings about settings
+    the bundle uses knowingly are silenced, and Ignite's log lines that repeat an uncaught error are dropped from the
+    console (the error itself ends the run in one line)."""
+    import logging
+    import warnings
+
+    if os.environ.get(VERBOSE_ENV):
+        return
+    for pattern in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for handler in logging.getLogger().handlers:
+        if _not_a_repeated_error not in handler.filters:
+            handler.addFilter(_not_a_repeated_error)
+
+
+#: Options of ``python -m monai.bundle run`` itself (its ``run`` function's parameters), not config ids.
+MONAI_RUN_OPTIONS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
+                     "args_file", "workflow_type", "workflow_name", "help")
+
+
+def unknown_overrides(files: list[str], argv: list[str]) -> list[tuple[str, str | None]]:
+    """The options of a ``monai.bundle run`` command line that name no id of the workflow's config ``files``, each
+    with the closest id (or None): ``[("ckpt_pth", "ckpt_path")]``. A nested override (``train#dataloader#
+    num_workers``) counts when its first part is an id; MONAI's own options (:data:`MONAI_RUN_OPTIONS`) count."""
+    import difflib
+
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_files(files) if files else {}
+    ids = {str(k).lstrip("+") for k in config} | set(MONAI_RUN_OPTIONS)
+    wrong = []
+    for name in _options(argv):
+        first, *rest = name.split("#", 1)
+        if first not in ids:
+            close = difflib.get_close_matches(first, sorted(ids), n=1, cutoff=0.6)
+            wrong.append((name, "#".join([close[0], *rest]) if close else None))
+    return wrong
+
+
+def _monai_bundle_run(argv: list[str]) -> bool:
+    """Whether this process is ``python -m monai.bundle run ...`` (not a test or a script building a workflow)."""
+    return argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")) and "run" in argv[1:2]
+
+
 def setup(help=False) -> None:
     """First step of every workflow's ``initialize``: ``help`` prints :func:`workflow_help` and exits (status 0);
-    otherwise :func:`install_error_hook`."""
+    otherwise, on a ``monai.bundle run`` command line, an option that names no id of the workflow stops it in one
+    line naming the closest id (:func:`unknown_overrides`, before any work), then :func:`install_error_hook`."""
     if help not in (False, None, "false", "False", 0):
-        print(workflow_help(config_files()))
+        print(workflow_help(config_files(), sys.argv))
         sys.exit(0)
+    if _monai_bundle_run(sys.argv):
+        files = config_files()
+        for name, close in unknown_overrides(files, sys.argv[2:]):
+            hint = f"; did you mean --{close}?" if close else "; --help true lists them"
+            sys.exit(f"unknown option --{name}: {' + '.join(os.path.basename(f) for f in files)} has no id "
+                     f"{name!r}{hint}")
+    quiet()
     install_error_hook()
 
 
@@ -182,4 +266,7 @@ def run_tool(component, **fire_options):
 
     check_options(component, sys.argv[1:], os.path.basename(sys.argv[0]))
     install_error_hook()
+    # fire describes a command with IPython's inspector when IPython is installed (about 2 s of imports) and falls
+    # back to its own when the import fails: make it fail, the help text is the same
+    sys.modules.setdefault("IPython", None)
     return fire.Fire(component, **fire_options)

@@ -507,13 +507,13 @@ class MarginSelection:
                 if i == len(self._baselines):  # the baselines do not change: scored once
                     inverted = (1 - brain_unit(t2, brain)) * (t2 > 0)
                     self._baselines.append({
-                        (method, target): protocol_scores(volume, image[k], brain, tumour)
+                        (method, target): protocol_scores(volume, image[k], brain, tumour, metrics=SELECTION_GOALS)
                         for method, volume in (("t2", t2), ("inverted_t2", inverted))
                         for k, target in enumerate(TARGETS)
                     })  # fmt: skip
                 for k, target in enumerate(TARGETS):
                     rows.append({"case": name, "method": "synthesis", "target": target,
-                                 **protocol_scores(pred[k], image[k], brain, tumour)})
+                                 **protocol_scores(pred[k], image[k], brain, tumour, metrics=SELECTION_GOALS)})
                     rows += [{"case": name, "method": m, "target": target, **self._baselines[i][(m, target)]}
                              for m in BASELINES]
         finally:

@@ -234,3 +234,50 @@ def write_csv(path: str, rows: Sequence[Mapping] | Sequence[Sequence], header: S
             writer.writerows(rows)
 
     return write_atomic(path, write)
+
+
+# --- names of volume files --------------------------------------------------------------------------------------
+
+#: Extensions stripped from a file name to make a case id (longest first).
+_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".gz")
+#: A trailing T2 tag in a file name (``_t2``, ``-t2w``, ``_T2``), dropped from the case id.
+_T2_TAG = re.compile(r"[_\-.]t2w?$", re.IGNORECASE)
+
+
+def case_id(path: str, tag: re.Pattern = _T2_TAG) -> str:
+    """Case id of an input file: its name without extension and without a trailing modality tag (``tag``: the T2's;
+    the any-missing inference gives one matching every modality).
+
+    ``/d/BraTS2021_00000_t2.nii.gz`` -> ``BraTS2021_00000``; ``/d/sub-01_T2w.nrrd`` -> ``sub-01``;
+    a DICOM series folder ``/d/series7/`` -> ``series7``.
+    """
+    name = volume_stem(os.path.basename(os.path.normpath(path)))
+    stripped = tag.sub("", name)
+    return stripped or name
+
+
+def volume_stem(name: str) -> str:
+    """A file name without its image extension (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` ...)."""
+    for ext in _EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def check_writable_dir(path: str, what: str = "--output_dir") -> str:
+    """``path`` itself when a folder there can be written (it exists and is writable, or its nearest existing parent
+    is a writable folder, so it can be made); nothing is created.
+
+    Raises:
+        NotADirectoryError: ``path`` or one of its parents is a file.
+        PermissionError: the folder (or the parent it would be made in) is not writable.
+    """
+    path = os.path.abspath(str(path))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{what} {path}: cannot be written, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: cannot be written, {existing} is not writable")
+    return path

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping
@@ -47,7 +46,7 @@ from monai.transforms import CopyItemsd, EnsureChannelFirstd, LoadImaged
 from .checkpoints import LEGACY_GENERATOR, any_missing_arch, checkpoint_kind, load_checkpoint, synthesis_arch
 from .conventions import ANYMISSING, CHANNELS, SOURCE, TARGETS
 from .data import load_split, neighbour_slices, read_datalist
-from .files import atomic_paths
+from .files import atomic_paths, case_id
 from .precision import check_precision, native_bf16, resolve_precision
 from .throughput import process_shard, shard
 
@@ -55,32 +54,8 @@ logger = logging.getLogger(__name__)
 
 #: NIfTI ``descrip`` of each written volume (at most 80 characters).
 DESCRIP = "brainsynth synthetic {target}, intensity [0,1]"
-#: Extensions stripped from a file name to make a case id (longest first).
-_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".gz")
-#: A trailing T2 tag in a file name (``_t2``, ``-t2w``, ``_T2``), dropped from the case id.
-_T2_TAG = re.compile(r"[_\-.]t2w?$", re.IGNORECASE)
 #: Share of non-zero voxels that may be negative before the T2 is rejected as not raw MR intensities.
 MAX_NEGATIVE_FRACTION = 0.01
-
-
-def case_id(path: str, tag: re.Pattern = _T2_TAG) -> str:
-    """Case id of an input file: its name without extension and without a trailing modality tag (``tag``: the T2's;
-    the any-missing inference gives one matching every modality).
-
-    ``/d/BraTS2021_00000_t2.nii.gz`` -> ``BraTS2021_00000``; ``/d/sub-01_T2w.nrrd`` -> ``sub-01``;
-    a DICOM series folder ``/d/series7/`` -> ``series7``.
-    """
-    name = volume_stem(os.path.basename(os.path.normpath(path)))
-    stripped = tag.sub("", name)
-    return stripped or name
-
-
-def volume_stem(name: str) -> str:
-    """A file name without its image extension (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha`` ...)."""
-    for ext in _EXTENSIONS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def _t2_index(datalist: str, channels) -> int:

@@ -194,7 +194,7 @@ def _masked_map_mean(maps: torch.Tensor, mask: torch.Tensor, axis: int, keep: to
 
 
 def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor, tumour: torch.Tensor,
-                    axial: int = 2, sagittal: int = 0) -> dict:
+                    axial: int = 2, sagittal: int = 0, metrics=None) -> dict:
     """Quality-protocol scores of one volume against the real one (both ``(H, W, D)`` raw, RAS: axis 0 runs
     left-right, axis 2 is axial); ``brain`` from :func:`protocol_brain` of the T2, ``tumour`` = label > 0.
 
@@ -206,22 +206,26 @@ def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor,
     ``protocol_psnr_tumour`` and ``protocol_psnr_healthy``, PSNR over the tumour's and over the healthy brain's
     (brain without tumour) voxels; ``protocol_ssim_healthy``, like the tumour SSIM: the axial SSIM maps averaged
     over the healthy-brain voxels (of every axial slice that has some, each voxel counting once).
+    ``metrics``: compute only these keys (None: all; the SSIM maps are the costly part).
     """
+    wanted = set(PROTOCOL_METRICS + REGION_METRICS if metrics is None else metrics)
     brain, tumour = brain.bool(), tumour.bool()
     healthy = brain & ~tumour
     p, r = brain_unit(pred, brain), brain_unit(real, brain)
     out = {"protocol_psnr": psnr_in_mask(p, r, brain)}
     for name, axis in (("protocol_ssim_axial", axial), ("protocol_ssim_sagittal", sagittal)):
-        others = tuple(a for a in range(3) if a != axis)
-        maps = _slice_ssim_maps(p, r, axis, brain.sum(dim=others) > PROTOCOL_MIN_BRAIN)
-        out[name] = float(maps.mean(dim=(1, 2)).mean()) if len(maps) else float("nan")
+        if name in wanted:
+            others = tuple(a for a in range(3) if a != axis)
+            maps = _slice_ssim_maps(p, r, axis, brain.sum(dim=others) > PROTOCOL_MIN_BRAIN)
+            out[name] = float(maps.mean(dim=(1, 2)).mean()) if len(maps) else float("nan")
     in_plane = tuple(a for a in range(3) if a != axial)
     for name, region in (("protocol_ssim_tumour", tumour), ("protocol_ssim_healthy", healthy)):
-        has = region.sum(dim=in_plane) > 0
-        out[name] = _masked_map_mean(_slice_ssim_maps(p, r, axial, has), region, axial, has)
+        if name in wanted:
+            has = region.sum(dim=in_plane) > 0
+            out[name] = _masked_map_mean(_slice_ssim_maps(p, r, axial, has), region, axial, has)
     out["protocol_psnr_tumour"] = psnr_in_mask(p, r, tumour)  # nan without tumour
     out["protocol_psnr_healthy"] = psnr_in_mask(p, r, healthy)
-    return out
+    return {k: v for k, v in out.items() if k in wanted}
 
 
 def summarise(values: Sequence[float]) -> dict:
