@@ -72,3 +72,19 @@ def test_memory_probe_caches_every_listed_case(phantom_dir, tmp_path):
     row = benchmark.memory_probe(datalist, str(tmp_path / "cache"), True, min_brain_pixels=SMALL_MIN_PIXELS)
     assert row["cases"] == 3 and row["slices"] > 0 and row["cache"] == "disk (cache_dir)"
     assert len(list((tmp_path / "cache").iterdir())) == 2 * 3  # one image and one label file per listed case
+
+
+def test_the_flop_count_of_a_gan_iteration_grows_with_the_batch(phantom_dir, tmp_path):
+    """``benchmark.py precision`` divides this count by the iteration time: it must cover the whole iteration
+    (forward, backward and the gradient penalty's double backward), so it doubles with the batch."""
+    counts = []
+    for batch in (2, 4):
+        wf = benchmark.training_workflow(str(phantom_dir), str(tmp_path / str(batch)), "tcmgan", features=4,
+                                         batch_size=batch, epoch_length=1, min_brain_pixels=SMALL_MIN_PIXELS)
+        counts.append(benchmark.iteration_gflop(wf.parser.get_parsed_content("train#trainer")))
+    assert counts[0] > 0 and counts[1] == pytest.approx(2 * counts[0], rel=0.02)
+
+
+def test_the_matmul_rate_is_measured_in_the_format_asked():
+    assert benchmark.matmul_rate(torch.float32, size=64, seconds=0.05) > 0
+    assert benchmark.matmul_rate(torch.bfloat16, size=64, seconds=0.05) > 0

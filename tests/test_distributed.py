@@ -54,7 +54,9 @@ def torchrun(config: str, run: list[str], tmp: Path, dataset_dir: Path, output_d
     for k, v in settings.items():
         if v is not None:  # epoch_length None: whole (per-rank) epochs
             args += [f"--{k}", str(v)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    scratch = tmp / "tmpdir"  # torchrun's torchelastic_* folders go here, removed with the test's folder
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return [torch.load(output_dir / f"rank{r}.pt", weights_only=False) for r in range(NPROC)]

@@ -135,8 +135,17 @@ def test_training_with_held_out_cases_selects_by_margin_and_keeps_a_history(phan
 
 
 def test_without_held_out_cases_there_is_no_selection(phantom_dir, tmp_path):
-    wf = train_workflow(phantom_dir, tmp_path, "mgan")
-    assert wf.parser.get_parsed_content("selection") is None
+    wf = train_workflow(phantom_dir, tmp_path, "mgan", run=True)
+    assert wf.parser.get_parsed_content("selection").cases == []
+    assert not (tmp_path / "mgan" / "selection.json").exists() and (tmp_path / "mgan" / "model.pt").is_file()
+
+
+def test_the_segmenter_pretraining_runs_with_the_long_run_handlers(phantom_dir, tmp_path):
+    from conftest import run_workflow
+
+    run_workflow("train_segmenter.json", dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
+                 **{**TINY, "time_limit": 3600, "progress_every": 1e-6})  # fmt: skip
+    assert (tmp_path / "segmenter" / "model.pt").is_file()
 
 
 # --- bf16 training ----------------------------------------------------------------------------------------------------

@@ -431,7 +431,8 @@ class MarginSelection:
 
     Args:
         network: the generator being trained (a DDP wrapper is unwrapped).
-        dataset_dir: the held-out cases' folder, with its ``datalist.json`` (``prepare_datalist.py``).
+        dataset_dir: the held-out cases' folder, with its ``datalist.json`` (``prepare_datalist.py``); None: no
+            selection (the handler attaches nothing; ``model.pt`` is then :class:`ModelSaver`'s business).
         split: the datalist's split to use (``test`` for a folder prepared with ``--fractions "[0,0,1]"``).
         load_transform: full-resolution loading (as ``evaluate.json``'s); the volumes are loaded once and kept.
         volume_transform: inference preprocessing of the T2 (as ``evaluate.json``'s), inverted after synthesis.
@@ -448,7 +449,7 @@ class MarginSelection:
     def __init__(self, network: torch.nn.Module, dataset_dir: str, split: str, load_transform: Callable,
                  volume_transform: Callable, inferer, path: str, interval: int = 500, history: str | None = None,
                  resume: bool = False, device="cpu", keep_dir: str | None = None):  # fmt: skip
-        cases = load_split(os.path.join(dataset_dir, "datalist.json"), split, base_dir=dataset_dir)
+        cases = load_split(os.path.join(dataset_dir, "datalist.json"), split, base_dir=dataset_dir) if dataset_dir else []
         self.network, self.cases = network, list(cases)
         self.load_transform, self.volume_transform, self.inferer = load_transform, volume_transform, inferer
         self.path, self.interval, self.history_path = path, int(interval or 0), history
@@ -470,6 +471,8 @@ class MarginSelection:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        if not self.cases:
+            return
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return  # rank 0 selects and writes
         if self.interval > 0:
