@@ -425,3 +425,36 @@ def test_worker_processes_write_the_same_cases(tmp_path):
             assert f.read_bytes() == (tmp_path / "two" / case / f.name).read_bytes(), f.name
     with pytest.raises(ValueError, match="workers"):
         generate(tmp_path / "bad", num_cases=1, workers=-1)
+
+
+def test_physics_contrasts_follow_the_signal_equations_and_null_csf_in_flair():
+    """Each draw is a full tissue x modality table; FLAIR's inversion time sits at CSF's null point (within 5 %), so
+    CSF stays dark in FLAIR while the tissue orderings of the other modalities are free to vary between draws."""
+    from scripts.phantom import MODALITIES, TISSUES, _physics_contrast
+
+    tables = [_physics_contrast(np.random.default_rng(i)) for i in range(30)]
+    for table in tables:
+        assert set(table) == set(TISSUES) and all(table[t][m] > 0 for t in TISSUES for m in MODALITIES)
+        assert table["csf"]["flair"] < 0.3 * max(table[t]["flair"] for t in TISSUES)
+        assert table["csf"]["t2"] == max(table[t]["t2"] for t in TISSUES[:3])  # fluid brightest of CSF/GM/WM in T2
+    orders = {tuple(sorted(TISSUES, key=lambda t: table[t]["t1"])) for table in tables}
+    assert len(orders) > 1  # no ordering imposed: T1's tissue order varies between cases
+
+
+def test_physics_cases_come_from_their_own_seed_stream():
+    from scripts.phantom import case_seed
+
+    assert len({case_seed(0, 3, d) for d in ("randomised", "shifted", "physics")}) == 3
+    assert case_seed(0, 3, "fixed") == case_seed(0, 3, "randomised")
+
+
+def test_asking_again_for_the_cases_a_folder_holds_does_nothing(tmp_path, capsys):
+    """README's main job is run again as it is: the same request finds its cases there and writes nothing."""
+    out = tmp_path / "d"
+    phantom.generate(str(out), num_cases=1, seed=0, shape=(48, 48, 24))
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert phantom.generate(str(out), num_cases=1, seed=0, shape=(48, 48, 24)) == ["BraTS2021_00000"]
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+    with pytest.raises(FileExistsError, match="--overwrite true"):
+        phantom.generate(str(out), num_cases=2, seed=0, shape=(48, 48, 24))
