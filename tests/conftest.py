@@ -180,8 +180,8 @@ def tcmgan_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def recommended_ckpt(tmp_path_factory) -> Path:
-    """A tiny untrained generator shaped like the recommended (and shipped) model: TC-MGAN, 3 T2 slices in,
-    resize-convolution upsampling."""
+    """A tiny untrained generator shaped like the recommended model, which is also the shipped one (metadata.json
+    describes its input): TC-MGAN, 3 T2 slices in, resize-convolution upsampling."""
     return save_generator(tmp_path_factory.mktemp("recommended") / "model.pt", "tcmgan", in_channels=3,
                           upsample="resize")  # fmt: skip
 

@@ -4,6 +4,7 @@ selection by the margin over the trivial baselines on held-out cases, and bf16 t
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -115,9 +116,18 @@ def test_margins_are_taken_against_the_better_baseline_and_the_score_is_the_wors
     margins = selection_margins(_rows(0.8, 0.7, 0.75))
     m = margins["t1"]["protocol_psnr"]
     assert m["baseline"] == "inverted_t2" and m["margin"] == pytest.approx(0.5)
-    # PSNR margin 0.5 dB of a 3 dB goal, SSIM 0.05 of 0.05: the worst is PSNR's 1/6
-    assert selection_score(margins) == pytest.approx(0.5 / SELECTION_GOALS["protocol_psnr"])
-    assert selection_score(selection_margins(_rows(0.6, 0.7, 0.75))) < 0
+    # all 9 margins positive; the worst in goal units is PSNR's 0.5 dB of 3 dB
+    assert selection_score(margins) == pytest.approx(9 + (1 + math.tanh(0.5 / SELECTION_GOALS["protocol_psnr"])) / 4)
+    assert 0 < selection_score(selection_margins(_rows(0.6, 0.7, 0.75))) < 0.5  # none beaten
+
+
+def test_beating_the_baseline_on_more_metrics_outranks_a_better_worst_margin():
+    eight = selection_margins(_rows(0.8, 0.7, 0.75))
+    eight["flair"]["protocol_ssim_tumour"]["margin"] = -0.2  # one metric lost, badly
+    seven = selection_margins(_rows(0.8, 0.7, 0.75))
+    for metric in ("protocol_ssim_axial", "protocol_ssim_tumour"):
+        seven["t1"][metric]["margin"] = -0.001  # two metrics lost, narrowly
+    assert 8 < selection_score(eight) < 8.5 and 7 < selection_score(seven) < 7.5
 
 
 def test_training_with_held_out_cases_selects_by_margin_and_keeps_a_history(phantom_dir, tmp_path):

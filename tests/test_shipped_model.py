@@ -6,7 +6,7 @@ The pinned output (``tests/data/shipped_synthesis.npz``) was made by ``inference
 model is retrained:
 
     python -m monai.bundle run inference --bundle_root bundle --config_file bundle/configs/inference.json \\
-        --input tests/data/pinned_t2.nii.gz --output_dir /tmp/pinned --backend torch
+        --input tests/data/pinned_t2.nii.gz --output_dir /tmp/pinned --backend torch --precision fp32
     python -c "import numpy as np, nibabel as nib; np.savez_compressed('tests/data/shipped_synthesis.npz', \\
         **{t: np.asarray(nib.load(f'/tmp/pinned/pinned_{t}.nii.gz').dataobj, dtype=np.float32) \\
         for t in ('flair', 't1', 't1ce')})"
@@ -28,7 +28,8 @@ PINNED_OUTPUT = REPO / "tests" / "data" / "shipped_synthesis.npz"
 def test_shipped_model_describes_how_to_use_it():
     arch = synthesis_arch(str(SHIPPED))
     assert not arch["legacy"]
-    assert arch["targets"] == list(TARGETS) and arch["in_channels"] == 1
+    assert arch["targets"] == list(TARGETS) and arch["in_channels"] == 3  # the recommended model, 2.5D input
+    assert (arch["variant"], arch["features"], arch["upsample"]) == ("tcmgan", 16, "resize")
     assert arch["intensity_scaling"] in ("volume", "slice") and arch["image_size"] == 128
 
 

@@ -69,8 +69,9 @@ def test_metadata_version_is_in_the_changelog_and_pins_are_the_installed_version
 def test_metadata_describes_the_network_io():
     io = json.loads(META.read_text())["network_data_format"]
     image, pred = io["inputs"]["image"], io["outputs"]["pred"]
+    # the shipped model's input: the T2 slice with its two neighbours (tests/test_shipped_model.py checks the file)
     assert (image["num_channels"], image["spatial_shape"], image["dtype"], image["value_range"]) == (
-        1,
+        3,
         [128, 128],
         "float32",
         [-1, 1],
@@ -82,7 +83,7 @@ def test_metadata_describes_the_network_io():
 # --- network checks -----------------------------------------------------------------------------------------------
 
 
-def test_verify_net_in_out_passes(tcmgan_ckpt):
+def test_verify_net_in_out_passes(recommended_ckpt):
     result = bundle_cli(
         "verify_net_in_out",
         "network_def",
@@ -93,12 +94,12 @@ def test_verify_net_in_out_passes(tcmgan_ckpt):
         "--device",
         "cpu",
         "--ckpt_path",
-        str(tcmgan_ckpt),
+        str(recommended_ckpt),
     )
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 
 
-def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(tmp_path, tcmgan_ckpt):
+def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(tmp_path, recommended_ckpt):
     exported = tmp_path / "model.ts"
     bundle_cli(
         "ckpt_export",
@@ -106,20 +107,20 @@ def test_ckpt_export_gives_torchscript_equal_to_the_eager_network(tmp_path, tcmg
         "--filepath",
         str(exported),
         "--ckpt_file",
-        str(tcmgan_ckpt),
+        str(recommended_ckpt),
         "--meta_file",
         "configs/metadata.json",
         "--config_file",
         "configs/inference.json",
         "--ckpt_path",
-        str(tcmgan_ckpt),  # network_def is built at the checkpoint's width
+        str(recommended_ckpt),  # network_def is built at the checkpoint's width
     )
     extra = {"metadata.json": ""}
     scripted = torch.jit.load(str(exported), _extra_files=extra)
-    eager = SynthesisNet("tcmgan", features=4)
-    eager.load_state_dict(torch.load(tcmgan_ckpt, weights_only=True))
+    eager = SynthesisNet("tcmgan", features=4, in_channels=3, upsample="resize")
+    eager.load_state_dict(torch.load(recommended_ckpt, weights_only=True))
     eager.eval()
-    x = torch.rand(2, 1, 128, 128) * 2 - 1
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x))
     assert json.loads(extra["metadata.json"])["version"] == json.loads(META.read_text())["version"]

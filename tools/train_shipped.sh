@@ -11,8 +11,10 @@
 #   OUT=/tmp/ship NCASES=96 BATCH=64 GAN_LIMIT=420 bash tools/train_shipped.sh      # a GPU (H100/H200)
 #   QUICK=1 OUT=/tmp/ship_dry bash tools/train_shipped.sh                          # every stage tiny: a dry run
 #
-# Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (randomised, or
-# mix: the second half of the training cases from phantom.py --domain physics), NSELECT shifted cases for the model
+# The shipped model (bundle 0.6.0) is this recipe's CONTRAST=mix run on 2 cores (docs/quality.md: arm B, run beside
+# two other arms on the same cores, model.pt = its iteration 800).
+# Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (mix, the default:
+# the second half of the training cases from phantom.py --domain physics; or randomised), NSELECT shifted cases for the model
 # selection (seed 1), OOD shifted test cases (seed 0), SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, CONTEXT (G's input
 # slices), GAN_LIMIT (seconds of GAN training; 0 = until GAN_EPOCHS x EPOCH_LENGTH iterations), GAN_EPOCHS,
 # EPOCH_LENGTH, SELECT_EVERY (iterations between model-selection passes), BUDGET (seconds for the whole script:
@@ -25,7 +27,7 @@ Q=${QUICK:-0}
 W=${WORKERS:-$(nproc)}
 pick() { [ "$Q" = 1 ] && echo "$1" || echo "$2"; }  # the QUICK value or the setting's
 NCASES=$(pick 6 "${NCASES:-40}"); NSELECT=$(pick 1 "${NSELECT:-4}"); OOD=$(pick 2 "${OOD:-8}")
-CONTRAST=${CONTRAST:-randomised}
+CONTRAST=${CONTRAST:-mix}
 SHAPE=$(pick "--shape [96,96,40]" ""); MINPIX=$(pick "--min_brain_pixels 400" "")
 SEG_EPOCHS=$(pick 1 "${SEG_EPOCHS:-6}"); SEG_BATCH=${SEG_BATCH:-32}
 FEATURES=$(pick 4 "${FEATURES:-16}"); BATCH=$(pick 4 "${BATCH:-16}"); CONTEXT=${CONTEXT:-3}

@@ -243,9 +243,10 @@ def time_inference(input: str, ckpt_path: str, device, repeats: int = 3, **setti
         image = evaluator.state.output[0]["image"]
         volume = torch.as_tensor(image).to(device)  # (1, 128, 128, D) preprocessed T2
         depth = volume.shape[-1]
-        _, run = inferer.slices_to_run(volume)
-        same = volume[..., run].permute(3, 0, 1, 2).contiguous()
-        every = volume.permute(3, 0, 1, 2).contiguous()
+        context = int(getattr(network, "in_channels", 1))  # the shipped model reads 3 neighbouring slices
+        _, run = inferer.slices_to_run(volume, context)
+        same = inferer.network_input(volume, run, context).contiguous()
+        every = inferer.network_input(volume, torch.arange(depth, device=volume.device), context).contiguous()
 
         session = inferer.runner.session  # not None: the workflow ran ONNX Runtime
         bf16 = inferer.runner.last_engine == "bf16"

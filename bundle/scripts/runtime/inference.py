@@ -709,6 +709,14 @@ class BrainSliceInferer(Inferer):
         """:attr:`runner` over ``(N, 1, H, W)`` slices -> ``(N, C_out, H, W)``."""
         return self.runner(slices, network, *args, **kwargs)
 
+    @staticmethod
+    def network_input(volume: torch.Tensor, run: torch.Tensor, context: int = 1) -> torch.Tensor:
+        """The network's input for the slices ``run`` of a ``(C, H, W, D)`` volume: ``(N, C, H, W)``, or with a 2.5D
+        ``context`` > 1 each channel's ``context`` neighbouring slices, ``(N, C * context, H, W)``."""
+        if context > 1:
+            return torch.cat([neighbour_slices(channel, run, context) for channel in volume], dim=1)
+        return volume[..., run].permute(3, 0, 1, 2)
+
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         if inputs.ndim != 5:
             raise ValueError(f"expected a (B, C, H, W, D) volume batch, got shape {tuple(inputs.shape)}")
@@ -718,10 +726,7 @@ class BrainSliceInferer(Inferer):
         results = []
         for i, volume in enumerate(x):
             brain, run = self.slices_to_run(volume, context)
-            if context > 1:
-                slices = torch.cat([neighbour_slices(channel, run, context) for channel in volume], dim=1)
-            else:
-                slices = volume[..., run].permute(3, 0, 1, 2)
+            slices = self.network_input(volume, run, context)
             case_args = [a[i : i + 1] if isinstance(a, torch.Tensor) else a for a in args]  # per-case inputs
             pred = self.runner(slices.contiguous(), network, *case_args, **kwargs)
             pred = pred.to(volume.dtype)  # under autocast the network answers in float16 / bfloat16
