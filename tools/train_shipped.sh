@@ -29,6 +29,7 @@ pick() { [ "$Q" = 1 ] && echo "$1" || echo "$2"; }  # the QUICK value or the set
 NCASES=$(pick 6 "${NCASES:-40}"); NSELECT=$(pick 1 "${NSELECT:-4}"); OOD=$(pick 2 "${OOD:-8}")
 CONTRAST=${CONTRAST:-mix}
 SHAPE=$(pick "--shape [96,96,40]" ""); MINPIX=$(pick "--min_brain_pixels 400" "")
+NOCHECK=$(pick "--check_contrast false" "")  # the T2 contrast check is fitted on full-size volumes, not 96x96x40
 SEG_EPOCHS=$(pick 1 "${SEG_EPOCHS:-6}"); SEG_BATCH=${SEG_BATCH:-32}
 FEATURES=$(pick 4 "${FEATURES:-16}"); BATCH=$(pick 4 "${BATCH:-16}"); CONTEXT=${CONTEXT:-3}
 GAN_EPOCHS=$(pick 2 "${GAN_EPOCHS:-50}"); EPOCH_LENGTH=$(pick 2 "${EPOCH_LENGTH:-200}")
@@ -108,7 +109,7 @@ if [ "${#KEPT[@]}" -ge 3 ]; then
   done
 fi
 [ -d "$OUT/inference" ] || $BUNDLE inference --config_file bundle/configs/inference.json --dataset_dir "$T" \
-  --output_dir "$OUT/inference" --ckpt_path "$OUT/model.pt" --device "$DEVICE" > "$OUT/inference.log" 2>&1 \
+  --output_dir "$OUT/inference" --ckpt_path "$OUT/model.pt" --device "$DEVICE" $NOCHECK > "$OUT/inference.log" 2>&1 \
   || log "inference FAILED"
 for view in axial sagittal; do
   $PY bundle/scripts/figures.py synthesis_figure "$T" "$OUT/inference" "$OUT/ood_$view.png" --view "$view" >/dev/null \
