@@ -14,19 +14,12 @@ import pytest
 import torch
 from conftest import SMALL_MIN_PIXELS, TINY, brain, files_in, run_workflow, save_nifti, train_workflow
 
-from scripts.runtime.anymissing import (
-    SCENARIOS,
-    SUBSETS,
-    AvailabilityDraw,
-    any_missing_batch,
-    any_missing_case,
-    output_names,
-    scenario_mask,
-    t2_only_batch,
-)
-from scripts.runtime.checkpoints import any_missing_arch, load_any_missing
+from scripts.runtime.anymissing import SCENARIOS, SUBSETS, AvailabilityDraw, t2_only_batch
+from scripts.runtime.cases import any_missing_case, any_missing_cases, output_names, scenario_mask
+from scripts.runtime.checkpoints import any_missing_arch, load_generator
 from scripts.runtime.conventions import CHANNELS
 from scripts.runtime.data import SliceDataset
+from scripts.runtime.inference import inference_batch
 from scripts.runtime.networks import MISSING_FILL, AnyMissingNet, any_missing_input, make_critic
 
 AFFINE = np.array([[-1.2, 0, 0, 10], [0, -1.1, 0, 200], [0, 0, 2.0, -5], [0, 0, 0, 1]])
@@ -159,7 +152,7 @@ def test_training_writes_a_self_describing_any_missing_model(phantom_dir, segmen
     arch = any_missing_arch(str(out / "anymissing" / "model.pt"))
     assert arch == {"variant": "anymissing", "features": 4, "num_downs": 7, "image_size": 128,
                     "intensity_scaling": "volume", "context": 3, "upsample": "resize"}  # fmt: skip
-    assert isinstance(load_any_missing(str(out / "anymissing" / "model.pt")), AnyMissingNet)
+    assert isinstance(load_generator(str(out / "anymissing" / "model.pt")), AnyMissingNet)
     assert json.loads((out / "anymissing" / "validation.json").read_text())  # validated on T2 alone
 
 
@@ -210,7 +203,7 @@ def test_inference_equals_the_network_on_the_scaled_slots_whatever_fills_the_mis
     present = {m: case_files[m] for m in ("flair", "t2")}
     infer(tmp_path, any_missing_ckpt, **present, precision="fp32", backend="torch")
     written = np.asarray(nib.load(str(tmp_path / "Case01_t1.nii.gz")).dataobj)
-    net = load_any_missing(str(any_missing_ckpt))
+    net = load_generator(str(any_missing_ckpt))
     stack = torch.stack([torch.as_tensor(np.asarray(nib.load(case_files[m]).dataobj)) for m in CHANNELS]).float()
     from monai.data import MetaTensor
 
@@ -266,8 +259,6 @@ def test_options_that_do_not_apply_are_refused(tmp_path, any_missing_ckpt, case_
 
 
 def test_a_datalist_with_a_case_twice_is_refused(tmp_path, case_files):
-    from scripts.runtime.anymissing import any_missing_cases
-
     entry = {"case": "A", "image": [case_files["flair"], None, None, case_files["t2"]]}
     (tmp_path / "datalist.json").write_text(json.dumps({"channels": list(CHANNELS), "test": [entry, entry]}))
     with pytest.raises(ValueError, match=r"appear more than once in 'test': \['A'\]"):
@@ -285,8 +276,6 @@ def test_grids_that_differ_are_one_error_naming_both_files(tmp_path, any_missing
 
 
 def test_datalist_entries_with_null_modalities(tmp_path, any_missing_ckpt, case_files):
-    from scripts.runtime.anymissing import any_missing_cases
-
     entries = [
         {"case": "A", "image": [case_files["flair"], None, case_files["t1ce"], case_files["t2"]]},
         {"case": "B", "image": [case_files[m] for m in CHANNELS]},
@@ -296,7 +285,7 @@ def test_datalist_entries_with_null_modalities(tmp_path, any_missing_ckpt, case_
     cases = any_missing_cases({m: "" for m in CHANNELS}, str(datalist), "test")
     assert [c["case"] for c in cases] == ["A"] and cases[0]["missing"] == "t1"
     batch = {"image": torch.zeros(1, 4, 2, 2, 2), "available": cases[0]["available"][None], "missing": ["t1"]}
-    assert any_missing_batch(batch)[3] == {"outputs": [1]}
+    assert inference_batch(batch)[3] == {"outputs": [1]}
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
@@ -354,3 +343,14 @@ def test_brasyn_folder_with_a_missing_modality_runs_through_prepare_datalist(tmp
     prepare_datalist(str(tmp_path / "d"), fractions="[0,0,1]", allow_missing="true")
     infer(tmp_path / "out", any_missing_ckpt, dataset_dir=str(tmp_path / "d"), check_contrast="false")
     assert files_in(tmp_path / "out") == [f"{cases[0]}-t1n.nii.gz", f"{cases[1]}-t2w.nii.gz"]
+
+
+def test_validate_scores_an_any_missing_model_through_the_paper_models_config(phantom_dir, tmp_path, any_missing_ckpt):
+    """validate.json reads what model.pt is (checkpoints.generator_arch): an any-missing generator is validated on
+    the paper's task (T2 alone -> each target) without any option naming its kind."""
+    wf = run_workflow(["train.json", "validate.json"], dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
+                      ckpt_path=str(any_missing_ckpt), min_brain_pixels=SMALL_MIN_PIXELS, val_num_cases=1,
+                      cache_num_workers=0)  # fmt: skip
+    assert wf.parser.get_parsed_content("variant") == "anymissing"
+    metrics = wf.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert {"val_psnr", "val_ssim"} <= metrics.keys() and all(np.isfinite(metrics[k]) for k in ("val_psnr", "val_ssim"))

@@ -89,6 +89,7 @@ def ddp_segmenter(phantom_dir, tmp_path_factory):
     return out, reports
 
 
+@pytest.mark.slow
 def test_segmenter_pretraining_runs_on_two_processes(ddp_segmenter):
     out, reports = ddp_segmenter
     assert [r["rank"] for r in reports] == [0, 1]
@@ -100,6 +101,7 @@ def test_segmenter_pretraining_runs_on_two_processes(ddp_segmenter):
     assert_same_weights(s.state_dict(), reports[0]["segmenter"], "saved S")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tcmgan_bw", "pix2pix"])
 def test_gan_trains_on_two_processes_with_identical_weights(ddp_segmenter, phantom_dir, tmp_path, variant):
     """tcmgan_bw: G, D and S wrapped (the WGAN-GP double backward through a DDP critic); pix2pix: per-target

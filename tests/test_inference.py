@@ -28,6 +28,7 @@ from monai.inferers import SliceInferer
 from torch import nn
 
 from scripts.runtime import files, inference
+from scripts.runtime.cases import inference_cases
 from scripts.runtime.inference import BrainSliceInferer
 from scripts.runtime.networks import TARGETS, SynthesisNet
 
@@ -368,9 +369,9 @@ def test_targets_writes_only_the_chosen_ones_with_the_same_volumes(tmp_path, tcm
         np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "some" / f"c1_{t}.nii.gz")).dataobj),
                                       np.asarray(nib.load(str(tmp_path / "all" / f"c1_{t}.nii.gz")).dataobj))
     # a rerun with the same targets counts the case as done; asking for another target synthesises it
-    assert inference.inference_cases(input=str(src), output_dir=str(tmp_path / "some"), overwrite=False,
+    assert inference_cases(input=str(src), output_dir=str(tmp_path / "some"), overwrite=False,
                                      targets=targets) == []  # fmt: skip
-    assert len(inference.inference_cases(input=str(src), output_dir=str(tmp_path / "some"), overwrite=False)) == 1
+    assert len(inference_cases(input=str(src), output_dir=str(tmp_path / "some"), overwrite=False)) == 1
 
 
 def test_an_unknown_target_is_one_error_before_any_work(tmp_path, tcmgan_ckpt):

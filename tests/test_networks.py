@@ -38,7 +38,7 @@ def test_conditional_forward_equals_per_label_synthesis():
     x = torch.rand(2, 1, 128, 128) * 2 - 1
     all_targets = g(x)
     for k in range(3):
-        torch.testing.assert_close(all_targets[:, k : k + 1], g.synthesize(x, torch.full((2,), k)))
+        torch.testing.assert_close(all_targets[:, k : k + 1], g.synthesise(x, torch.full((2,), k)))
 
 
 def test_cls_head_learns_the_modality_on_real_pairs(phantom_dir):

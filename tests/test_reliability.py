@@ -62,6 +62,7 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 240.0, poll: fl
 EPOCH_LENGTH, MAX_EPOCHS, EVERY = 12, 4, 3
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_continues_from_the_last_checkpoint(phantom_dir, tmp_path):
     """A run killed after a mid-epoch checkpoint of its 2nd or later epoch restarts with ``--resume true`` from
     exactly that checkpoint: iteration count, optimizer state (Adam's step count) and LR schedule carry on."""
@@ -158,6 +159,7 @@ def test_checkpoint_file_is_never_truncated_by_sigkill(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
 
 
+@pytest.mark.slow
 def test_killed_inference_leaves_no_partial_nifti_under_a_final_name(tmp_path, tcmgan_ckpt):
     """Killed while it writes a case (240x240x80: ~18 MB per target), inference leaves only hidden temporary files;
     the next run writes the case completely and removes them."""

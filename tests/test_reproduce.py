@@ -40,6 +40,7 @@ def smoke(tmp_path_factory):
     return out, _reproduce(out, "--seeds", str(SEEDS), "--jobs", "2")
 
 
+@pytest.mark.slow
 def test_smoke_preset_writes_both_tables_and_the_figure(smoke):
     out, log = smoke
     for i, name in enumerate(STAGES, start=1):
@@ -71,6 +72,7 @@ def test_smoke_preset_writes_both_tables_and_the_figure(smoke):
     assert "--model_selection last" in (out / "stages" / "seg_t2_seed0.json").read_text()
 
 
+@pytest.mark.slow
 def test_second_run_skips_finished_stages(smoke):
     out, _ = smoke
     marker = out / "stages" / "gan_tcmgan_seed1.json"

@@ -20,6 +20,7 @@ from conftest import BUNDLE, CONFIGS, REPO, brain, files_in, save_nifti
 from monai.bundle import ConfigWorkflow
 
 from scripts.runtime import inference, precision
+from scripts.runtime.cases import inference_cases
 from scripts.runtime.command_line import one_line
 from scripts.runtime.networks import TARGETS
 from scripts.runtime.throughput import BackgroundWriter, Prefetcher, process_shard, shard
@@ -237,7 +238,7 @@ def test_each_rank_lists_its_share_taken_before_the_finished_cases_are_left_out(
     lists = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        cases = inference.inference_cases(datalist=str(datalist), output_dir=str(tmp_path / "out"), overwrite=False)
+        cases = inference_cases(datalist=str(datalist), output_dir=str(tmp_path / "out"), overwrite=False)
         lists.append([c["case"] for c in cases])
     assert lists == [["c2", "c4"], ["c1", "c3"]]
 

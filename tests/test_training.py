@@ -137,6 +137,7 @@ def test_resume_restores_iteration_optimizer_and_schedule(phantom_dir, tmp_path)
     assert trainer.state.iteration == 5 * TINY["epoch_length"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_id", ["training", "run"])
 def test_cli_run_ids(phantom_dir, tmp_path, run_id):
     """The design card's command line, from the repository root, for both run ids."""

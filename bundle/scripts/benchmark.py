@@ -464,7 +464,7 @@ def throughput(
             write_json(datalist, {**content, "test": [c for s in ("gan", "seg", "test") for c in content.get(s, [])]})
         else:
             datalist = os.path.join(dataset_dir, "datalist.json")
-        from scripts.runtime.inference import inference_cases
+        from scripts.runtime.cases import inference_cases
 
         cases = inference_cases(datalist=datalist, split="test")
         masks = {c["case"]: np.asanyarray(nib.load(c["image"]).dataobj) > 0 for c in cases}

@@ -52,7 +52,7 @@ SPLITS = ("gan", "seg", "test")
 DEFAULT_FRACTIONS = (0.35, 0.35, 0.30)
 
 # One line per layout (scripts.runtime.conventions.LAYOUTS), used in the "no layout matched" error.
-LAYOUTS = {
+LAYOUT_PATTERNS = {
     "brats2018": "D/HGG/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz and/or D/LGG/<case>/...",
     "brats2021": "D/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz",
     "brats2023": "D/<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz",
@@ -103,7 +103,7 @@ def detect_layout(data_dir: str) -> str:
         data_dir: the data set root ``D``.
 
     Returns:
-        One of ``"brats2018"``, ``"brats2021"``, ``"brats2023"``, ``"msd"`` (the keys of ``LAYOUTS``).
+        One of ``"brats2018"``, ``"brats2021"``, ``"brats2023"``, ``"msd"`` (the keys of ``LAYOUT_PATTERNS``).
         The checks run in that priority: ``D/imagesTr`` means msd, ``D/HGG`` or ``D/LGG`` means
         brats2018, otherwise the file names inside the case folders ``D/<case>/`` decide.
 
@@ -138,7 +138,7 @@ def detect_layout(data_dir: str) -> str:
     if style_2021:
         return "brats2021"
 
-    expected = "\n".join(f"  {name}: {pattern}" for name, pattern in LAYOUTS.items())
+    expected = "\n".join(f"  {name}: {pattern}" for name, pattern in LAYOUT_PATTERNS.items())
     raise ValueError(f"{data_dir} matches no known data layout. Expected one of:\n{expected}")
 
 
@@ -382,7 +382,7 @@ def prepare_datalist(data_dir: str, output: str | None = None, seed: int = 0, fr
     """Scan ``data_dir``, split its cases and write the datalist JSON.
 
     Args:
-        data_dir: the data set root ``D`` in one of the layouts of ``LAYOUTS``.
+        data_dir: the data set root ``D`` in one of the layouts of ``LAYOUT_PATTERNS``.
         output: where to write the JSON; default ``D/datalist.json``. An existing file is replaced.
         seed: integer >= 0 for the shuffle.
         fractions: (gan, seg, test) shares, each >= 0, summing to 1 within 1e-6; a list or its

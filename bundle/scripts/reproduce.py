@@ -57,7 +57,7 @@ if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
 
 from scripts.runtime.conventions import VARIANTS  # noqa: E402
-from scripts.runtime.conventions import VARIANT_NAMES as METHOD_NAMES  # noqa: E402
+from scripts.runtime.conventions import VARIANT_NAMES  # noqa: E402
 from scripts.runtime.files import write_json, write_text  # noqa: E402
 
 #: Settings of each preset. ``*_epochs``/``*_epoch_length``: schedule of a stage (epoch_length None = whole epochs).
@@ -96,7 +96,7 @@ DOWNSTREAM = {
 }
 DOWNSTREAM_NAMES = {
     "t2": "T2 only",
-    **{f"synth_{v}": f"T2 + {METHOD_NAMES[v]} synthesised" for v in VARIANTS},
+    **{f"synth_{v}": f"T2 + {VARIANT_NAMES[v]} synthesised" for v in VARIANTS},
     "real": "4 real modalities",
 }
 
@@ -366,7 +366,7 @@ class Study:
         from scripts.figures import comparison_figure
 
         examples = {v: str(self.table1_dir(0, v) / "examples.npz") for v in self.variants}
-        names = {**METHOD_NAMES, "recommended": "recommended"}
+        names = {**VARIANT_NAMES, "recommended": "recommended"}
         figure = comparison_figure(examples, str(self.root / "figure3.png"), names=names)
         write_text(str(self.root / "results.md"), self.results_markdown(Path(figure).name))
         return []

@@ -7,12 +7,11 @@ holds what the task adds around it:
 - :class:`AvailabilityDraw`: step 1 of a GAN iteration (:class:`scripts.runtime.trainer.TCMGANTrainer`'s ``draw``):
   a target modality and an availability subset per sample;
 - :func:`t2_only_batch`: ``prepare_batch`` of the training-time validation (the paper's T2-only scenario);
-- :data:`SCENARIOS` and :func:`scenario_mask`: the evaluation scenarios (each modality missing given the other
-  three, and T2 alone);
-- inference with whatever a case has (``inference.json`` with an any-missing ``model.pt``): :func:`any_missing_cases`
-  (the cases, from ``--flair/--t1/--t1ce/--t2`` or a datalist), :class:`LoadModalitiesd` (the input volume and its
-  mask), :func:`any_missing_batch` (the availability and the missing modalities to the network), and
-  :func:`output_names` (``<case>_<modality>``, or BraSyn's names for BraTS 2023 inputs).
+- :data:`SCENARIOS`: the evaluation scenarios (each modality missing given the other three, and T2 alone), and
+  :class:`ScenarioEvaluation`, their tables against the trivial baselines and BraSyn's downstream test.
+
+Inference with whatever a case has goes the one way every generator's does: its cases are
+:func:`scripts.runtime.cases.any_missing_cases`, its loading :class:`scripts.runtime.inference.LoadModalitiesd`.
 
 Modality order everywhere: :data:`scripts.runtime.conventions.CHANNELS` (FLAIR, T1, T1ce, T2), for the slots, the
 availability mask and the labels.
@@ -23,20 +22,18 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, MapTransform
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
-from .conventions import CHANNELS, FILE_SUFFIXES, SOURCE, TARGETS, VARIANT_NAMES
-from .data import case_name, read_datalist
+from .cases import scenario_mask
+from .conventions import CHANNELS, SOURCE, TARGETS, VARIANT_NAMES
+from .data import case_name
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .evaluation import _fmt, _to_unit
-from .files import case_id, volume_stem
-from .inference import LoadT2d
 from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores, psnr_in_mask
 from .networks import any_missing_input, t2_only
 
@@ -51,14 +48,6 @@ SCENARIOS = {
     **{f"missing_{m}": (tuple(c for c in CHANNELS if c != m), m) for m in CHANNELS},
     **{f"t2_only_{t}": ((SOURCE,), t) for t in TARGETS},
 }
-
-
-def scenario_mask(available, device=None) -> torch.Tensor:
-    """``(4,)`` bool availability of the modality names ``available`` (:data:`CHANNELS` order)."""
-    unknown = [m for m in available if m not in CHANNELS]
-    if unknown:
-        raise ValueError(f"unknown modalities {unknown}; expected some of {CHANNELS}")
-    return torch.tensor([c in available for c in CHANNELS], dtype=torch.bool, device=device)
 
 
 class AvailabilityDraw:
@@ -122,153 +111,6 @@ def t2_only_batch(batchdata: dict, device=None, non_blocking: bool = False, **kw
     x = batchdata["source"].to(device=device, non_blocking=non_blocking) if "source" in batchdata else image
     outputs = [CHANNELS.index(t) for t in TARGETS]
     return x, image[:, outputs], (t2_only(x.shape[0], x.device),), {"outputs": outputs}
-
-
-# --- inference: whatever modalities a case has -> the missing ones -------------------------------------------------
-
-#: A trailing modality tag in a file name (``_t1``, ``-t1c``, ``_FLAIR``, ``-t2w`` ...), dropped from the case id.
-_MODALITY_TAG = re.compile(r"[_\-.](t1ce|t1gd|t1c|t1n|t1w?|t2f|t2w?|flair)$", re.IGNORECASE)
-#: BraTS 2023 (BraSyn) file names: ``BraTS-GLI-xxxxx-000-{t1n,t1c,t2w,t2f}.nii.gz``.
-_BRATS2023 = re.compile(r"-(t1n|t1c|t2w|t2f)$")
-
-
-def output_names(case: str, modalities, brats2023: bool = False) -> list[str]:
-    """File stems of the synthesised ``modalities`` of ``case``: ``<case>_<modality>`` as the paper's inference
-    names them, or BraSyn's ``<case>-<t1n|t1c|t2w|t2f>`` when the inputs have BraTS 2023 names."""
-    if brats2023:
-        return [case + FILE_SUFFIXES["brats2023"][m] for m in modalities]
-    return [f"{case}_{m}" for m in modalities]
-
-
-def any_missing_case(files: Mapping[str, str | None], where: str = "", case: str | None = None) -> dict | None:
-    """One case of the any-missing inference from its available files (``{modality: path or None}``).
-
-    Returns ``{"case", "modalities": {modality: path}, "available": (4,) bool, "missing": "t1,t1ce",
-    "output_names": "<stems>"}``, or None (with a log line) when all four modalities are present: nothing to
-    synthesise.
-
-    Raises:
-        ValueError: no modality given (the message names ``where``), or an unknown modality name.
-        FileNotFoundError: a given file does not exist.
-    """
-    unknown = [m for m in files if m not in CHANNELS]
-    if unknown:
-        raise ValueError(f"{where}: unknown modalities {unknown}; expected some of {CHANNELS}")
-    present = {m: str(p) for m, p in files.items() if p}
-    if not present:
-        raise ValueError(f"{where or 'the inputs'}: no modality given; the any-missing model needs at least one of "
-                         f"{', '.join('--' + m for m in CHANNELS)}")  # fmt: skip
-    for m, path in present.items():
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file (the {m} of {where or 'the inputs'})")
-    ordered = [m for m in CHANNELS if m in present]
-    name = case or case_id(present[SOURCE] if SOURCE in present else present[ordered[0]], _MODALITY_TAG)
-    missing = [m for m in CHANNELS if m not in present]
-    if not missing:
-        logger.info(f"{name}: all four modalities are present; nothing to synthesise (left out)")
-        return None
-    stems = [volume_stem(os.path.basename(os.path.normpath(present[m]))) for m in ordered]
-    brats2023 = all(_BRATS2023.search(s) for s in stems)
-    return {
-        "case": name,
-        "modalities": {m: present[m] for m in ordered},
-        "available": scenario_mask(ordered),
-        "missing": ",".join(missing),
-        "output_names": ",".join(output_names(name, missing, brats2023)),
-    }
-
-
-def any_missing_cases(files: Mapping[str, str | None], datalist: str = "", split: str = "test") -> list[dict]:
-    """The cases of an any-missing inference run: the per-modality inputs (``--flair``, ``--t1``, ``--t1ce``,
-    ``--t2``) as one case when any is given, else every entry of a datalist split. In a datalist (as
-    ``prepare_datalist.py`` writes it) a missing modality is ``null`` (or ``""``) in the entry's ``image`` list
-    (:data:`CHANNELS` order); a case with all four is reported and left out; one with none is an error."""
-    if any(files.values()):
-        case = any_missing_case(files, "the command-line inputs")
-        return [case] if case else []
-    if not datalist:
-        raise ValueError("nothing to do: give --flair, --t1, --t1ce and/or --t2, a --datalist or a --dataset_dir")
-    content = read_datalist(datalist)
-    channels = [str(c).lower() for c in content.get("channels", CHANNELS)]
-    if sorted(channels) != sorted(CHANNELS):
-        raise ValueError(f"{datalist}: its channels {channels} are not the four modalities {CHANNELS}")
-    base = os.path.dirname(os.path.abspath(datalist))
-    entries = content.get(split)
-    if not entries:
-        raise ValueError(f"{datalist} has no cases in split {split!r}")
-    cases = []
-    for i, entry in enumerate(entries):
-        name = str(entry.get("case", "")) or None
-        name = os.path.basename(os.path.normpath(name)) if name else None
-        where = f"{datalist}: case {name or f'#{i}'} in {split!r}"
-        image = entry.get("image")
-        if not isinstance(image, (list, tuple)) or len(image) != len(channels):
-            raise ValueError(f"{where}: 'image' must list {len(channels)} files ({channels}; null for a missing one)")
-        files = {c: (os.path.join(base, p) if p else None) for c, p in zip(channels, image)}
-        case = any_missing_case(files, where, name)
-        if case:
-            cases.append(case)
-    ids = [c["case"] for c in cases]
-    duplicates = sorted({c for c in ids if ids.count(c) > 1})
-    if duplicates:
-        raise ValueError(f"{datalist}: case ids appear more than once in {split!r}: {duplicates}")
-    return cases
-
-
-class LoadModalitiesd(MapTransform):
-    """Load a case's available modalities (``d["modalities"]``, :func:`any_missing_case`) into the any-missing
-    generator's input: ``image`` ``(4, H, W, D)`` in :data:`CHANNELS` order, a missing modality all zeros;
-    ``mask`` ``(1, H, W, D)``, the voxels where any available modality is > 0 (the written volumes are 0 elsewhere).
-
-    Each file is read and checked as the T2 of the paper's inference is (:class:`scripts.runtime.inference.LoadT2d`:
-    one error naming the file; the T2 contrast check applies to the T2 only).
-
-    Raises:
-        ValueError: a file fails its checks, or the files are not on one voxel grid (shape and affine; the message
-            names them).
-    """
-
-    def __init__(self, keys="image", check_contrast: bool = False):
-        super().__init__(keys)
-        self.check_contrast = bool(check_contrast)
-        self.load_t2 = LoadT2d("image", check_contrast=self.check_contrast)
-        self.load = LoadT2d("image", check_contrast=False)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        loaded, first = {}, None
-        for m, path in d.pop("modalities").items():
-            img = (self.load_t2 if m == SOURCE else self.load)({"image": path})["image"]
-            if first is None:
-                first = (path, img)
-            elif tuple(img.shape) != tuple(first[1].shape) or not np.allclose(img.affine, first[1].affine, atol=1e-4):
-                raise ValueError(f"{path} and {first[0]} are not on one voxel grid (shapes {tuple(img.shape)} and "
-                                 f"{tuple(first[1].shape)}, or their affines differ)")  # fmt: skip
-            loaded[m] = img
-        ref = first[1]
-        zeros = torch.zeros(ref.shape, dtype=torch.float32)
-        stack = torch.stack([torch.as_tensor(loaded[m]).float() if m in loaded else zeros for m in CHANNELS])
-        image = MetaTensor(stack, meta=dict(ref.meta))
-        image.meta["original_channel_dim"] = 0
-        mask = (stack > 0).any(dim=0, keepdim=True).float()
-        for key in self.keys:
-            d[key] = image
-        d["mask"] = MetaTensor(mask, meta=dict(ref.meta))
-        d["mask"].meta["original_channel_dim"] = 0
-        return d
-
-
-def any_missing_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` of inference: ``(image, None)`` for the paper's generators; for the any-missing generator
-    (a batch with ``available``, one case) ``(image, None, (available,), {"outputs": missing indices})``, so that
-    the network synthesises the case's missing modalities only."""
-    image = batchdata["image"].to(device=device, non_blocking=non_blocking)
-    if "available" not in batchdata:
-        return image, None
-    missing = batchdata["missing"]
-    missing = missing[0] if isinstance(missing, (list, tuple)) else missing
-    outputs = [CHANNELS.index(m) for m in str(missing).split(",")]
-    return image, None, (batchdata["available"].to(device),), {"outputs": outputs}
 
 
 # --- evaluation: a table per scenario, and BraSyn's downstream test -------------------------------------------------

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import torch
 from ignite.engine import Engine, Events
 
+from .conventions import CHANNELS
 from .files import write_atomic
 from .networks import (
     TARGETS,
@@ -214,16 +215,6 @@ def load_synthesis_weights(network: SynthesisNet | AnyMissingNet, path: str) -> 
     return network
 
 
-def load_generator(path: str, device="cpu") -> SynthesisNet:
-    """Rebuild the generator a ``model.pt`` describes (:func:`synthesis_arch`), load its weights, in eval mode on
-    ``device``. Raises as :func:`synthesis_arch`."""
-    arch = synthesis_arch(path)
-    settings = ("variant", "features", "num_targets", "num_downs", "image_size", "intensity_scaling", "in_channels",
-                "upsample")
-    net = SynthesisNet(**{k: arch[k] for k in settings}).to(device)
-    return load_synthesis_weights(net, path).eval()
-
-
 def any_missing_arch(path: str) -> dict:
     """What an any-missing generator checkpoint records (:func:`scripts.runtime.networks.decode_any_missing_arch`).
 
@@ -239,13 +230,40 @@ def any_missing_arch(path: str) -> dict:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_any_missing(path: str, device="cpu") -> AnyMissingNet:
-    """Rebuild the :class:`AnyMissingNet` a ``model.pt`` describes, load its weights, in eval mode on ``device``.
-    Raises as :func:`any_missing_arch`."""
-    arch = any_missing_arch(path)
-    net = AnyMissingNet(**{k: v for k, v in arch.items() if k != "variant"})
-    _load_state(net, load_checkpoint(path), path, "any-missing generator")
-    return net.to(device).eval()
+def load_generator(path: str, device="cpu") -> SynthesisNet | AnyMissingNet:
+    """Rebuild the generator a ``model.pt`` describes, whichever kind it is (a paper generator: :func:`synthesis_arch`;
+    an any-missing one: :func:`any_missing_arch`), load its weights, in eval mode on ``device``.
+    Raises as those two."""
+    if checkpoint_kind(load_checkpoint(path)) == "any-missing generator":
+        arch = any_missing_arch(path)
+        net = AnyMissingNet(**{k: v for k, v in arch.items() if k != "variant"})
+    else:
+        arch = synthesis_arch(path)
+        settings = ("variant", "features", "num_targets", "num_downs", "image_size", "intensity_scaling",
+                    "in_channels", "upsample")
+        net = SynthesisNet(**{k: arch[k] for k in settings})
+    return load_synthesis_weights(net.to(device), path).eval()
+
+
+def generator_arch(path: str, variant: str = "tcmgan", features: int = 64) -> dict:
+    """What the generator checkpoint at ``path`` records (:func:`synthesis_arch`; for an
+    any-missing generator :func:`any_missing_arch`, its ``context`` also as
+    ``in_channels``).
+
+    When no file exists there, the defaults (``variant``, ``features`` and
+    :data:`LEGACY_GENERATOR`) are returned (with a warning) so that ``network_def`` can still be
+    built, e.g. by ``verify_net_in_out``; loading the weights then fails with a clear ``FileNotFoundError``.
+
+    Raises:
+        ValueError: the file exists but is not a generator checkpoint of this bundle.
+    """
+    if os.path.isfile(path):
+        if checkpoint_kind(load_checkpoint(path)) == "any-missing generator":
+            arch = any_missing_arch(path)
+            return {**arch, "in_channels": arch["context"], "targets": list(CHANNELS), "legacy": False}
+        return synthesis_arch(path)
+    logger.warning(f"{path} does not exist; network_def gets the defaults variant {variant!r}, features {features}")
+    return {"variant": variant, "features": features, **LEGACY_GENERATOR}
 
 
 def load_segmenter(path: str, device="cpu") -> TumourSegmenter:

@@ -223,6 +223,15 @@ def setup(help=False) -> None:
     install_error_hook()
 
 
+def require_base(stack, base: str = "train.json") -> None:
+    """The guard of every overlay config (its ``+initialize``): an overlay given alone (``stack``, its
+    ``config_stack``, does not start with ``base``) stops in one line naming the model zoo's list form to use."""
+    if not stack or stack[0] != base:
+        overlay = stack[-1] if stack else "this overlay"
+        sys.exit(f"{overlay} is an overlay of {base} and cannot run alone; give both, in the model zoo list form: "
+                 f"--config_file \"['bundle/configs/{base}','bundle/configs/{overlay}']\"")
+
+
 def _options(argv: list[str]) -> list[str]:
     """The ``--name`` / ``--name=value`` option names of a command line (``-``/``_`` alike, ``--noname`` kept)."""
     return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2]

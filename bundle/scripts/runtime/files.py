@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
@@ -264,13 +265,14 @@ def volume_stem(name: str) -> str:
     return name
 
 
-def check_writable_dir(path: str, what: str = "--output_dir") -> str:
+def check_writable_dir(path: str, what: str = "--output_dir", needed_bytes: int = 0) -> str:
     """``path`` itself when a folder there can be written (it exists and is writable, or its nearest existing parent
-    is a writable folder, so it can be made); nothing is created.
+    is a writable folder, so it can be made) and its file system has ``needed_bytes`` free; nothing is created.
 
     Raises:
         NotADirectoryError: ``path`` or one of its parents is a file.
         PermissionError: the folder (or the parent it would be made in) is not writable.
+        OSError: less than ``needed_bytes`` free there (the message says both).
     """
     path = os.path.abspath(str(path))
     existing = path
@@ -280,4 +282,8 @@ def check_writable_dir(path: str, what: str = "--output_dir") -> str:
         raise NotADirectoryError(f"{what} {path}: cannot be written, {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{what} {path}: cannot be written, {existing} is not writable")
+    free = shutil.disk_usage(existing).free
+    if needed_bytes and free < needed_bytes:
+        raise OSError(f"{what} {path}: {free / 2**20:.0f} MiB free there, the outputs need about "
+                      f"{needed_bytes / 2**20:.0f} MiB; free some space or choose another folder")
     return path

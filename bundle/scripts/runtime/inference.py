@@ -1,10 +1,10 @@
-"""Inference pieces MONAI lacks, used by ``configs/inference.json``.
+"""Inference pieces MONAI lacks, used by ``configs/inference.json``: loading, running and writing a case (the
+cases themselves, what is read and what is written, are :mod:`scripts.runtime.cases`).
 
-- :func:`inference_cases`: the cases to synthesise (one ``--input`` file, or a split of a datalist), with every
-  file checked to exist before anything runs; under ``torchrun``, this process's share of them.
-- :func:`checkpoint_arch`: the generator's variant and width as recorded in ``model.pt``.
 - :class:`LoadInputsd`: the input volume of a case and its mask (the T2 via :class:`LoadT2d`, or an any-missing
-  case's available modalities).
+  case's available modalities, :class:`LoadModalitiesd`).
+- :func:`inference_batch`: ``prepare_batch`` of inference (an any-missing case's availability and missing
+  modalities to the network).
 - :class:`LoadT2d`: ``LoadImaged`` for the T2 source whose every failure (unreadable file, not 3D, NaN/Inf,
   constant, negative intensities) is one error naming the file, raised before anything is written.
 - :class:`SliceRunner`: a 2D network over a stack of slices in equal batches, eager, compiled, with ONNX
@@ -19,8 +19,9 @@
 - :class:`UnwrapTransformErrors`: an engine handler that re-raises the input error itself instead of MONAI's
   ``RuntimeError("applying transform ...")`` wrappers around it.
 
-Intensity convention of the written volumes: float32 in [0, 1] (``(pred + 1) / 2``), 0 wherever the input T2 is
-<= 0 (background), on exactly the input's voxel grid (shape and affine).
+Intensity convention of the written volumes: float32 in [0, 1] (``(pred + 1) / 2``), 0 in the background (where the
+input T2 is <= 0; for an any-missing case, where no available modality is > 0), on exactly the input's voxel grid
+(shape and affine).
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import CopyItemsd, EnsureChannelFirstd, LoadImaged
+from monai.transforms import CopyItemsd, EnsureChannelFirstd, LoadImaged, MapTransform
 
-from .checkpoints import LEGACY_GENERATOR, any_missing_arch, checkpoint_kind, load_checkpoint, synthesis_arch
-from .conventions import ANYMISSING, CHANNELS, SOURCE, TARGETS
-from .data import load_split, neighbour_slices, read_datalist
-from .files import atomic_paths, case_id
+from .cases import case_output_paths, parse_targets
+from .conventions import CHANNELS, SOURCE, TARGETS
+from .data import neighbour_slices
+from .files import atomic_paths
 from .precision import check_precision, native_bf16, resolve_precision
-from .throughput import process_shard, shard
+from .throughput import process_shard
 
 logger = logging.getLogger(__name__)
 
@@ -56,196 +57,6 @@ logger = logging.getLogger(__name__)
 DESCRIP = "brainsynth synthetic {target}, intensity [0,1]"
 #: Share of non-zero voxels that may be negative before the T2 is rejected as not raw MR intensities.
 MAX_NEGATIVE_FRACTION = 0.01
-
-
-def _t2_index(datalist: str, channels) -> int:
-    """Index of T2 in the datalist's channel order (``"channels"`` key; absent: the last channel)."""
-    if channels is None:
-        return -1
-    lowered = [str(c).lower() for c in channels]
-    if SOURCE not in lowered:
-        raise ValueError(f"{datalist}: its channels {list(channels)} have no {SOURCE!r}")
-    return lowered.index(SOURCE)
-
-
-def inference_cases(
-    input: str = "",
-    datalist: str = "",
-    split: str = "test",
-    output_dir: str = "",
-    output_ext: str = ".nii.gz",
-    overwrite: bool = True,
-    targets=None,
-    flair: str = "",
-    t1: str = "",
-    t1ce: str = "",
-    t2: str = "",
-    variant: str = "",
-    ckpt_path: str = "",
-) -> list[dict]:
-    """The cases to synthesise, each ``{"image": T2 path, "case": case id}`` (plus ``"t2_channel"`` for a 4D
-    multi-channel file of a datalist).
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1), each process takes every ``WORLD_SIZE``-th case from its ``RANK`` on,
-    so that each case is synthesised and written by exactly one process.
-
-    With ``overwrite=False``, a case whose outputs ``output_dir/<case>_<target><output_ext>`` all exist (an
-    earlier run wrote them; they are written all or none) is left out, with one log line saying so: a killed batch
-    resumes by running the same command again.
-
-    Args:
-        input: one T2 volume (a file, or a DICOM series folder). When given, ``datalist`` is ignored.
-        datalist: a JSON written by ``prepare_datalist.py``: entries ``{"case", "image", "label"}`` where
-            ``image`` is a list of files in the datalist's ``"channels"`` order (FLAIR, T1, T1ce, T2) or one
-            4D file holding those channels (MSD); paths are relative to the JSON's folder.
-        split: the datalist key to read (``gan``, ``seg`` or ``test``).
-        output_dir, output_ext: where the outputs go (as :class:`SaveTargetsd`).
-        overwrite: synthesise every case again, replacing earlier outputs.
-        targets: the targets written (:func:`parse_targets`; default all); a case counts as done when those exist.
-        flair, t1, t1ce, t2: per-modality input files, for an any-missing model (``variant="anymissing"``; the cases
-            then come from :func:`scripts.runtime.anymissing.any_missing_cases`, ``--input`` counting as the T2);
-            a paper model takes ``t2`` as ``input``.
-        variant: the checkpoint's variant; ckpt_path: its file (named in the error when a paper generator is given
-            per-modality inputs).
-
-    Raises:
-        FileNotFoundError: the input, the datalist or a listed T2 file does not exist (the message names it).
-        ValueError: the split is missing or empty, an entry has no T2, or two cases share an id.
-    """
-    if input and t2 and os.path.abspath(input) != os.path.abspath(t2):
-        raise ValueError(f"--input {input} and --t2 {t2}: two T2 volumes for one case; give one of them")
-    if variant == ANYMISSING or flair or t1 or t1ce:
-        if variant != ANYMISSING:
-            held = f"{ckpt_path} holds a {variant!r} generator" if os.path.isfile(ckpt_path) else (
-                f"there is no checkpoint at {ckpt_path}")  # fmt: skip
-            raise ValueError(f"--flair, --t1 and --t1ce need an any-missing model (train.json --variant anymissing) as "
-                             f"--ckpt_path; {held}, and a paper generator synthesises from a T2 alone (--input)")
-        if targets not in (None, "", []):
-            raise ValueError(f"--targets {targets}: an any-missing model writes each case's missing modalities; "
-                             "--targets chooses among a paper generator's three")
-        from .anymissing import any_missing_cases
-
-        files = {"flair": flair, "t1": t1, "t1ce": t1ce, "t2": t2 or input}
-        cases = any_missing_cases(files, "" if any(files.values()) else datalist, split)
-        return _still_to_do(_shared(cases), output_dir, output_ext, overwrite, targets)
-    input = input or t2
-    if input:
-        if not os.path.exists(input):
-            raise FileNotFoundError(f"{input}: no such file or folder (the --input T2 volume)")
-        cases = _shared([{"image": os.path.abspath(input), "case": case_id(input)}])
-        return _still_to_do(cases, output_dir, output_ext, overwrite, targets)
-    if not datalist:
-        raise ValueError("nothing to do: give --input <T2 volume>, --datalist <json> or --dataset_dir <folder>")
-    entries = load_split(datalist, split)  # raises with a how-to message when the datalist is missing
-    content = read_datalist(datalist)
-    channels = content.get("channels")
-    t2 = _t2_index(datalist, channels)
-    cases = []
-    # case ids come from the raw JSON: load_split turns any value naming an existing path (a case folder) into
-    # an absolute path
-    for i, (raw, entry) in enumerate(zip(content[split], entries)):
-        name = str(raw["case"]) if isinstance(raw, Mapping) and "case" in raw else None
-        where = f"{datalist}: case {name or f'#{i}'} in {split!r}"
-        image, item = entry.get("image"), {}
-        if isinstance(image, (list, tuple)) and image:
-            if channels is not None and len(image) != len(channels):
-                raise ValueError(f"{where} lists {len(image)} image files; expected {list(channels)}")
-            image = image[t2]
-        elif isinstance(image, str) and image:
-            item["t2_channel"] = t2  # one file: a 4D multi-channel volume (MSD), or a 3D T2
-        if not image or not isinstance(image, str):
-            raise ValueError(f"{where} has no T2 image (its 'image' is {entry.get('image')!r})")
-        if not os.path.exists(image):
-            raise FileNotFoundError(f"{image}: no such file (the T2 of {where})")
-        item.update(image=image, case=name or case_id(image))
-        cases.append(item)
-    ids = [c["case"] for c in cases]
-    duplicates = sorted({c for c in ids if ids.count(c) > 1})
-    if duplicates:
-        raise ValueError(f"{datalist}: case ids appear more than once in {split!r}: {duplicates}")
-    return _still_to_do(_shared(cases), output_dir, output_ext, overwrite, targets)
-
-
-def _shared(cases: list[dict]) -> list[dict]:
-    """This process's share of ``cases`` under ``torchrun`` (:func:`scripts.runtime.throughput.shard`, taken before
-    the finished cases are left out, so that every rank of a resumed run agrees), with one line saying which."""
-    rank, world = process_shard()
-    if world == 1:
-        return cases
-    mine = shard(cases, rank, world)
-    logger.info(f"rank {rank} of {world}: {len(mine)} of the {len(cases)} cases ({', '.join(c['case'] for c in mine)})")
-    return mine
-
-
-def parse_targets(targets) -> tuple[str, ...]:
-    """The targets to write, from ``--targets``: a list/tuple of names or one comma-separated string
-    (``"t1ce"``, ``"flair,t1"``), case-insensitive, in :data:`TARGETS` order; ``None`` or empty: all.
-
-    Raises:
-        ValueError: an unknown name (the message lists the valid ones).
-    """
-    if targets is None or targets == "" or targets == []:
-        return tuple(TARGETS)
-    names = targets.split(",") if isinstance(targets, str) else list(targets)
-    names = [str(n).strip().lower() for n in names if str(n).strip()]
-    unknown = [n for n in names if n not in TARGETS]
-    if unknown or not names:
-        given = ",".join(str(n) for n in (targets.split(",") if isinstance(targets, str) else targets))
-        raise ValueError(f"--targets {given}: unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
-    return tuple(t for t in TARGETS if t in names)
-
-
-def output_paths(output_dir: str, case: str, output_ext: str = ".nii.gz", targets=TARGETS) -> list[str]:
-    """The files inference writes for ``case``: ``output_dir/<case>_<target><output_ext>``, one per target."""
-    return [os.path.join(output_dir, f"{case}_{target}{output_ext}") for target in targets]
-
-
-def case_output_paths(output_dir: str, case: str, output_ext: str = ".nii.gz", targets=TARGETS,
-                      names: str | None = None) -> list[str]:
-    """The files inference writes for one case: ``names`` (an any-missing case's ``output_names``, comma-separated
-    file stems) when given, else :func:`output_paths` of ``case`` and ``targets``."""
-    if names:
-        return [os.path.join(output_dir, name + output_ext) for name in str(names).split(",")]
-    return output_paths(output_dir, case, output_ext, targets)
-
-
-def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite: bool, targets=None) -> list[dict]:
-    """``cases`` without those whose outputs all exist in ``output_dir`` (unless ``overwrite``), one line each."""
-    if overwrite or not output_dir:
-        return cases
-    todo = []
-    for case in cases:
-        finals = case_output_paths(output_dir, case["case"], output_ext, parse_targets(targets),
-                                   case.get("output_names"))
-        if all(os.path.isfile(f) for f in finals):
-            logger.info(f"{case['case']}: kept the outputs of an earlier run in {output_dir} (--overwrite true "
-                        "synthesises it again)")  # fmt: skip
-        else:
-            todo.append(case)
-    if len(todo) < len(cases):
-        logger.info(f"{len(cases) - len(todo)} of {len(cases)} cases already done; synthesising {len(todo)}")
-    return todo
-
-
-def checkpoint_arch(path: str, variant: str = "tcmgan", features: int = 64) -> dict:
-    """What the generator checkpoint at ``path`` records (:func:`scripts.runtime.checkpoints.synthesis_arch`; for an
-    any-missing generator :func:`scripts.runtime.checkpoints.any_missing_arch`, its ``context`` also as
-    ``in_channels``).
-
-    When no file exists there, the defaults (``variant``, ``features`` and
-    :data:`scripts.runtime.checkpoints.LEGACY_GENERATOR`) are returned (with a warning) so that ``network_def`` can still be
-    built, e.g. by ``verify_net_in_out``; loading the weights then fails with a clear ``FileNotFoundError``.
-
-    Raises:
-        ValueError: the file exists but is not a generator checkpoint of this bundle.
-    """
-    if os.path.isfile(path):
-        if checkpoint_kind(load_checkpoint(path)) == "any-missing generator":
-            arch = any_missing_arch(path)
-            return {**arch, "in_channels": arch["context"], "targets": list(CHANNELS), "legacy": False}
-        return synthesis_arch(path)
-    logger.warning(f"{path} does not exist; network_def gets the defaults variant {variant!r}, features {features}")
-    return {"variant": variant, "features": features, **LEGACY_GENERATOR}
 
 
 class LoadT2d(LoadImaged):
@@ -296,8 +107,8 @@ class LoadInputsd(LoadT2d):
 
     - A paper generator's case (``{"image": T2 path}``): :class:`LoadT2d` (with its checks), a channel added
       (``EnsureChannelFirstd``), ``mask`` a copy of the T2 (``CopyItemsd``): ``(1, H, W, D)`` each.
-    - An any-missing case (``{"modalities": {...}}``, :func:`scripts.runtime.anymissing.any_missing_case`):
-      :class:`scripts.runtime.anymissing.LoadModalitiesd`: ``image`` ``(4, H, W, D)``, ``mask`` ``(1, H, W, D)``.
+    - An any-missing case (``{"modalities": {...}}``, :func:`scripts.runtime.cases.any_missing_case`):
+      :class:`LoadModalitiesd`: ``image`` ``(4, H, W, D)``, ``mask`` ``(1, H, W, D)``.
 
     A ``LoadImaged`` (through :class:`LoadT2d`), so that MONAI Label recognises the loading step of the exported
     bundles. ``check_contrast``: refuse a T2 that does not look like one (see :class:`LoadT2d`).
@@ -312,11 +123,52 @@ class LoadInputsd(LoadT2d):
     def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
         if "modalities" in data:
             if self._modalities is None:
-                from .anymissing import LoadModalitiesd
-
                 self._modalities = LoadModalitiesd(self.keys, check_contrast=self.check_contrast)
             return self._modalities(data)
         return self.copy_mask(self.channel_first(super().__call__(data, reader)))
+
+
+class LoadModalitiesd(MapTransform):
+    """Load a case's available modalities (``d["modalities"]``, :func:`scripts.runtime.cases.any_missing_case`) into
+    the any-missing generator's input: ``image`` ``(4, H, W, D)`` in :data:`CHANNELS` order, a missing modality all zeros;
+    ``mask`` ``(1, H, W, D)``, the voxels where any available modality is > 0 (the written volumes are 0 elsewhere).
+
+    Each file is read and checked as the T2 of the paper's inference is (:class:`scripts.runtime.inference.LoadT2d`:
+    one error naming the file; the T2 contrast check applies to the T2 only).
+
+    Raises:
+        ValueError: a file fails its checks, or the files are not on one voxel grid (shape and affine; the message
+            names them).
+    """
+
+    def __init__(self, keys="image", check_contrast: bool = False):
+        super().__init__(keys)
+        self.check_contrast = bool(check_contrast)
+        self.load_t2 = LoadT2d("image", check_contrast=self.check_contrast)
+        self.load = LoadT2d("image", check_contrast=False)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        loaded, first = {}, None
+        for m, path in d.pop("modalities").items():
+            img = (self.load_t2 if m == SOURCE else self.load)({"image": path})["image"]
+            if first is None:
+                first = (path, img)
+            elif tuple(img.shape) != tuple(first[1].shape) or not np.allclose(img.affine, first[1].affine, atol=1e-4):
+                raise ValueError(f"{path} and {first[0]} are not on one voxel grid (shapes {tuple(img.shape)} and "
+                                 f"{tuple(first[1].shape)}, or their affines differ)")  # fmt: skip
+            loaded[m] = img
+        ref = first[1]
+        zeros = torch.zeros(ref.shape, dtype=torch.float32)
+        stack = torch.stack([torch.as_tensor(loaded[m]).float() if m in loaded else zeros for m in CHANNELS])
+        image = MetaTensor(stack, meta=dict(ref.meta))
+        image.meta["original_channel_dim"] = 0
+        mask = (stack > 0).any(dim=0, keepdim=True).float()
+        for key in self.keys:
+            d[key] = image
+        d["mask"] = MetaTensor(mask, meta=dict(ref.meta))
+        d["mask"].meta["original_channel_dim"] = 0
+        return d
 
 
 def _check_t2_contrast(img: torch.Tensor, path: str) -> None:
@@ -344,7 +196,7 @@ def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.
         img = img[..., 0]
     if img.ndim != 3:
         hint = " (one multi-channel volume: list it in a datalist to use its T2 channel)" if img.ndim == 4 else ""
-        raise ValueError(f"{path}: image has shape {tuple(img.shape)}; a 3D T2 volume is needed{hint}")
+        raise ValueError(f"{path}: image has shape {tuple(img.shape)}; a 3D volume is needed{hint}")
     t = img.as_tensor() if isinstance(img, MetaTensor) else img  # plain tensor: no metadata work per check
     bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
     if bad:
@@ -362,10 +214,23 @@ def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.
     return img
 
 
+def inference_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+    """``prepare_batch`` of inference: ``(image, None)`` for the paper's generators; for the any-missing generator
+    (a batch with ``available``, one case) ``(image, None, (available,), {"outputs": missing indices})``, so that
+    the network synthesises the case's missing modalities only."""
+    image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+    if "available" not in batchdata:
+        return image, None
+    missing = batchdata["missing"]
+    missing = missing[0] if isinstance(missing, (list, tuple)) else missing
+    outputs = [CHANNELS.index(m) for m in str(missing).split(",")]
+    return image, None, (batchdata["available"].to(device),), {"outputs": outputs}
+
+
 class SaveTargetsd:
     """Write each channel of ``d[key]`` as ``output_dir/<case>_<target>.nii.gz``, all of a case or none.
 
-    An any-missing case (an item with ``missing`` and ``output_names``, :func:`scripts.runtime.anymissing.
+    An any-missing case (an item with ``missing`` and ``output_names``, :func:`scripts.runtime.cases.
     any_missing_case`) has one channel per missing modality, written under its ``output_names``.
 
     Args:
@@ -704,10 +569,6 @@ class BrainSliceInferer(Inferer):
         empty = torch.ones(volume.shape[-1], dtype=torch.bool, device=volume.device)
         empty[brain] = False
         return brain, torch.cat([brain, torch.nonzero(empty).flatten()[:1]])
-
-    def forward_slices(self, slices: torch.Tensor, network: Callable, *args, **kwargs) -> torch.Tensor:
-        """:attr:`runner` over ``(N, 1, H, W)`` slices -> ``(N, C_out, H, W)``."""
-        return self.runner(slices, network, *args, **kwargs)
 
     @staticmethod
     def network_input(volume: torch.Tensor, run: torch.Tensor, context: int = 1) -> torch.Tensor:

@@ -241,7 +241,7 @@ class SynthesisNet(nn.Module):
         if wrong:
             raise ValueError("the weights were made for " + ", ".join(wrong))
 
-    def synthesize(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def synthesise(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """G(x, c): ``x`` ``(B, in_channels, H, W)`` T2 in [-1, 1], ``labels`` ``(B,)`` target indices
         -> ``(B, 1, H, W)``."""
         if self.conditional:
@@ -256,15 +256,15 @@ class SynthesisNet(nn.Module):
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """All targets at once: ``(B, in_channels, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order.
 
-        With ``labels`` ``(B,)``, one target per sample instead: ``(B, 1, H, W)``, as :meth:`synthesize` (the
+        With ``labels`` ``(B,)``, one target per sample instead: ``(B, 1, H, W)``, as :meth:`synthesise` (the
         trainer calls this form, so that a ``DistributedDataParallel`` wrapper sees the forward pass).
         """
         if labels is not None:
-            return self.synthesize(x, labels)
+            return self.synthesise(x, labels)
         b = x.shape[0]
         if self.conditional:  # one batched forward over (target, sample) pairs
             labels = torch.arange(self.num_targets, device=x.device).repeat_interleave(b)
-            out = self.synthesize(x.repeat(self.num_targets, 1, 1, 1), labels)
+            out = self.synthesise(x.repeat(self.num_targets, 1, 1, 1), labels)
             return out.reshape(self.num_targets, b, x.shape[-2], x.shape[-1]).transpose(0, 1)
         return torch.cat([gen(x) for gen in self.generators], dim=1)
 
@@ -428,7 +428,7 @@ class SingleTargetSynthesisNet(SynthesisNet):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             labels = torch.full((x.shape[0],), self.target_index, dtype=torch.long, device=x.device)
-        return self.synthesize(x, labels)
+        return self.synthesise(x, labels)
 
 
 #: The value a missing modality's slot holds: raw intensity 0, i.e. background after scaling to [-1, 1].
@@ -511,7 +511,7 @@ class AnyMissingNet(nn.Module):
         """The settings the ``arch`` buffer records (``decode_any_missing_arch`` reads them back)."""
         return decode_any_missing_arch(self.arch)
 
-    def synthesize(self, x: torch.Tensor, available: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    def synthesise(self, x: torch.Tensor, available: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """One modality per sample: ``(N, 1, H, W)``; the target's slot is masked whatever ``available`` says."""
         avail = t2_only(1, x.device) if available is None else available
         avail = avail.to(device=x.device, dtype=x.dtype).reshape(-1, self.num_modalities).expand(x.shape[0], -1)
@@ -522,13 +522,13 @@ class AnyMissingNet(nn.Module):
     def forward(self, x: torch.Tensor, available: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 outputs=None) -> torch.Tensor:
         if labels is not None:
-            return self.synthesize(x, available, labels)
+            return self.synthesise(x, available, labels)
         wanted = list(range(self.num_modalities)) if outputs is None else [int(i) for i in outputs]
         n = x.shape[0]
         labels = torch.tensor(wanted, device=x.device).repeat_interleave(n)
         avail = t2_only(1, x.device) if available is None else available
         avail = avail.to(x.device).reshape(-1, self.num_modalities).expand(n, -1).repeat(len(wanted), 1)
-        out = self.synthesize(x.repeat(len(wanted), 1, 1, 1), avail, labels)
+        out = self.synthesise(x.repeat(len(wanted), 1, 1, 1), avail, labels)
         return out.reshape(len(wanted), n, x.shape[-2], x.shape[-1]).transpose(0, 1)
 
 
