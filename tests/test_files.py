@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import files_in
 
@@ -95,3 +96,29 @@ def test_a_full_disk_names_the_output_and_leaves_nothing(tmp_path):
     assert info.value.errno == errno.ENOSPC
     assert one_line(info.value) == f"OSError: [Errno 28] cannot write {final}: No space left on device"
     assert files_in(tmp_path / "out") == []
+
+
+def test_an_output_folder_is_checked_for_writability_and_space_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError, match="a_file is a file"):
+        files.check_writable_dir(str(blocker / "out"))
+    assert files.check_writable_dir(str(tmp_path / "new" / "out"), needed_bytes=1) == str(tmp_path / "new" / "out")
+    with pytest.raises(OSError, match=r"MiB free there, the outputs need about \d+ MiB"):
+        files.check_writable_dir(str(tmp_path / "out"), needed_bytes=2**62)
+    assert files_in(tmp_path) == ["a_file"]  # nothing created
+
+
+def test_output_bytes_counts_each_written_volume_from_the_header(tmp_path):
+    from conftest import save_nifti
+
+    from scripts.runtime.cases import output_bytes
+
+    t2 = tmp_path / "c_t2.nii.gz"
+    save_nifti(t2, np.ones((10, 20, 30), np.float32))
+    raw = 10 * 20 * 30 * 4
+    assert output_bytes([{"image": str(t2), "case": "c"}], ".nii") == 3 * raw  # FLAIR, T1, T1ce
+    assert output_bytes([{"image": str(t2), "case": "c"}], ".nii", targets="t1ce") == raw
+    assert output_bytes([{"image": str(t2), "case": "c"}], ".nii.gz") == 3 * raw // 2
+    any_missing = {"case": "c", "modalities": {"t2": str(t2)}, "missing": "flair,t1"}
+    assert output_bytes([any_missing], ".nii") == 2 * raw

@@ -270,7 +270,7 @@ BAD_INPUTS = {
     "not_an_image": (lambda p: p.write_text("not an image"), ValueError, "cannot be read as an image"),
     "truncated_gzip": (_truncated_gzip, ValueError, "cannot be read as an image"),
     "4d": (lambda p: save_nifti(p, np.stack([brain((32, 32, 8))] * 4, -1)), ValueError, r"shape \(32, 32, 8, 4\)"),
-    "2d": (lambda p: save_nifti(p, brain((32, 32, 8))[..., 4]), ValueError, r"shape \(32, 32\); a 3D T2"),
+    "2d": (lambda p: save_nifti(p, brain((32, 32, 8))[..., 4]), ValueError, r"shape \(32, 32\); a 3D volume"),
     "nan": (_with(np.nan), ValueError, "1 voxels are NaN or Inf"),
     "inf": (_with(np.inf), ValueError, "1 voxels are NaN or Inf"),
     "constant": (lambda p: save_nifti(p, np.full((32, 32, 8), 7.0, np.float32)), ValueError, "constant image"),

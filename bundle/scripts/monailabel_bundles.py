@@ -44,6 +44,8 @@ BATCH_ITEMS = (
     "datalist",
     "datalist_split",
     "output_dir",
+    "output_check",
+    "space_check",
     "overwrite",
     "num_workers",
     "prefetch",
