@@ -243,6 +243,7 @@ def test_each_rank_lists_its_share_taken_before_the_finished_cases_are_left_out(
     assert lists == [["c2", "c4"], ["c1", "c3"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", [False, True], ids=["inference.json", "with multi_gpu_inference.json"])
 def test_torchrun_writes_each_case_once_by_one_rank_that_names_it(tmp_path, tcmgan_ckpt, overlay):
     datalist = case_folder(tmp_path / "data", 5)
@@ -296,6 +297,7 @@ def test_bf16_runner_returns_float32_and_uses_torch():
     assert out.dtype == torch.float32 and out.shape == (6, 3, 16, 16) and runner.last_engine == "bf16"
 
 
+@pytest.mark.slow
 def test_bf16_synthesis_of_the_shipped_model_stays_above_the_45_db_fidelity_bar(tmp_path, phantom_dir):
     t2 = sorted(phantom_dir.glob("*/*_t2.nii.gz"))[0]
     for precision in ("fp32", "bf16"):

@@ -12,7 +12,8 @@
 #   QUICK=1 OUT=/tmp/ship_dry bash tools/train_shipped.sh                          # every stage tiny: a dry run
 #
 # The shipped model (bundle 0.6.0) is this recipe's CONTRAST=mix run on 2 cores (docs/quality.md: arm B, run beside
-# two other arms on the same cores, model.pt = its iteration 800).
+# two other arms on the same cores, model.pt = its iteration 800). Its run with CONTEXT=1 BUDGET=7500 SELECT_EVERY=750
+# alone on the 2 cores (2026-12-07: 3,577 iterations) scored lower on the selection cases and was not shipped.
 # Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (mix, the default:
 # the second half of the training cases from phantom.py --domain physics; or randomised), NSELECT shifted cases for the model
 # selection (seed 1), OOD shifted test cases (seed 0), SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, CONTEXT (G's input
