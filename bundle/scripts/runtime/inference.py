@@ -118,13 +118,11 @@ class LoadInputsd(LoadT2d):
         super().__init__(keys, check_contrast=check_contrast, **kwargs)
         self.channel_first = EnsureChannelFirstd(keys, channel_dim="no_channel")
         self.copy_mask = CopyItemsd(keys, names="mask")
-        self._modalities = None  # the any-missing loader, made at its first case
+        self.modalities = LoadModalitiesd(keys, check_contrast=check_contrast)  # an any-missing case's loader
 
     def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
         if "modalities" in data:
-            if self._modalities is None:
-                self._modalities = LoadModalitiesd(self.keys, check_contrast=self.check_contrast)
-            return self._modalities(data)
+            return self.modalities(data)
         return self.copy_mask(self.channel_first(super().__call__(data, reader)))
 
 
