@@ -144,6 +144,51 @@ def test_training_with_held_out_cases_selects_by_margin_and_keeps_a_history(phan
     assert (tmp_path / "mgan" / "model.pt").is_file() and best["saved"]
 
 
+def test_the_weight_average_warms_up_then_decays_and_is_off_at_zero():
+    from scripts.runtime.trainer import WeightAverage
+
+    net = torch.nn.Linear(2, 1, bias=False)
+    off = WeightAverage(net, 0.0)
+    assert off.scored is net and off.average is None
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightAverage(net, 1.0)
+    ema = WeightAverage(net, 0.5)
+    weights = []
+    for value in (1.0, 3.0, 5.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        ema.update()
+        weights.append(float(ema.scored.weight[0, 0]))
+    # update 1 copies; update 2 (n = 1): rate 1 - min(0.5, 2/11) = 9/11; update 3 (n = 2): rate 1 - 0.25 = 0.75
+    second = 1 + (3 - 1) * 9 / 11
+    assert weights == pytest.approx([1.0, second, second + (5 - second) * 0.75])
+    assert ema.scored is not net and net.weight.detach()[0, 0].item() == 5.0  # training keeps the raw weights
+
+
+def test_with_a_weight_average_the_average_is_selected_saved_and_resumed(phantom_dir, tmp_path):
+    from scripts.runtime.checkpoints import load_generator
+
+    settings = dict(max_epochs=2, epoch_length=2, select_dataset_dir=str(phantom_dir), select_split="gan",
+                    select_interval=2, select_keep=True, ema_decay=0.9, checkpoint_every=2)
+    wf = train_workflow(phantom_dir, tmp_path, "mgan", **settings)
+    wf.parser.get_parsed_content("selection").cases = wf.parser.get_parsed_content("selection").cases[:1]
+    average = wf.parser.get_parsed_content("generator_average")
+    assert wf.parser.get_parsed_content("selection").network is average.scored
+    wf.run()
+    raw = wf.parser.get_parsed_content("network").state_dict()
+    saved = load_checkpoint(str(tmp_path / "mgan" / "checkpoint.pt"))
+    assert int(saved["generator_average"]["n_averaged"]) == 4
+    # the generator the last pass scored and kept is the average, not the raw generator
+    kept = load_generator(str(tmp_path / "mgan" / "selection" / "iteration_4.pt"), "cpu").state_dict()
+    name = next(k for k, v in raw.items() if v.is_floating_point() and v.dim() > 1)
+    assert torch.equal(kept[name], average.scored.state_dict()[name].cpu())
+    assert not torch.equal(kept[name], raw[name].cpu())
+    wf = train_workflow(phantom_dir, tmp_path, "mgan", resume=True, **{**settings, "max_epochs": 3})
+    wf.parser.get_parsed_content("selection").cases = wf.parser.get_parsed_content("selection").cases[:1]
+    wf.run()
+    assert int(wf.parser.get_parsed_content("generator_average").average.n_averaged) == 6  # 4 restored, 2 more
+
+
 def test_without_held_out_cases_there_is_no_selection(phantom_dir, tmp_path):
     wf = train_workflow(phantom_dir, tmp_path, "mgan", run=True)
     assert wf.parser.get_parsed_content("selection").cases == []

@@ -20,7 +20,8 @@
 # slices), GAN_LIMIT (seconds of GAN training; 0 = until GAN_EPOCHS x EPOCH_LENGTH iterations), GAN_EPOCHS,
 # EPOCH_LENGTH, SELECT_EVERY (iterations between model-selection passes), BUDGET (seconds for the whole script:
 # the GAN's limit shrinks to what is left after RESERVE seconds for what follows it), THREADS (torch threads of
-# the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache).
+# the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache),
+# STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided).
 set -uo pipefail
 OUT=${OUT:-runs/shipped}; mkdir -p "$OUT"
 . "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
@@ -77,6 +78,7 @@ if [ ! -f "$R/segmenter/model.pt" ]; then
     log "segmenter FAILED; its log ends:"; grep -a -v "INFO - >" "$OUT/segmenter.log" | tail -25 | tee -a "$OUT/session.log"; }
   grep -a "best value" "$OUT/segmenter.log" | tail -1 | tee -a "$OUT/session.log"
 fi
+[ "${STOP_AFTER:-}" = segmenter ] && { log "stopped after the segmenter (STOP_AFTER=segmenter)"; exit 0; }
 
 if [ ! -f "$G/done" ]; then
   if [ "$BUDGET" -gt 0 ]; then  # what is left of the session's budget, less the evaluation, inference and figures

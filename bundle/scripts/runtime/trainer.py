@@ -215,6 +215,52 @@ class TCMGANTrainer(Trainer):
         return out
 
 
+class WeightAverage:
+    """An exponential moving average of the generator's weights, updated after every iteration, for the model
+    that is scored and saved (validation, model selection, ``model.pt``) while the training itself goes on with
+    the raw weights. A GAN generator's weights oscillate from pass to pass; the average removes the luck of the
+    pass (``docs/quality.md``).
+
+    The average is PyTorch's :class:`torch.optim.swa_utils.AveragedModel` (buffers averaged too) with a warm-up:
+    the decay of update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so a short run's average is not the
+    initial weights. It is checkpointed with the rest of the training state (``checkpoint_contents``).
+
+    Args:
+        network: the generator (unwrapped, not DDP).
+        decay: the average's decay per iteration (0.999: about the last 1,000 iterations); 0 disables it:
+            :attr:`scored` is then ``network`` itself and nothing is attached.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float = 0.0):
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+        self.network, self.decay = network, float(decay)
+        self.average = None
+        if self.decay > 0:
+            cap = self.decay
+
+            def ema(averaged, current, n):  # n: the updates so far (a tensor)
+                rate = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=cap)
+                return averaged + (current - averaged) * rate
+
+            self.average = torch.optim.swa_utils.AveragedModel(network, avg_fn=ema, use_buffers=True)
+            self.average.requires_grad_(False)
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The network to validate, select and save: the average's copy of G, or G when averaging is off."""
+        return self.network if self.average is None else self.average.module
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.average is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+
+    def update(self, engine=None) -> None:
+        self.average.update_parameters(self.network)
+
+
 class StepSchedule:
     """Multiplicative learning-rate factor for ``torch.optim.lr_scheduler.LambdaLR`` stepped once per epoch.
 
