@@ -4,7 +4,8 @@
 #   phantoms (training: domain-randomised, optionally half of them with physics contrasts; model selection:
 #   shifted cases of seed 1; test: shifted cases of seed 0) -> segmenter pre-training -> the recommended GAN
 #   within a wall-time limit, model.pt chosen by the margin over the better trivial baseline on the selection
-#   cases -> the test set's quality table (model.pt, and the run's kept generators at three budgets) -> inference
+#   cases -> its output calibration, fitted on the training data's seg split -> the test set's quality table
+#   (model.pt, the generator before calibration, and the run's kept generators at three budgets) -> inference
 #   and the axial / sagittal figures of one test case. Everything it keeps goes to $OUT.
 #
 #   OUT=runs/shipped nohup bash tools/train_shipped.sh > runs/shipped.log 2>&1 &   # the CPU recipe (2 cores)
@@ -21,7 +22,9 @@
 # EPOCH_LENGTH, SELECT_EVERY (iterations between model-selection passes), BUDGET (seconds for the whole script:
 # the GAN's limit shrinks to what is left after RESERVE seconds for what follows it), THREADS (torch threads of
 # the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache),
-# STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided).
+# STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided), CALIBRATE
+# (1, the default: model.pt gets the output calibration fitted on the seg split, configs/calibrate.json; the
+# generator as trained is kept as model_uncalibrated.pt; 0: none).
 set -uo pipefail
 OUT=${OUT:-runs/shipped}; mkdir -p "$OUT"
 . "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
@@ -95,12 +98,24 @@ if [ ! -f "$G/done" ]; then
     && touch "$G/done" || log "training stopped (exit $?): run this script again to resume it"
   grep -a "model selection at\|progress:" "$OUT/recommended.log" | tail -3 | tee -a "$OUT/session.log"
 fi
-cp "$G/model.pt" "$OUT/model.pt" 2>/dev/null || { log "no model.pt"; exit 1; }
+[ -f "$G/model.pt" ] || { log "no model.pt"; exit 1; }
+if [ "${CALIBRATE:-1}" = 1 ]; then  # the output calibration, fitted on the training data's seg split (not the test set)
+  if [ ! -f "$OUT/model.pt" ] || [ "$G/model.pt" -nt "$OUT/model.pt" ]; then
+    cp "$G/model.pt" "$OUT/model_uncalibrated.pt"
+    log "output calibration on the seg split of $D"
+    $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/calibrate.json']" --dataset_dir "$D" \
+      --output_dir "$R" --ckpt_path "$OUT/model_uncalibrated.pt" --calibrated_path "$OUT/model.pt" $MINPIX \
+      --device "$DEVICE" > "$OUT/calibration.log" 2>&1 || { log "calibration FAILED"; exit 1; }
+    grep -a "calibration " "$OUT/calibration.log" | tail -4 | tee -a "$OUT/session.log"
+  fi
+else
+  cp "$G/model.pt" "$OUT/model.pt"
+fi
 
 log "scores on the $OOD shifted test cases: model.pt, and the kept generators at three budgets"
 if [ ! -f "$OUT/test_scores.json" ]; then
   KEPT=($(ls "$G"/selection/iteration_*.pt 2>/dev/null | sort -t_ -k2 -n))
-  CKPTS="$OUT/model.pt"
+  CKPTS="$OUT/model.pt$([ -f "$OUT/model_uncalibrated.pt" ] && echo ",$OUT/model_uncalibrated.pt")"
   if [ "${#KEPT[@]}" -ge 3 ]; then  # first, middle, last
     CKPTS="$CKPTS,${KEPT[0]},${KEPT[$(( ${#KEPT[@]} / 2 ))]},${KEPT[-1]}"
   fi

@@ -160,6 +160,64 @@ class Pix2PixUNet(nn.Module):
         return self.out(x)
 
 
+#: Quantile levels (%) of the output calibration's knots (:class:`IntensityCalibration`).
+CALIBRATION_QUANTILES = (0, 0.5, 1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99, 99.5, 100)
+
+
+class IntensityCalibration(nn.Module):
+    """A monotone piecewise-linear map of each target's output intensities, fitted after training
+    (:func:`scripts.runtime.calibration.fit_calibration`); the identity until then.
+
+    A generator trained with an L1 term is smooth: its brightest tissue stays below the real image's upper tail
+    (noise, bias field), so once a volume is normalised by its own brain percentiles, as the quality protocol and
+    most pipelines do, the synthesis's whole brain sits too bright. The map sends the synthesis's brain quantiles
+    (averaged over fitting cases) to the real targets' (:data:`CALIBRATION_QUANTILES`), in the [-1, 1] training
+    scale. It is written as a sum of ReLU hinges, so it exports to ONNX and TorchScript and keeps gradients.
+
+    Buffers ``source`` and ``target``, ``(num_targets, K)``: the knots (``source`` strictly increasing per
+    target). A state dict without them (a ``model.pt`` from before the calibration existed) loads as the identity.
+    """
+
+    def __init__(self, num_targets: int = 3, num_knots: int = len(CALIBRATION_QUANTILES)):
+        super().__init__()
+        knots = torch.linspace(-1.0, 1.0, int(num_knots)).repeat(int(num_targets), 1)
+        self.register_buffer("source", knots.clone())
+        self.register_buffer("target", knots.clone())
+
+    @property
+    def identity(self) -> bool:
+        return bool(torch.equal(self.source, self.target))
+
+    def set_knots(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Set the knots (``(num_targets, K)`` each); ``source`` must increase strictly along each row."""
+        source, target = torch.as_tensor(source).float(), torch.as_tensor(target).float()
+        if source.shape != self.source.shape or target.shape != self.target.shape:
+            raise ValueError(f"knots of shape {tuple(self.source.shape)} expected, got {tuple(source.shape)}, "
+                             f"{tuple(target.shape)}")
+        if not bool((source.diff(dim=1) > 0).all()):
+            raise ValueError("the calibration's source knots must increase strictly")
+        self.source.copy_(source)
+        self.target.copy_(target)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        identity = torch.linspace(-1.0, 1.0, self.source.shape[1]).repeat(self.source.shape[0], 1)
+        for name in ("source", "target"):  # an older model.pt: the identity
+            state_dict.setdefault(prefix + name, identity.to(self.source.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``y`` ``(B, 1, H, W)``, target ``labels`` ``(B,)`` -> the calibrated ``y``."""
+        if self.identity:
+            return y
+        x, t = self.source[labels], self.target[labels]  # (B, K), fp32 (also under bf16 autocast)
+        slopes = t.diff(dim=1) / x.diff(dim=1)  # (B, K - 1)
+        x = x[:, :, None, None]
+        v = torch.minimum(torch.maximum(y.float(), x[:, :1]), x[:, -1:])  # clamped to the knots' range
+        out = t[:, :1, None, None] + slopes[:, :1, None, None] * (v - x[:, :1])
+        bends = (slopes[:, 1:] - slopes[:, :-1])[:, :, None, None]
+        return (out + (bends * torch.relu(v - x[:, 1:-1])).sum(dim=1, keepdim=True)).to(y.dtype)
+
+
 class SynthesisNet(nn.Module):
     """T2 slice(s) -> synthesised target slices; the generator of every variant, and a self-describing checkpoint.
 
@@ -211,6 +269,7 @@ class SynthesisNet(nn.Module):
         n_gen = 1 if self.conditional else num_targets
         in_ch = self.in_channels + num_targets if self.conditional else self.in_channels
         self.generators = nn.ModuleList([Pix2PixUNet(in_ch, 1, features, num_downs, upsample) for _ in range(n_gen)])
+        self.calibration = IntensityCalibration(self.num_targets)
         self.register_buffer("arch", torch.tensor([VARIANTS.index(variant), features, num_targets, num_downs]))
 
     def description(self) -> dict:
@@ -245,13 +304,14 @@ class SynthesisNet(nn.Module):
         """G(x, c): ``x`` ``(B, in_channels, H, W)`` T2 in [-1, 1], ``labels`` ``(B,)`` target indices
         -> ``(B, 1, H, W)``."""
         if self.conditional:
-            return self.generators[0](torch.cat([x, label_planes(labels, self.num_targets, x)], dim=1))
+            out = self.generators[0](torch.cat([x, label_planes(labels, self.num_targets, x)], dim=1))
+            return self.calibration(out, labels)
         out = x.new_zeros(x.shape[0], 1, x.shape[-2], x.shape[-1])
         for k, gen in enumerate(self.generators):  # route each sample to the generator of its target
             idx = (labels == k).nonzero().flatten()
             if idx.numel() > 0:
                 out = out.index_put((idx,), gen(x.index_select(0, idx)))
-        return out
+        return self.calibration(out, labels)
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """All targets at once: ``(B, in_channels, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order.
