@@ -210,7 +210,7 @@ class IntensityCalibration(nn.Module):
         if self.identity:
             return y
         x, t = self.source[labels], self.target[labels]  # (B, K), fp32 (also under bf16 autocast)
-        slopes = t.diff(dim=1) / x.diff(dim=1)  # (B, K - 1)
+        slopes = (t[:, 1:] - t[:, :-1]) / (x[:, 1:] - x[:, :-1])  # (B, K - 1); no diff: ONNX has none
         x = x[:, :, None, None]
         v = torch.minimum(torch.maximum(y.float(), x[:, :1]), x[:, -1:])  # clamped to the knots' range
         out = t[:, :1, None, None] + slopes[:, :1, None, None] * (v - x[:, :1])
