@@ -4,8 +4,8 @@
 #   phantoms (training: domain-randomised, optionally half of them with physics contrasts; model selection:
 #   shifted cases of seed 1; test: shifted cases of seed 0) -> segmenter pre-training -> the recommended GAN
 #   within a wall-time limit, model.pt chosen by the margin over the better trivial baseline on the selection
-#   cases -> its output calibration, fitted on the training data's seg split -> the test set's quality table
-#   (model.pt, the generator before calibration, and the run's kept generators at three budgets) -> inference
+#   cases -> (CALIBRATE=1) its output calibration, fitted on the training data's seg split -> the test set's
+#   quality table (model.pt, and the run's kept generators at three budgets) -> inference
 #   and the axial / sagittal figures of one test case. Everything it keeps goes to $OUT.
 #
 #   OUT=runs/shipped nohup bash tools/train_shipped.sh > runs/shipped.log 2>&1 &   # the CPU recipe (2 cores)
@@ -14,7 +14,9 @@
 #
 # The shipped model (bundle 0.6.0) is this recipe's CONTRAST=mix run on 2 cores (docs/quality.md: arm B, run beside
 # two other arms on the same cores, model.pt = its iteration 800). Its run with CONTEXT=1 BUDGET=7500 SELECT_EVERY=750
-# alone on the 2 cores (2026-12-07: 3,577 iterations) scored lower on the selection cases and was not shipped.
+# alone on the 2 cores (2026-12-07: 3,577 iterations) scored lower on the selection cases and was not shipped; nor
+# was its CONTEXT=3 GAN_LIMIT=5900 SELECT_EVERY=1000 run with the weight average of recommended.json (ema_decay
+# 0.999; 2026-12-07, second session: 3,001 iterations), nor the 0.6.0 generator with CALIBRATE's output calibration.
 # Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (mix, the default:
 # the second half of the training cases from phantom.py --domain physics; or randomised), NSELECT shifted cases for the model
 # selection (seed 1), OOD shifted test cases (seed 0), SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, CONTEXT (G's input
@@ -23,8 +25,8 @@
 # the GAN's limit shrinks to what is left after RESERVE seconds for what follows it), THREADS (torch threads of
 # the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache),
 # STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided), CALIBRATE
-# (1, the default: model.pt gets the output calibration fitted on the seg split, configs/calibrate.json; the
-# generator as trained is kept as model_uncalibrated.pt; 0: none).
+# (0, the default: none; 1: model.pt gets the output calibration fitted on the seg split, configs/calibrate.json,
+# and the generator as trained is kept as model_uncalibrated.pt, both scored on the test cases).
 set -uo pipefail
 OUT=${OUT:-runs/shipped}; mkdir -p "$OUT"
 . "$(dirname "$0")/gpu_env.sh"  # wheels on an offline GPU machine, PY, log
@@ -99,7 +101,7 @@ if [ ! -f "$G/done" ]; then
   grep -a "model selection at\|progress:" "$OUT/recommended.log" | tail -3 | tee -a "$OUT/session.log"
 fi
 [ -f "$G/model.pt" ] || { log "no model.pt"; exit 1; }
-if [ "${CALIBRATE:-1}" = 1 ]; then  # the output calibration, fitted on the training data's seg split (not the test set)
+if [ "${CALIBRATE:-0}" = 1 ]; then  # the output calibration, fitted on the training data's seg split (not the test set)
   if [ ! -f "$OUT/model.pt" ] || [ "$G/model.pt" -nt "$OUT/model.pt" ]; then
     cp "$G/model.pt" "$OUT/model_uncalibrated.pt"
     log "output calibration on the seg split of $D"
