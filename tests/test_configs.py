@@ -24,6 +24,7 @@ OVERLAYS = (
     "multi_gpu_train.json",
     "recommended.json",
     "evaluate_anymissing.json",
+    "calibrate.json",
 )
 
 

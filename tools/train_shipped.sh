@@ -33,7 +33,7 @@ OUT=${OUT:-runs/shipped}; mkdir -p "$OUT"
 Q=${QUICK:-0}
 W=${WORKERS:-$(nproc)}
 pick() { [ "$Q" = 1 ] && echo "$1" || echo "$2"; }  # the QUICK value or the setting's
-NCASES=$(pick 6 "${NCASES:-40}"); NSELECT=$(pick 1 "${NSELECT:-4}"); OOD=$(pick 2 "${OOD:-8}")
+NCASES=$(pick 6 "${NCASES:-40}"); NSELECT=$(pick 1 "${NSELECT:-8}"); OOD=$(pick 2 "${OOD:-8}")
 CONTRAST=${CONTRAST:-mix}
 SHAPE=$(pick "--shape [96,96,40]" ""); MINPIX=$(pick "--min_brain_pixels 400" "")
 NOCHECK=$(pick "--check_contrast false" "")  # the T2 contrast check is fitted on full-size volumes, not 96x96x40
