@@ -15,7 +15,7 @@
 # The shipped model (bundle 0.6.0) is this recipe's CONTRAST=mix run on 2 cores (docs/quality.md: arm B, run beside
 # two other arms on the same cores, model.pt = its iteration 800). Its run with CONTEXT=1 BUDGET=7500 SELECT_EVERY=750
 # alone on the 2 cores (2026-12-07: 3,577 iterations) scored lower on the selection cases and was not shipped; nor
-# was its CONTEXT=3 GAN_LIMIT=5900 SELECT_EVERY=1000 run with the weight average of recommended.json (ema_decay
+# was its NSELECT=4 CONTEXT=3 GAN_LIMIT=5900 SELECT_EVERY=1000 run with the weight average of recommended.json (ema_decay
 # 0.999; 2026-12-07, second session: 3,001 iterations), nor the 0.6.0 generator with CALIBRATE's output calibration.
 # Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (mix, the default:
 # the second half of the training cases from phantom.py --domain physics; or randomised), NSELECT shifted cases for the model
