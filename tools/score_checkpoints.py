@@ -7,6 +7,8 @@ full-size cases on 2 CPU cores, where ``evaluate.json`` (both conventions, every
     python tools/score_checkpoints.py --dataset_dir data/ood8 \\
         --checkpoints "[runs/a/recommended/model.pt,runs/b/recommended/model.pt]" --output runs/scores.json
 
+``--views all`` / ``--flip true`` score the tri-planar / mirrored synthesis of each checkpoint instead of the axial one.
+
 Prints one Markdown table (checkpoint, target; each metric as synthesis / better baseline / margin) and writes the
 margins of every checkpoint to ``--output`` (JSON). The checkpoints must share the image size and intensity
 scaling of ``train.json``'s defaults (128, ``volume``), as every model of the bundle's recipes does.
@@ -22,12 +24,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bundle"))
 
 
-def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", device: str = "cpu") -> dict:
-    """Margins of each checkpoint (``{path: {"margins": ..., "score": ...}}``); see the module doc."""
+def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", device: str = "cpu",
+          views="axial", flip: bool = False) -> dict:
+    """Margins of each checkpoint (``{path: {"margins": ..., "score": ...}}``); see the module doc. ``views`` and
+    ``flip``: the synthesis scored (``BrainSliceInferer``'s: e.g. ``--views all`` for a tri-planar generator,
+    ``--flip true`` for the mirrored passes averaged in)."""
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
     from scripts.runtime.checkpoints import load_generator, synthesis_arch
+    from scripts.runtime.command_line import flag
     from scripts.runtime.evaluation import MarginSelection, format_margins, selection_margins, selection_score
     from scripts.runtime.files import write_json
     from scripts.runtime.inference import BrainSliceInferer
@@ -44,8 +50,9 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
     parser.update({"bundle_root": os.path.join(REPO, "bundle"), "dataset_dir": dataset_dir})
     load = Compose(parser.get_parsed_content("load_transforms"))
     volume = Compose(parser.get_parsed_content("image_transforms"))
-    selection = MarginSelection(load_generator(checkpoints[0], device), dataset_dir, split, load, volume,
-                                BrainSliceInferer(sw_batch_size=32), path=os.devnull, interval=0, device=device)
+    inferer = BrainSliceInferer(sw_batch_size=32, views=views, flip=flag(flip, "flip"))
+    selection = MarginSelection(load_generator(checkpoints[0], device), dataset_dir, split, load, volume, inferer,
+                                path=os.devnull, interval=0, device=device)
     results, lines = {}, []
     for path in checkpoints:
         start = time.time()

@@ -1,6 +1,6 @@
 """Data pieces MONAI lacks: the datalist loader with clear errors, the brain-slice filter, the intensity
 scaling to [-1, 1], a cache of preprocessed volumes (in memory or memory-mapped from disk) that names a bad case
-before training starts, and a dataset of 2D axial slices drawn from the cached 3D volumes.
+before training starts, and a dataset of 2D slices (axial, or of all three orientations) drawn from the cached 3D volumes.
 
 Channel order everywhere (declared once, in :data:`scripts.runtime.conventions.CHANNELS`): FLAIR, T1, T1ce, T2 —
 the targets first, in the label order of :data:`scripts.runtime.conventions.TARGETS`, then the source. Internal
@@ -30,6 +30,7 @@ from monai.transforms import MapTransform
 
 from .conventions import CHANNELS, INTERNAL_LABELS, LAYOUT_LABELS, T2_INDEX, TARGETS  # noqa: F401 (re-exported)
 from .files import write_atomic
+from .views import MIN_BRAIN_FRACTION, brain_range, parse_views, to_view, view_length, view_slice
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def _brain_percentile(channel: torch.Tensor, q: float) -> torch.Tensor:
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """2D axial slices of preprocessed 3D volumes, one item per (case, slice).
+    """2D slices of preprocessed 3D volumes, one item per (case, view, slice); axial slices only by default.
 
     ``volumes`` is a sequence of dicts whose ``keys`` hold channel-first ``(C, H, W, D)`` tensors, typically a
     ``CacheDataset(copy_cache=False)`` or a :class:`VolumeCache` so that each volume is loaded and preprocessed once
@@ -204,10 +205,16 @@ class SliceDataset(torch.utils.data.Dataset):
     clamped), ``(context, H, W)``; then ``transform`` (e.g. the training augmentation) is applied to the item.
     With ``source="all"`` (the any-missing generator) ``"source"`` holds every channel's ``context`` slices,
     channel by channel, ``(4 * context, H, W)``, and is always there.
+
+    ``views`` (:func:`scripts.runtime.views.parse_views`; tri-planar training: ``"all"``) adds coronal and sagittal
+    slices: those of :func:`scripts.runtime.views.to_view` over the case's brain range
+    (:func:`scripts.runtime.views.brain_range` of the source channels, background -1), exactly the slices inference
+    runs, each kept when more than ``min_fraction`` of its pixels are brain in a source channel; the label is
+    resized with nearest neighbours. Items then carry ``"view"`` (its name) too.
     """
 
     def __init__(self, volumes: Sequence[Mapping], keys: Sequence[str] = ("image", "label"), context: int = 1,
-                 transform=None, source: str = "t2"):
+                 transform=None, source: str = "t2", views="axial", min_fraction: float = MIN_BRAIN_FRACTION):
         if int(context) < 1 or int(context) % 2 == 0:
             raise ValueError(f"context must be an odd number of slices >= 1, got {context}")
         if source not in ("t2", "all"):
@@ -217,31 +224,71 @@ class SliceDataset(torch.utils.data.Dataset):
         self.keys = tuple(keys)
         self.context = int(context)
         self.transform = transform
+        self.views = parse_views(views)
+        self.min_fraction = float(min_fraction)
+        self.ranges: dict[int, tuple[int, int]] = {}  # case -> its brain range (coronal and sagittal views)
         self.index = []
         for c in range(len(volumes)):
-            centre = volumes[c].get("centre") if isinstance(volumes[c], Mapping) else None
-            n = volumes[c][self.keys[0]].shape[-1]
-            slices = range(n) if centre is None else np.flatnonzero(np.asarray(centre)).tolist()
-            self.index += [(c, int(z)) for z in slices]
+            if "axial" in self.views:
+                centre = volumes[c].get("centre") if isinstance(volumes[c], Mapping) else None
+                n = volumes[c][self.keys[0]].shape[-1]
+                slices = range(n) if centre is None else np.flatnonzero(np.asarray(centre)).tolist()
+                self.index += [(c, "axial", int(z)) for z in slices]
+            others = [v for v in self.views if v != "axial"]
+            if others:
+                self.index += self._view_index(c, others)
         if not self.index:
             raise ValueError("no slices: the dataset has no cases or every case was filtered out")
+
+    def _source_channels(self) -> list[int] | None:
+        return [T2_INDEX] if self.source == "t2" else None
+
+    def _view_index(self, c: int, views: Sequence[str]) -> list[tuple]:
+        """The coronal / sagittal slices of case ``c`` with enough brain in a source channel."""
+        image = self.volumes[c]["image"]
+        found = brain_range(image, -1.0, self.min_fraction, self._source_channels())
+        if found is None:
+            return []
+        self.ranges[c] = found
+        part = _brain_part(image, found)
+        part = torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part
+        index = []
+        for view in views:
+            brain = to_view(part[self._source_channels() or slice(None)], view) != -1.0  # (C, A, A, N)
+            fraction = brain.float().mean(dim=(1, 2)).amax(dim=0)
+            index += [(c, view, int(s)) for s in torch.nonzero(fraction > self.min_fraction).flatten()]
+        return index
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _get(self, vol, view: str, c: int, key: str, s: int) -> torch.Tensor:
+        if view == "axial":
+            return _slice(vol[key], s)
+        mode = "nearest" if key == "label" else "linear"
+        return view_slice(_brain_part(vol[key], self.ranges[c]), view, s, mode)
+
     def __getitem__(self, i: int) -> dict:
-        c, z = self.index[i]
+        c, view, z = self.index[i]
         vol = self.volumes[c]
-        item = {key: _slice(vol[key], z) for key in self.keys}
+        item = {key: self._get(vol, view, c, key, z) for key in self.keys}
         if self.context > 1 or self.transform is not None or self.source == "all":  # only the k slices are read
-            depth = vol["image"].shape[-1]
+            depth = view_length(vol["image"].shape, view)
             index = neighbour_index(torch.tensor([z]), self.context, depth)[0].tolist()
-            stack = torch.stack([_slice(vol["image"], j) for j in index], dim=1)  # (C, k, H, W)
+            stack = torch.stack([self._get(vol, view, c, "image", j) for j in index], dim=1)  # (C, k, H, W)
             item["source"] = stack[T2_INDEX] if self.source == "t2" else stack.flatten(0, 1)
         if self.transform is not None:
             item = dict(self.transform(item))
         item.update(case=c, slice=z)
+        if self.views != ("axial",):
+            item["view"] = view
         return item
+
+
+def _brain_part(volume, found: tuple[int, int]):
+    """The slices ``found[0] .. found[1]`` (last axis) of a volume: a view of a tensor or of a memory-mapped array."""
+    part = volume[..., found[0] : found[1] + 1]
+    return part if isinstance(part, np.ndarray) else torch.as_tensor(part)
 
 
 def neighbour_slices(volume: torch.Tensor, centres: torch.Tensor, context: int) -> torch.Tensor:

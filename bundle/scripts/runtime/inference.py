@@ -12,7 +12,8 @@ cases themselves, what is read and what is written, are :mod:`scripts.runtime.ca
   benchmark).
 - :class:`BrainSliceInferer`: the 2D generator over the axial slices of a volume that hold brain (the result of
   MONAI's ``SliceInferer`` without running the all-background slices, nor stitching one-slice windows), through
-  a :class:`SliceRunner`.
+  a :class:`SliceRunner`; with ``views`` / ``flip`` it fuses the axial, coronal and sagittal passes (and those of
+  the mirrored volume), and with ``uncertainty`` appends their per-voxel spread (:class:`SplitSpreadd` splits it off).
 - :class:`SaveTargetsd`: one NIfTI per target, written atomically (:func:`scripts.runtime.files.atomic_paths`), in
   parallel, optionally in the background (:class:`scripts.runtime.throughput.BackgroundWriter`).
 - :class:`CaseProgress`: an engine handler that logs one line per finished case (its name and seconds).
@@ -21,7 +22,8 @@ cases themselves, what is read and what is written, are :mod:`scripts.runtime.ca
 
 Intensity convention of the written volumes: float32 in [0, 1] (``(pred + 1) / 2``), 0 in the background (where the
 input T2 is <= 0; for an any-missing case, where no available modality is > 0), on exactly the input's voxel grid
-(shape and affine).
+(shape and affine). An uncertainty map (``--uncertainty true``) is written beside each volume as
+``<case>_<target>_uncertainty``: the spread of the fused passes, in the same [0, 1] units, 0 in the background.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .data import neighbour_slices
 from .files import atomic_paths
 from .precision import check_precision, native_bf16, resolve_precision
 from .throughput import process_shard
+from .views import MIN_BRAIN_FRACTION, brain_range, from_view, parse_views, to_view
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +245,9 @@ class SaveTargetsd:
         writer: a :class:`scripts.runtime.throughput.BackgroundWriter` that writes while the next case is
             synthesised (attach it to the engine too, so the run ends when all is written); None writes here.
         descrip: NIfTI ``descrip`` template (``{target}`` is filled in; at most 80 characters).
+        uncertainty_key: the key of the uncertainty maps (:class:`SplitSpreadd`), one channel per channel of
+            ``key``; when the item has it, each is written beside its volume as ``<case>_<target>_uncertainty``
+            (:func:`uncertainty_path`), in the same all-or-none group.
         output_ext: ``".nii.gz"`` (default: gzip level 1, ~3x smaller) or ``".nii"`` (uncompressed: 36 MB per
             BraTS-size volume, written several times faster; for large batches on a GPU, where compressing
             costs more than the network).
@@ -267,6 +273,7 @@ class SaveTargetsd:
         output_ext: str = ".nii.gz",
         write=None,
         writer=None,
+        uncertainty_key: str = "uncertainty",
     ):
         if output_ext not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}")
@@ -274,6 +281,7 @@ class SaveTargetsd:
         self.key, self.output_dir, self.ref_key, self.case_key = key, output_dir, ref_key, case_key
         self.targets, self.descrip, self.output_ext = tuple(targets), descrip, output_ext
         self.write = parse_targets(write)
+        self.uncertainty_key = uncertainty_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -292,6 +300,12 @@ class SaveTargetsd:
         targets = [channels[i] for i in keep]
         affine = np.asarray(ref.affine, dtype=np.float64)
         finals = case_output_paths(self.output_dir, case, self.output_ext, targets, d.get("output_names"))
+        spread = d.get(self.uncertainty_key) if self.uncertainty_key else None
+        if spread is not None:  # <output>_uncertainty beside each output, written with them
+            spread = torch.as_tensor(spread).detach()[keep].to("cpu", torch.float32).numpy()
+            volumes = np.concatenate([volumes, spread])
+            finals = finals + [uncertainty_path(f, self.output_ext) for f in finals]
+            targets = targets + [f"{t} uncertainty" for t in targets]
         if self.writer is None:
             self._write(volumes, targets, affine, finals)
         else:
@@ -317,6 +331,11 @@ class SaveTargetsd:
         img.header.set_xyzt_units("mm", "sec")
         img.header["descrip"] = self.descrip.format(target=target)[:80].encode()
         return img
+
+
+def uncertainty_path(path: str, output_ext: str = ".nii.gz") -> str:
+    """The uncertainty map's file beside the synthesised volume ``path``: ``<stem>_uncertainty<ext>``."""
+    return path[: -len(output_ext)] + "_uncertainty" + output_ext
 
 
 #: Ways :class:`BrainSliceInferer` can run the network.
@@ -502,7 +521,8 @@ class SliceRunner:
 
 
 class BrainSliceInferer(Inferer):
-    """Run a 2D network over the axial slices of a volume, sending only the slices that hold brain.
+    """Run a 2D network over the axial slices of a volume (optionally the coronal and sagittal ones too, and the
+    mirrored volume's, fused), sending only the slices that hold brain.
 
     ``inputs`` ``(B, 1, H, W, D)`` in [-1, 1] with background exactly ``background`` (what
     :class:`scripts.runtime.data.ScaleBrainIntensityd` gives voxels <= 0) -> ``(B, C_out, H, W, D)``, where the network maps
@@ -528,19 +548,34 @@ class BrainSliceInferer(Inferer):
             the CPU when installed, torch on a GPU, where the network is a few percent of the time).
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on a CPU that computes it natively; see
             :class:`SliceRunner`).
+        views: the slice orientations run (:func:`scripts.runtime.views.parse_views`: ``"axial"``, the default and
+            the paper's; ``"all"`` or a comma-separated list for tri-planar synthesis). The coronal and sagittal
+            passes cover the brain range of the volume (:func:`scripts.runtime.views.brain_range` of its channels,
+            with ``min_fraction``), as in training (:class:`scripts.runtime.data.SliceDataset` with ``views``);
+            the output is the mean of the passes covering each voxel.
+        flip: also run every view on the left-right mirrored volume and mirror its output back (test-time
+            augmentation; twice the passes).
+        uncertainty: append, as ``C_out`` further channels, each voxel's spread over the passes (population
+            standard deviation, in the network's [-1, 1] units; 0 where a single pass covers the voxel).
+            :class:`SplitSpreadd` separates it from the synthesis.
 
     Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
     with the input's metadata when the input is one), so the inverse transforms may modify it.
     """
 
     def __init__(self, sw_batch_size: int = 64, background: float = -1.0, compile: bool = False, backend="torch",
-                 precision: str = "fp32"):  # fmt: skip
+                 precision: str = "fp32", views="axial", flip: bool = False, uncertainty: bool = False,
+                 min_fraction: float = MIN_BRAIN_FRACTION):  # fmt: skip
         super().__init__()
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
         self.sw_batch_size = int(sw_batch_size)
         self.background = float(background)
         self.runner = SliceRunner(self.sw_batch_size, backend, compile, self.background, precision)
+        self.views = parse_views(views)
+        self.flip = bool(flip)
+        self.uncertainty = bool(uncertainty)
+        self.min_fraction = float(min_fraction)
 
     @property
     def compile(self) -> bool:
@@ -576,6 +611,66 @@ class BrainSliceInferer(Inferer):
             return torch.cat([neighbour_slices(channel, run, context) for channel in volume], dim=1)
         return volume[..., run].permute(3, 0, 1, 2)
 
+    def _slices(self, volume: torch.Tensor, network: Callable, context: int, args, kwargs) -> torch.Tensor:
+        """One pass over the slices (last axis) of ``volume`` ``(C, H, W, D)`` -> ``(C_out, H, W, D)``."""
+        brain, run = self.slices_to_run(volume, context)
+        pred = self.runner(self.network_input(volume, run, context).contiguous(), network, *args, **kwargs)
+        pred = pred.to(volume.dtype)  # under autocast the network answers in float16 / bfloat16
+        out = torch.empty((pred.shape[1], *volume.shape[1:]), dtype=volume.dtype, device=pred.device)
+        if run.numel() > brain.numel():  # the one all-background slice run stands for every such slice
+            out[...] = pred[brain.numel() :].permute(1, 2, 3, 0)
+        out[..., brain] = pred[: brain.numel()].permute(1, 2, 3, 0)
+        return out
+
+    def passes(self, volume: torch.Tensor, network: Callable, context: int = 1, args=(), kwargs=None):
+        """Each pass of :attr:`views` (and, with :attr:`flip`, of the left-right mirrored volume) over ``volume``
+        ``(C, H, W, D)``: yields ``(output (C_out, H, W, D'), first, last)``, the synthesis of the axial slices
+        ``first .. last`` (the whole volume for the axial view, the brain range for the others)."""
+        kwargs = kwargs or {}
+        depth = volume.shape[-1]
+        for mirrored in (False, True) if self.flip else (False,):
+            v = volume.flip(1) if mirrored else volume  # H runs right-left on the RAS grid
+            for view in self.views:
+                if view == "axial":
+                    out, first, last = self._slices(v, network, context, args, kwargs), 0, depth - 1
+                else:
+                    found = brain_range(v, self.background, self.min_fraction)
+                    if found is None:
+                        continue
+                    first, last = found
+                    part = to_view(v[..., first : last + 1], view)
+                    out = from_view(self._slices(part, network, context, args, kwargs), view, last - first + 1)
+                yield (out.flip(1) if mirrored else out), first, last
+
+    def _fused(self, volume: torch.Tensor, network: Callable, context: int, args, kwargs) -> torch.Tensor:
+        """The mean of :meth:`passes` per voxel, with their spread (population standard deviation) appended as
+        further channels when :attr:`uncertainty` is on (0 where one pass covers a voxel)."""
+        if self.views == ("axial",) and not self.flip and not self.uncertainty:
+            return self._slices(volume, network, context, args, kwargs)
+        total = squares = None  # in float64: the spread is a difference of two near sums
+        count = torch.zeros(volume.shape[-1], dtype=torch.float64, device=volume.device)
+        for out, first, last in self.passes(volume, network, context, args, kwargs):
+            if total is None:
+                total = torch.zeros((out.shape[0], *volume.shape[1:]), dtype=torch.float64, device=out.device)
+                squares = torch.zeros_like(total)
+            out = out.double()
+            total[..., first : last + 1] += out
+            squares[..., first : last + 1] += out * out
+            count[first : last + 1] += 1
+        uncovered = count == 0  # without the axial view: the slices outside the brain range get its pass
+        if total is None or bool(uncovered.any()):
+            axial = self._slices(volume, network, context, args, kwargs).double()
+            if total is None:
+                total, squares = torch.zeros_like(axial), torch.zeros_like(axial)
+            total[..., uncovered] = axial[..., uncovered]
+            squares[..., uncovered] = axial[..., uncovered] ** 2
+            count[uncovered] = 1
+        mean = total / count
+        if not self.uncertainty:
+            return mean.to(volume.dtype)
+        spread = (squares / count - mean * mean).clamp_min(0).sqrt()
+        return torch.cat([mean, spread]).to(volume.dtype)
+
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
         if inputs.ndim != 5:
             raise ValueError(f"expected a (B, C, H, W, D) volume batch, got shape {tuple(inputs.shape)}")
@@ -584,20 +679,39 @@ class BrainSliceInferer(Inferer):
         context = int(getattr(network, "context", getattr(network, "in_channels", 1)))
         results = []
         for i, volume in enumerate(x):
-            brain, run = self.slices_to_run(volume, context)
-            slices = self.network_input(volume, run, context)
             case_args = [a[i : i + 1] if isinstance(a, torch.Tensor) else a for a in args]  # per-case inputs
-            pred = self.runner(slices.contiguous(), network, *case_args, **kwargs)
-            pred = pred.to(volume.dtype)  # under autocast the network answers in float16 / bfloat16
-            out = torch.empty((pred.shape[1], *volume.shape[1:]), dtype=volume.dtype, device=pred.device)
-            if run.numel() > brain.numel():  # the one all-background slice run stands for every such slice
-                out[...] = pred[brain.numel() :].permute(1, 2, 3, 0)
-            out[..., brain] = pred[: brain.numel()].permute(1, 2, 3, 0)
-            results.append(out)
+            results.append(self._fused(volume, network, context, case_args, kwargs))
         output = torch.stack(results)
         if isinstance(inputs, MetaTensor):
             output = MetaTensor(output).copy_meta_from(inputs, copy_attr=False)
         return output
+
+
+class SplitSpreadd(MapTransform):
+    """Split the output of a :class:`BrainSliceInferer` with ``uncertainty`` on (the fused synthesis, then its
+    spread: ``2 * C`` channels) into ``key`` (the first ``C``) and ``spread_key`` (the spread, halved: in units of
+    the written [0, 1] intensities, as ``pred`` is mapped from [-1, 1]), a MetaTensor with ``key``'s metadata so
+    that ``Invertd`` brings both to the input's grid. With ``enabled`` False it does nothing."""
+
+    def __init__(self, keys: KeysCollection = "pred", spread_key: str = "uncertainty", enabled: bool = True):
+        super().__init__(keys)
+        self.spread_key = spread_key
+        self.enabled = bool(enabled)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if pred.shape[0] % 2:
+                raise RuntimeError(f"{key} has {pred.shape[0]} channels; with uncertainty it holds 2 x C")
+            half = pred.shape[0] // 2
+            d[key], spread = pred[:half], pred[half:] / 2
+            if isinstance(pred, MetaTensor):
+                spread = MetaTensor(spread.as_tensor()).copy_meta_from(pred, copy_attr=False)
+            d[self.spread_key] = spread
+        return d
 
 
 class CaseProgress:
