@@ -168,3 +168,30 @@ def test_command_line_exports_the_shipped_model(tmp_path):
 def test_export_refuses_an_unknown_target(tmp_path, tcmgan_ckpt):
     with pytest.raises(ValueError, match="unknown targets"):
         export(str(tmp_path), ckpt_path=str(tcmgan_ckpt), targets="flair,t2")
+
+
+def test_the_uncertainty_bundles_return_the_maps_of_the_bundles_own_inference(tcmgan_ckpt, volume, tmp_path):
+    """``--uncertainty true`` adds ``<prefix>_<target>_uncertainty``: MONAI Label gets the map that inference.json
+    writes beside the synthesis (same passes), scaled [0, 0.25] -> [0, 255], on the input grid, 0 outside the brain."""
+    export(str(tmp_path / "ml"), ckpt_path=str(tcmgan_ckpt), targets="t1ce", flip=True, uncertainty=True)
+    assert sorted(p.name for p in (tmp_path / "ml").iterdir()) == ["brainsynth_t1ce", "brainsynth_t1ce_uncertainty"]
+    run_workflow("inference.json", workflow_type="infer", input=str(volume), output_dir=str(tmp_path / "own"),
+                 ckpt_path=str(tcmgan_ckpt), device="cpu", flip=True, uncertainty=True, targets="t1ce")  # fmt: skip
+    own = np.asarray(nib.load(str(tmp_path / "own" / "case_t1ce_uncertainty.nii.gz")).dataobj)
+    image, affine = restored(monailabel_infer(tmp_path / "ml" / "brainsynth_t1ce_uncertainty", volume))
+    t2 = np.asarray(nib.load(str(volume)).dataobj)
+    np.testing.assert_allclose(affine, AFFINE, atol=1e-6)
+    assert image.shape == SHAPE and np.all(image[t2 <= 0] == 0) and image.max() > 0
+    np.testing.assert_array_equal(image, np.round(image))
+    np.testing.assert_allclose(image, np.clip(own / 0.25, 0, 1) * 255, atol=0.5 + 1e-3)
+    synthesis, _ = restored(monailabel_infer(tmp_path / "ml" / "brainsynth_t1ce", volume))
+    flipped = np.asarray(nib.load(str(tmp_path / "own" / "case_t1ce.nii.gz")).dataobj)
+    np.testing.assert_allclose(synthesis, flipped * 255, atol=0.5 + 1e-3)  # the synthesis bundle runs the same passes
+    meta = json.loads((tmp_path / "ml" / "brainsynth_t1ce_uncertainty" / "configs" / "metadata.json").read_text())
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "T1ce uncertainty"}
+
+
+def test_an_uncertainty_map_of_one_pass_is_refused(tmp_path, tcmgan_ckpt):
+    with pytest.raises(ValueError, match="several passes"):
+        export(str(tmp_path), ckpt_path=str(tcmgan_ckpt), uncertainty=True)

@@ -24,7 +24,8 @@
 # EPOCH_LENGTH, SELECT_EVERY (iterations between model-selection passes), BUDGET (seconds for the whole script:
 # the GAN's limit shrinks to what is left after RESERVE seconds for what follows it), THREADS (torch threads of
 # the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache),
-# STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided), CALIBRATE
+# VIEWS (axial, the default; all: the tri-planar generator and segmenter, trained, selected, scored and run on the
+# axial, coronal and sagittal slices), STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided), CALIBRATE
 # (0, the default: none; 1: model.pt gets the output calibration fitted on the seg split, configs/calibrate.json,
 # and the generator as trained is kept as model_uncalibrated.pt, both scored on the test cases).
 set -uo pipefail
@@ -42,6 +43,7 @@ FEATURES=$(pick 4 "${FEATURES:-16}"); BATCH=$(pick 4 "${BATCH:-16}"); CONTEXT=${
 GAN_EPOCHS=$(pick 2 "${GAN_EPOCHS:-50}"); EPOCH_LENGTH=$(pick 2 "${EPOCH_LENGTH:-200}")
 GAN_LIMIT=$(pick 0 "${GAN_LIMIT:-5000}"); SELECT_EVERY=$(pick 2 "${SELECT_EVERY:-300}")
 BUDGET=${BUDGET:-0}; RESERVE=${RESERVE:-100}
+VIEWS=${VIEWS:-axial}  # slice orientations of the segmenter, the GAN, the selection, the scores and the inference
 THREADS=${THREADS:-$(nproc)}
 DEVICE=${DEVICE:-$($PY -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")}
 D=$OUT/data; S=$OUT/select; T=$OUT/ood; R=$OUT/runs; G=$R/recommended
@@ -79,7 +81,7 @@ if [ ! -f "$R/segmenter/model.pt" ]; then
   log "segmenter: $SEG_EPOCHS epochs"
   $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/train_segmenter.json']" --dataset_dir "$D" \
     --output_dir "$R" --device "$DEVICE" --features 16 --batch_size "$SEG_BATCH" --max_epochs "$SEG_EPOCHS" \
-    --val_num_cases 3 $MINPIX --cache_num_workers "$W" --overwrite true > "$OUT/segmenter.log" 2>&1 || {
+    --val_num_cases 3 --views "$VIEWS" $MINPIX --cache_num_workers "$W" --overwrite true > "$OUT/segmenter.log" 2>&1 || {
     log "segmenter FAILED; its log ends:"; grep -a -v "INFO - >" "$OUT/segmenter.log" | tail -25 | tee -a "$OUT/session.log"; }
   grep -a "best value" "$OUT/segmenter.log" | tail -1 | tee -a "$OUT/session.log"
 fi
@@ -94,7 +96,7 @@ if [ ! -f "$G/done" ]; then
   log "recommended model ($RESUME): features $FEATURES, batch $BATCH, context $CONTEXT, limit $GAN_LIMIT s"
   OMP_NUM_THREADS=$THREADS $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/recommended.json']" \
     --dataset_dir "$D" --output_dir "$R" --device "$DEVICE" --features "$FEATURES" --batch_size "$BATCH" \
-    --context "$CONTEXT" --max_epochs "$GAN_EPOCHS" --epoch_length "$EPOCH_LENGTH" --time_limit "$GAN_LIMIT" \
+    --context "$CONTEXT" --views "$VIEWS" --max_epochs "$GAN_EPOCHS" --epoch_length "$EPOCH_LENGTH" --time_limit "$GAN_LIMIT" \
     --select_dataset_dir "$S" --select_interval "$SELECT_EVERY" --select_keep true --val_num_cases 3 \
     --val_interval 5 $MINPIX --cache_num_workers "$W" --log_every 100 $RESUME >> "$OUT/recommended.log" 2>&1 \
     && touch "$G/done" || log "training stopped (exit $?): run this script again to resume it"
@@ -106,7 +108,7 @@ if [ "${CALIBRATE:-0}" = 1 ]; then  # the output calibration, fitted on the trai
     cp "$G/model.pt" "$OUT/model_uncalibrated.pt"
     log "output calibration on the seg split of $D"
     $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/calibrate.json']" --dataset_dir "$D" \
-      --output_dir "$R" --ckpt_path "$OUT/model_uncalibrated.pt" --calibrated_path "$OUT/model.pt" $MINPIX \
+      --output_dir "$R" --ckpt_path "$OUT/model_uncalibrated.pt" --calibrated_path "$OUT/model.pt" $MINPIX --views "$VIEWS" \
       --device "$DEVICE" > "$OUT/calibration.log" 2>&1 || { log "calibration FAILED"; exit 1; }
     grep -a "calibration " "$OUT/calibration.log" | tail -4 | tee -a "$OUT/session.log"
   fi
@@ -122,7 +124,7 @@ if [ ! -f "$OUT/test_scores.json" ]; then
     CKPTS="$CKPTS,${KEPT[0]},${KEPT[$(( ${#KEPT[@]} / 2 ))]},${KEPT[-1]}"
   fi
   $PY tools/score_checkpoints.py --dataset_dir "$T" --checkpoints "[$CKPTS]" --output "$OUT/test_scores.json" \
-    --device "$DEVICE" 2>&1 | tee "$OUT/test_scores.md" | tee -a "$OUT/session.log" || log "scoring FAILED"
+    --device "$DEVICE" --views "$VIEWS" 2>&1 | tee "$OUT/test_scores.md" | tee -a "$OUT/session.log" || log "scoring FAILED"
 fi
 if [ "${FULL_EVALUATION:-0}" = 1 ] && [ ! -f "$OUT/evaluation/table1.md" ]; then  # Table 1, both conventions (slow)
   $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --dataset_dir "$T" \
@@ -130,7 +132,7 @@ if [ "${FULL_EVALUATION:-0}" = 1 ] && [ ! -f "$OUT/evaluation/table1.md" ]; then
     || log "evaluation FAILED"
 fi
 [ -d "$OUT/inference" ] || $BUNDLE inference --config_file bundle/configs/inference.json --dataset_dir "$T" \
-  --output_dir "$OUT/inference" --ckpt_path "$OUT/model.pt" --device "$DEVICE" $NOCHECK > "$OUT/inference.log" 2>&1 \
+  --output_dir "$OUT/inference" --ckpt_path "$OUT/model.pt" --device "$DEVICE" --views "$VIEWS" $NOCHECK > "$OUT/inference.log" 2>&1 \
   || log "inference FAILED"
 for view in axial sagittal; do
   $PY bundle/scripts/figures.py synthesis_figure "$T" "$OUT/inference" "$OUT/ood_$view.png" --view "$view" >/dev/null \

@@ -43,13 +43,14 @@ def _increasing(knots: np.ndarray, gap: float = 1e-4) -> np.ndarray:
 
 def fit_calibration(checkpoint: str, dataset_dir: str, split: str, load_transform: Callable,
                     volume_transform: Callable, output: str | None = None, num_cases: int = 8,
-                    device="cpu") -> dict:  # fmt: skip
+                    device="cpu", views="axial") -> dict:  # fmt: skip
     """Fit the output calibration of the generator in ``checkpoint`` on up to ``num_cases`` cases (evenly spread)
     of ``split`` in ``dataset_dir``'s ``datalist.json``, and write the generator with it to ``output`` (default:
     ``checkpoint`` itself, replaced atomically). An earlier calibration is discarded first.
 
     ``load_transform``: full-resolution loading (``train.json``'s ``load_transforms``); ``volume_transform``: the
-    inference preprocessing of the T2 (``image_transforms``).
+    inference preprocessing of the T2 (``image_transforms``); ``views``: the synthesis fitted (``BrainSliceInferer``'s
+    ``views``: ``all`` for a tri-planar generator, whose fused output is what inference writes).
 
     Returns:
         ``{"cases": n, "quantiles": [...], "<target>": {"synthesis": [...], "real": [...]}}``, the averaged brain
@@ -71,7 +72,7 @@ def fit_calibration(checkpoint: str, dataset_dir: str, split: str, load_transfor
     scale = ScaleBrainIntensityd(keys="image", mode="volume")
     q = np.asarray(CALIBRATION_QUANTILES, dtype=float)
     synthesis_q, real_q = [], []
-    inferer = BrainSliceInferer(sw_batch_size=32)  # one for all cases (an engine is built once)
+    inferer = BrainSliceInferer(sw_batch_size=32, views=views)  # one for all cases (an engine is built once)
     start = time.time()
     for i, case in enumerate(cases):
         data = load_transform(dict(case))

@@ -691,12 +691,17 @@ class SplitSpreadd(MapTransform):
     """Split the output of a :class:`BrainSliceInferer` with ``uncertainty`` on (the fused synthesis, then its
     spread: ``2 * C`` channels) into ``key`` (the first ``C``) and ``spread_key`` (the spread, halved: in units of
     the written [0, 1] intensities, as ``pred`` is mapped from [-1, 1]), a MetaTensor with ``key``'s metadata so
-    that ``Invertd`` brings both to the input's grid. With ``enabled`` False it does nothing."""
+    that ``Invertd`` brings both to the input's grid. With ``enabled`` False it does nothing; with ``keep="spread"``
+    ``key`` becomes the spread and the synthesis is dropped (the MONAI Label uncertainty bundles)."""
 
-    def __init__(self, keys: KeysCollection = "pred", spread_key: str = "uncertainty", enabled: bool = True):
+    def __init__(self, keys: KeysCollection = "pred", spread_key: str = "uncertainty", enabled: bool = True,
+                 keep: str = "both"):  # fmt: skip
         super().__init__(keys)
+        if keep not in ("both", "spread"):
+            raise ValueError(f"keep must be 'both' or 'spread', got {keep!r}")
         self.spread_key = spread_key
         self.enabled = bool(enabled)
+        self.keep = keep
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -710,7 +715,10 @@ class SplitSpreadd(MapTransform):
             d[key], spread = pred[:half], pred[half:] / 2
             if isinstance(pred, MetaTensor):
                 spread = MetaTensor(spread.as_tensor()).copy_meta_from(pred, copy_attr=False)
-            d[self.spread_key] = spread
+            if self.keep == "spread":
+                d[key] = spread
+            else:
+                d[self.spread_key] = spread
         return d
 
 

@@ -148,6 +148,8 @@ def volume_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor, t
 #: The quality protocol (docs/evaluation.md, "Quality protocol"): slices with more brain voxels than this count.
 PROTOCOL_MIN_BRAIN = 2000
 PROTOCOL_METRICS = ("protocol_psnr", "protocol_ssim_axial", "protocol_ssim_sagittal", "protocol_ssim_tumour")
+#: The three planes' SSIM (the coronal one computed only when asked for) and brain PSNR: tri-planar synthesis.
+PLANE_METRICS = ("protocol_psnr", "protocol_ssim_axial", "protocol_ssim_coronal", "protocol_ssim_sagittal")
 #: Where the tumour-consistency loss should show: the protocol's PSNR and SSIM inside the tumour and in the healthy brain.
 REGION_METRICS = ("protocol_psnr_tumour", "protocol_ssim_tumour", "protocol_psnr_healthy", "protocol_ssim_healthy")
 
@@ -194,7 +196,7 @@ def _masked_map_mean(maps: torch.Tensor, mask: torch.Tensor, axis: int, keep: to
 
 
 def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor, tumour: torch.Tensor,
-                    axial: int = 2, sagittal: int = 0, metrics=None) -> dict:
+                    axial: int = 2, sagittal: int = 0, metrics=None, coronal: int = 1) -> dict:
     """Quality-protocol scores of one volume against the real one (both ``(H, W, D)`` raw, RAS: axis 0 runs
     left-right, axis 2 is axial); ``brain`` from :func:`protocol_brain` of the T2, ``tumour`` = label > 0.
 
@@ -206,14 +208,17 @@ def protocol_scores(pred: torch.Tensor, real: torch.Tensor, brain: torch.Tensor,
     ``protocol_psnr_tumour`` and ``protocol_psnr_healthy``, PSNR over the tumour's and over the healthy brain's
     (brain without tumour) voxels; ``protocol_ssim_healthy``, like the tumour SSIM: the axial SSIM maps averaged
     over the healthy-brain voxels (of every axial slice that has some, each voxel counting once).
-    ``metrics``: compute only these keys (None: all; the SSIM maps are the costly part).
+    ``protocol_ssim_coronal`` (``coronal`` axis; only when ``metrics`` names it, :data:`PLANE_METRICS`): as the
+    sagittal one, over coronal slices. ``metrics``: compute only these keys (None: all but the coronal SSIM; the
+    SSIM maps are the costly part).
     """
     wanted = set(PROTOCOL_METRICS + REGION_METRICS if metrics is None else metrics)
     brain, tumour = brain.bool(), tumour.bool()
     healthy = brain & ~tumour
     p, r = brain_unit(pred, brain), brain_unit(real, brain)
     out = {"protocol_psnr": psnr_in_mask(p, r, brain)}
-    for name, axis in (("protocol_ssim_axial", axial), ("protocol_ssim_sagittal", sagittal)):
+    planes = (("protocol_ssim_axial", axial), ("protocol_ssim_coronal", coronal), ("protocol_ssim_sagittal", sagittal))
+    for name, axis in planes:
         if name in wanted:
             others = tuple(a for a in range(3) if a != axis)
             maps = _slice_ssim_maps(p, r, axis, brain.sum(dim=others) > PROTOCOL_MIN_BRAIN)
