@@ -4,11 +4,14 @@ equals one pass with zero spread, and the uncertainty files sit on the input's g
 
 from __future__ import annotations
 
+import json
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, brain, save_generator, save_nifti
+from conftest import BUNDLE, CONFIGS, REPO, brain, save_generator, save_nifti
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 
@@ -205,3 +208,35 @@ def test_the_fused_synthesis_and_its_uncertainty_are_on_the_input_grid_with_zero
         assert spread.min() >= 0 and np.all(spread[t2 <= 0] == 0) and spread.max() > 0
         fused = nib.load(tmp_path / "fused" / f"case_{target}.nii.gz").get_fdata()
         assert np.all(fused[t2 <= 0] == 0) and 0 <= fused.min() and fused.max() <= 1
+
+
+def test_the_views_measurement_scores_both_syntheses_and_the_uncertainty(phantom_dir, tmp_path):
+    """``tools/measure_views.py`` on one small case: every plane's scores for both syntheses and the baselines,
+    the fused - axial differences, the uncertainty figures and the times, written as JSON with its figure."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from measure_views import measure
+
+    ckpt = save_generator(tmp_path / "model.pt", "tcmgan", in_channels=3, upsample="resize")
+    result = measure(str(phantom_dir), str(ckpt), views="all", flip="true", max_cases=1,
+                     output=str(tmp_path / "views.json"), figure=str(tmp_path / "views.png"))  # fmt: skip
+    assert json.loads((tmp_path / "views.json").read_text())["cases"] == 1 and (tmp_path / "views.png").is_file()
+    for target in ("flair", "t1", "t1ce"):
+        scores = result["scores"][target]
+        assert set(scores) == {"axial", "fused", "t2", "inverted_t2"}
+        for metric in ("protocol_psnr", "protocol_ssim_axial", "protocol_ssim_coronal", "protocol_ssim_sagittal"):
+            assert scores["fused"][metric]["n"] + scores["fused"][metric]["n_nan"] == 1
+        assert np.isfinite(scores["fused"]["protocol_psnr"]["mean"])
+        u = result["uncertainty"][target]
+        assert -1 <= u["spearman"] <= 1 and u["top_decile_ratio"] > 0 and len(u["error_by_decile"]) == 10
+    assert result["seconds_per_volume"]["fused"]["mean"] > 0 and result["time_ratio"] > 0
+
+
+def test_spearman_uses_average_ranks_for_ties():
+    sys.path.insert(0, str(REPO / "tools"))
+    from measure_views import calibration, ranks, spearman
+
+    assert ranks(np.array([3.0, 1.0, 1.0, 2.0])).tolist() == [3.0, 0.5, 0.5, 2.0]
+    x = np.arange(100.0)
+    assert spearman(x, x**3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    c = calibration(x, 2 * x)
+    assert c["error_by_decile"][0] < c["error_by_decile"][-1] and c["top_decile_ratio"] == pytest.approx(189 / 99)

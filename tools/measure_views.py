@@ -196,8 +196,12 @@ def calibration_figure(result: dict, shown: dict, output_png: str) -> str:
     k = 2  # T1ce: the target where the enhancing rim shows
     tumour = shown["tumour"]
     centre = [int(np.round(np.mean(ix))) for ix in np.nonzero(tumour)] if tumour.any() else [s // 2 for s in tumour.shape]
-    real = shown["real"][k] / max(np.percentile(shown["real"][k][shown["t2"] > 0], 99.5), 1e-6)
-    error = np.abs(shown["fused"][k] - np.clip(real, 0, 1)) * (shown["t2"] > 0)
+    brain = shown["t2"] > 0
+
+    def unit(a):  # each volume by its own brain 99.5th percentile, as the protocol normalises (upper end)
+        return np.clip(a / max(float(np.percentile(a[brain], 99.5)), 1e-6), 0, 1)
+
+    error = np.abs(unit(shown["fused"][k]) - unit(shown["real"][k])) * brain
     panels = [("axial-only", shown["axial"][k], "gray", 1), ("fused", shown["fused"][k], "gray", 1),
               ("uncertainty", shown["spread"][k], "magma", None), ("|fused − real|", error, "magma", 0.5)]  # fmt: skip
     for row, axis in enumerate((2, 1, 0)):  # axial, coronal, sagittal
