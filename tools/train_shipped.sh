@@ -128,7 +128,8 @@ if [ ! -f "$OUT/test_scores.json" ]; then
 fi
 if [ "${FULL_EVALUATION:-0}" = 1 ] && [ ! -f "$OUT/evaluation/table1.md" ]; then  # Table 1, both conventions (slow)
   $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --dataset_dir "$T" \
-    --ckpt_path "$OUT/model.pt" --output_dir "$OUT/evaluation" --device "$DEVICE" $MINPIX > "$OUT/evaluation.log" 2>&1 \
+    --ckpt_path "$OUT/model.pt" --output_dir "$OUT/evaluation" --device "$DEVICE" --views "$VIEWS" $MINPIX \
+    > "$OUT/evaluation.log" 2>&1 \
     || log "evaluation FAILED"
 fi
 [ -d "$OUT/inference" ] || $BUNDLE inference --config_file bundle/configs/inference.json --dataset_dir "$T" \

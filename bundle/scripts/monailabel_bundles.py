@@ -153,8 +153,8 @@ def export(
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown targets {unknown}; expected some of {TARGETS}")
-    flip = flag(flip, "flip")
-    if flag(uncertainty, "uncertainty") and parse_views(views) == ("axial",) and not flip:
+    flip, views = flag(flip, "flip"), parse_views(views)  # a bad value fails here, before any folder is touched
+    if flag(uncertainty, "uncertainty") and views == ("axial",) and not flip:
         raise ValueError("an uncertainty map needs several passes: give --views all or --flip true")
     kinds = [(t, False) for t in targets] + ([(t, True) for t in targets] if flag(uncertainty) else [])
     written = []

@@ -301,11 +301,11 @@ def any_missing_cases(files: Mapping[str, str | None], datalist: str = "", split
     return cases
 
 
-def output_bytes(cases: list[dict], output_ext: str = ".nii.gz", targets=None) -> int:
+def output_bytes(cases: list[dict], output_ext: str = ".nii.gz", targets=None, uncertainty: bool = False) -> int:
     """An upper estimate of the bytes the outputs of ``cases`` take: float32 volumes on each input's grid (the
     shape from the file's header; a DICOM folder or another format counts at BraTS size, 240 x 240 x 155), one per
-    target or missing modality; ``.nii.gz`` counted at half the raw size (gzip level 1 on the masked volumes
-    writes about a third)."""
+    target or missing modality (two with ``uncertainty``: its map beside it); ``.nii.gz`` counted at half the raw
+    size (gzip level 1 on the masked volumes writes about a third)."""
     per_target = len(parse_targets(targets))
     total = 0
     for case in cases:
@@ -315,6 +315,6 @@ def output_bytes(cases: list[dict], output_ext: str = ".nii.gz", targets=None) -
         except Exception:  # not NIfTI/Analyze (DICOM, NRRD, MHA...): its loader checks it later
             shape = (240, 240, 155)
         count = len(str(case["missing"]).split(",")) if "missing" in case else per_target
-        total += int(np.prod(shape)) * 4 * count
+        total += int(np.prod(shape)) * 4 * count * (2 if uncertainty else 1)
     return total // 2 if output_ext == ".nii.gz" else total
 

@@ -30,7 +30,7 @@ from monai.transforms import MapTransform
 
 from .conventions import CHANNELS, INTERNAL_LABELS, LAYOUT_LABELS, T2_INDEX, TARGETS  # noqa: F401 (re-exported)
 from .files import write_atomic
-from .views import MIN_BRAIN_FRACTION, brain_range, parse_views, to_view, view_length, view_slice
+from .views import MIN_BRAIN_FRACTION, parse_views, to_view, view_length, view_slice
 
 logger = logging.getLogger(__name__)
 
@@ -119,16 +119,21 @@ class SelectBrainSlicesd(MapTransform):
     true neighbours; ``centre_key`` (``"centre"``) then marks, as a ``(D',)`` bool tensor, the slices that passed the
     filter, the only ones :class:`SliceDataset` draws. Without a margin the mark is all true.
 
+    With ``views`` other than the axial one alone (tri-planar training, :mod:`scripts.runtime.views`), every slice
+    is kept (the coronal and sagittal views are of the whole depth, as in inference) and ``centre`` marks those
+    that passed.
+
     Works on channel-first ``(C, H, W, D)`` arrays; raises ``ValueError`` naming the file when no slice passes.
     """
 
     def __init__(self, keys: KeysCollection, source_key: str = "image", min_pixels: int = 2000, margin: int = 0,
-                 centre_key: str | None = None):
+                 centre_key: str | None = None, views="axial"):
         super().__init__(keys)
         self.source_key = source_key
         self.min_pixels = min_pixels
         self.margin = int(margin)
         self.centre_key = centre_key
+        self.whole = parse_views(views) != ("axial",)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -139,8 +144,10 @@ class SelectBrainSlicesd(MapTransform):
             name = getattr(img, "meta", {}).get("filename_or_obj", "<input>")
             raise ValueError(f"{name}: no axial slice has more than {self.min_pixels} brain pixels in every channel")
         centre = torch.ones(keep.numel(), dtype=torch.bool)
-        if self.margin > 0:
+        if self.margin > 0 or self.whole:
             lo, hi = max(int(keep[0]) - self.margin, 0), min(int(keep[-1]) + self.margin, counts.shape[1] - 1)
+            if self.whole:
+                lo, hi = 0, counts.shape[1] - 1
             centre = torch.zeros(hi - lo + 1, dtype=torch.bool)
             centre[keep - lo] = True
             keep = torch.arange(lo, hi + 1)
@@ -207,10 +214,10 @@ class SliceDataset(torch.utils.data.Dataset):
     channel by channel, ``(4 * context, H, W)``, and is always there.
 
     ``views`` (:func:`scripts.runtime.views.parse_views`; tri-planar training: ``"all"``) adds coronal and sagittal
-    slices: those of :func:`scripts.runtime.views.to_view` over the case's brain range
-    (:func:`scripts.runtime.views.brain_range` of the source channels, background -1), exactly the slices inference
-    runs, each kept when more than ``min_fraction`` of its pixels are brain in a source channel; the label is
-    resized with nearest neighbours. Items then carry ``"view"`` (its name) too.
+    slices: those of :func:`scripts.runtime.views.to_view` of the whole volume, the slices inference runs (the
+    volumes must then hold every axial slice: :class:`SelectBrainSlicesd` with ``views``), each kept when more than
+    ``min_fraction`` of its pixels are brain (not -1) in a source channel; the label is resized with nearest
+    neighbours. Items then carry ``"view"`` (its name) too.
     """
 
     def __init__(self, volumes: Sequence[Mapping], keys: Sequence[str] = ("image", "label"), context: int = 1,
@@ -226,7 +233,6 @@ class SliceDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.views = parse_views(views)
         self.min_fraction = float(min_fraction)
-        self.ranges: dict[int, tuple[int, int]] = {}  # case -> its brain range (coronal and sagittal views)
         self.index = []
         for c in range(len(volumes)):
             if "axial" in self.views:
@@ -246,36 +252,31 @@ class SliceDataset(torch.utils.data.Dataset):
     def _view_index(self, c: int, views: Sequence[str]) -> list[tuple]:
         """The coronal / sagittal slices of case ``c`` with enough brain in a source channel."""
         image = self.volumes[c]["image"]
-        found = brain_range(image, -1.0, self.min_fraction, self._source_channels())
-        if found is None:
-            return []
-        self.ranges[c] = found
-        part = _brain_part(image, found)
-        part = torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part
+        source = image[self._source_channels() or slice(None)]
+        source = torch.from_numpy(np.array(source)) if isinstance(source, np.ndarray) else torch.as_tensor(source)
         index = []
         for view in views:
-            brain = to_view(part[self._source_channels() or slice(None)], view) != -1.0  # (C, A, A, N)
-            fraction = brain.float().mean(dim=(1, 2)).amax(dim=0)
+            fraction = (to_view(source, view) != -1.0).float().mean(dim=(1, 2)).amax(dim=0)  # per slice of the view
             index += [(c, view, int(s)) for s in torch.nonzero(fraction > self.min_fraction).flatten()]
         return index
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _get(self, vol, view: str, c: int, key: str, s: int) -> torch.Tensor:
+    @staticmethod
+    def _get(vol, view: str, key: str, s: int) -> torch.Tensor:
         if view == "axial":
             return _slice(vol[key], s)
-        mode = "nearest" if key == "label" else "linear"
-        return view_slice(_brain_part(vol[key], self.ranges[c]), view, s, mode)
+        return view_slice(vol[key], view, s, "nearest" if key == "label" else "linear")
 
     def __getitem__(self, i: int) -> dict:
         c, view, z = self.index[i]
         vol = self.volumes[c]
-        item = {key: self._get(vol, view, c, key, z) for key in self.keys}
+        item = {key: self._get(vol, view, key, z) for key in self.keys}
         if self.context > 1 or self.transform is not None or self.source == "all":  # only the k slices are read
             depth = view_length(vol["image"].shape, view)
             index = neighbour_index(torch.tensor([z]), self.context, depth)[0].tolist()
-            stack = torch.stack([self._get(vol, view, c, "image", j) for j in index], dim=1)  # (C, k, H, W)
+            stack = torch.stack([self._get(vol, view, "image", j) for j in index], dim=1)  # (C, k, H, W)
             item["source"] = stack[T2_INDEX] if self.source == "t2" else stack.flatten(0, 1)
         if self.transform is not None:
             item = dict(self.transform(item))
@@ -283,12 +284,6 @@ class SliceDataset(torch.utils.data.Dataset):
         if self.views != ("axial",):
             item["view"] = view
         return item
-
-
-def _brain_part(volume, found: tuple[int, int]):
-    """The slices ``found[0] .. found[1]`` (last axis) of a volume: a view of a tensor or of a memory-mapped array."""
-    part = volume[..., found[0] : found[1] + 1]
-    return part if isinstance(part, np.ndarray) else torch.as_tensor(part)
 
 
 def neighbour_slices(volume: torch.Tensor, centres: torch.Tensor, context: int) -> torch.Tensor:

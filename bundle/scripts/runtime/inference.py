@@ -52,7 +52,7 @@ from .data import neighbour_slices
 from .files import atomic_paths
 from .precision import check_precision, native_bf16, resolve_precision
 from .throughput import process_shard
-from .views import MIN_BRAIN_FRACTION, brain_range, from_view, parse_views, to_view
+from .views import from_view, parse_views, to_view
 
 logger = logging.getLogger(__name__)
 
@@ -549,14 +549,14 @@ class BrainSliceInferer(Inferer):
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on a CPU that computes it natively; see
             :class:`SliceRunner`).
         views: the slice orientations run (:func:`scripts.runtime.views.parse_views`: ``"axial"``, the default and
-            the paper's; ``"all"`` or a comma-separated list for tri-planar synthesis). The coronal and sagittal
-            passes cover the brain range of the volume (:func:`scripts.runtime.views.brain_range` of its channels,
-            with ``min_fraction``), as in training (:class:`scripts.runtime.data.SliceDataset` with ``views``);
-            the output is the mean of the passes covering each voxel.
+            the paper's; ``"all"`` or a comma-separated list for tri-planar synthesis): each view's slices of the
+            whole volume (:func:`scripts.runtime.views.to_view`), as training draws them
+            (:class:`scripts.runtime.data.SliceDataset` with ``views``); the output is the mean of the passes.
         flip: also run every view on the left-right mirrored volume and mirror its output back (test-time
-            augmentation; twice the passes).
+            augmentation; twice the passes, less the mirrored sagittal pass of a one-slice generator, which would
+            see the same slices).
         uncertainty: append, as ``C_out`` further channels, each voxel's spread over the passes (population
-            standard deviation, in the network's [-1, 1] units; 0 where a single pass covers the voxel).
+            standard deviation, in the network's [-1, 1] units; 0 with a single pass).
             :class:`SplitSpreadd` separates it from the synthesis.
 
     Every forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor (a ``MetaTensor``
@@ -564,8 +564,7 @@ class BrainSliceInferer(Inferer):
     """
 
     def __init__(self, sw_batch_size: int = 64, background: float = -1.0, compile: bool = False, backend="torch",
-                 precision: str = "fp32", views="axial", flip: bool = False, uncertainty: bool = False,
-                 min_fraction: float = MIN_BRAIN_FRACTION):  # fmt: skip
+                 precision: str = "fp32", views="axial", flip: bool = False, uncertainty: bool = False):  # fmt: skip
         super().__init__()
         if sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
@@ -575,7 +574,6 @@ class BrainSliceInferer(Inferer):
         self.views = parse_views(views)
         self.flip = bool(flip)
         self.uncertainty = bool(uncertainty)
-        self.min_fraction = float(min_fraction)
 
     @property
     def compile(self) -> bool:
@@ -624,51 +622,32 @@ class BrainSliceInferer(Inferer):
 
     def passes(self, volume: torch.Tensor, network: Callable, context: int = 1, args=(), kwargs=None):
         """Each pass of :attr:`views` (and, with :attr:`flip`, of the left-right mirrored volume) over ``volume``
-        ``(C, H, W, D)``: yields ``(output (C_out, H, W, D'), first, last)``, the synthesis of the axial slices
-        ``first .. last`` (the whole volume for the axial view, the brain range for the others)."""
+        ``(C, H, W, D)``: yields ``(view, mirrored, output (C_out, H, W, D))``."""
         kwargs = kwargs or {}
-        depth = volume.shape[-1]
         for mirrored in (False, True) if self.flip else (False,):
             v = volume.flip(1) if mirrored else volume  # H runs right-left on the RAS grid
             for view in self.views:
-                if view == "axial":
-                    out, first, last = self._slices(v, network, context, args, kwargs), 0, depth - 1
-                else:
-                    found = brain_range(v, self.background, self.min_fraction)
-                    if found is None:
-                        continue
-                    first, last = found
-                    part = to_view(v[..., first : last + 1], view)
-                    out = from_view(self._slices(part, network, context, args, kwargs), view, last - first + 1)
-                yield (out.flip(1) if mirrored else out), first, last
+                if mirrored and view == "sagittal" and context == 1:
+                    continue  # the same sagittal slices in the mirrored order: the same outputs
+                out = from_view(self._slices(to_view(v, view), network, context, args, kwargs), view, v.shape[-1])
+                yield view, mirrored, (out.flip(1) if mirrored else out)
 
     def _fused(self, volume: torch.Tensor, network: Callable, context: int, args, kwargs) -> torch.Tensor:
         """The mean of :meth:`passes` per voxel, with their spread (population standard deviation) appended as
-        further channels when :attr:`uncertainty` is on (0 where one pass covers a voxel)."""
+        further channels when :attr:`uncertainty` is on."""
         if self.views == ("axial",) and not self.flip and not self.uncertainty:
             return self._slices(volume, network, context, args, kwargs)
         total = squares = None  # in float64: the spread is a difference of two near sums
-        count = torch.zeros(volume.shape[-1], dtype=torch.float64, device=volume.device)
-        for out, first, last in self.passes(volume, network, context, args, kwargs):
-            if total is None:
-                total = torch.zeros((out.shape[0], *volume.shape[1:]), dtype=torch.float64, device=out.device)
-                squares = torch.zeros_like(total)
+        n = 0
+        for _, _, out in self.passes(volume, network, context, args, kwargs):
             out = out.double()
-            total[..., first : last + 1] += out
-            squares[..., first : last + 1] += out * out
-            count[first : last + 1] += 1
-        uncovered = count == 0  # without the axial view: the slices outside the brain range get its pass
-        if total is None or bool(uncovered.any()):
-            axial = self._slices(volume, network, context, args, kwargs).double()
-            if total is None:
-                total, squares = torch.zeros_like(axial), torch.zeros_like(axial)
-            total[..., uncovered] = axial[..., uncovered]
-            squares[..., uncovered] = axial[..., uncovered] ** 2
-            count[uncovered] = 1
-        mean = total / count
+            total = out.clone() if total is None else total + out
+            squares = out * out if squares is None else squares + out * out
+            n += 1
+        mean = total / n
         if not self.uncertainty:
             return mean.to(volume.dtype)
-        spread = (squares / count - mean * mean).clamp_min(0).sqrt()
+        spread = (squares / n - mean * mean).clamp_min(0).sqrt()
         return torch.cat([mean, spread]).to(volume.dtype)
 
     def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

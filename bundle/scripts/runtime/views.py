@@ -10,11 +10,11 @@ in-plane axes square:
 - ``coronal``: slices along ``W``, in-plane ``(H, D)``, with ``D`` resized to ``H``: ``(C, H, H, W)``;
 - ``sagittal``: slices along ``H``, in-plane ``(W, D)``, with ``D`` resized to ``W``: ``(C, W, W, H)``.
 
-Only the superior-inferior range that holds brain (:func:`brain_range`) is resized into the coronal and sagittal
-planes, in training and in inference alike, so that a head fills those slices as it fills an axial one. Resizing
-along one axis: area averaging when it shrinks, linear interpolation when it grows, nearest for labels.
-:func:`to_view` and :func:`from_view` are inverse up to that interpolation (exact for the axial view, and for the
-others when the range's length equals the in-plane size); :func:`view_slice` gives one slice of :func:`to_view`
+Training and inference slice the same whole-depth volume (``train.json`` keeps every axial slice in its cache when
+the views are more than the axial one), so a training slice and the slice inference runs at the same index are the
+same pixels. Resizing along one axis: area averaging when it shrinks, linear interpolation when it grows, nearest
+for labels. :func:`to_view` and :func:`from_view` are inverse up to that interpolation (exact for the axial view,
+and for the others when the depth equals the in-plane size); :func:`view_slice` gives one slice of :func:`to_view`
 without the whole volume (training draws slices one by one).
 """
 
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 #: The slice orientations, in the order the fused synthesis runs them.
 VIEWS = ("axial", "coronal", "sagittal")
-#: Fraction of a slice's pixels that must be brain for the slice to count (the paper's 2000 of 240 x 240 pixels).
+#: Fraction of a coronal or sagittal slice's pixels that must be brain for training to draw it (the paper's 2000 of
+#: 240 x 240 pixels for an axial slice).
 MIN_BRAIN_FRACTION = 2000 / (240 * 240)
 
 
@@ -118,17 +119,3 @@ def view_slice(volume, view: str, index: int, mode: str = "linear") -> torch.Ten
     if view == "axial":
         return part
     return resize_axis(part, 2, int(volume.shape[1 if view == "coronal" else 2]), mode)  # (C, H|W, D) -> square
-
-
-def brain_range(volume: torch.Tensor, background: float = -1.0, min_fraction: float = MIN_BRAIN_FRACTION,
-                channels: Sequence[int] | None = None) -> tuple[int, int] | None:  # fmt: skip
-    """``(first, last)`` axial slice (last axis) of ``volume`` ``(C, H, W, D)`` on which more than ``min_fraction``
-    of the pixels differ from ``background`` in any of ``channels`` (default: all), or None when no slice does.
-    The coronal and sagittal views are made of this range."""
-    chosen = volume if channels is None else volume[list(channels)]
-    fraction = torch.as_tensor(np.asarray(chosen) if isinstance(chosen, np.ndarray) else chosen)
-    fraction = (fraction != background).float().mean(dim=(1, 2)).amax(dim=0)  # (D,)
-    keep = torch.nonzero(fraction > min_fraction).flatten()
-    if keep.numel() == 0:
-        return None
-    return int(keep[0]), int(keep[-1])
