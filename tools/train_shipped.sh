@@ -16,7 +16,9 @@
 # two other arms on the same cores, model.pt = its iteration 800). Its run with CONTEXT=1 BUDGET=7500 SELECT_EVERY=750
 # alone on the 2 cores (2026-12-07: 3,577 iterations) scored lower on the selection cases and was not shipped; nor
 # was its NSELECT=4 CONTEXT=3 GAN_LIMIT=5900 SELECT_EVERY=1000 run with the weight average of recommended.json (ema_decay
-# 0.999; 2026-12-07, second session: 3,001 iterations), nor the 0.6.0 generator with CALIBRATE's output calibration.
+# 0.999; 2026-12-07, second session: 3,001 iterations), nor the 0.6.0 generator with CALIBRATE's output calibration,
+# nor its NCASES=96 SEG_EPOCHS=3 SELECT_EVERY=1200 GAN_LIMIT=6100 BUDGET=8000 RESERVE=1500 CALIBRATE=1 run (2026-12-07,
+# third session: 3,051 iterations; ahead on the test cases, behind on the selection cases' FLAIR tumour SSIM).
 # Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (mix, the default:
 # the second half of the training cases from phantom.py --domain physics; or randomised), NSELECT shifted cases for the model
 # selection (seed 1), OOD shifted test cases (seed 0), SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, CONTEXT (G's input
