@@ -208,6 +208,17 @@ def test_reductions_sum_per_image_or_mean_per_pixel():
         l1_loss(fake, real, "max")
 
 
+def test_tumour_weight_counts_the_tumour_pixels_more_and_zero_is_the_paper():
+    fake, real = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    tumour = torch.zeros(2, 1, 8, 8)
+    tumour[:, :, :2, :2] = 1  # 4 of 64 pixels
+    assert l1_loss(fake, real, "sum", tumour, 0.0).item() == pytest.approx(64.0)
+    assert l1_loss(fake, real, "sum", tumour, 5.0).item() == pytest.approx(60 + 4 * 6.0)
+    assert l1_loss(fake, real, "mean", tumour, 5.0).item() == pytest.approx((60 + 4 * 6.0) / 64)
+    with pytest.raises(ValueError, match="tumour mask"):
+        l1_loss(fake, real, "sum", None, 1.0)
+
+
 def test_classification_loss_is_cross_entropy_over_modalities():
     logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]])
     assert modality_classification_loss(logits, torch.tensor([0, 2])).item() < 1e-3

@@ -103,6 +103,14 @@ def test_mgan_has_no_segmenter(phantom_dir, tmp_path):
     assert trainer.state.output["g_seg"] == 0 and trainer.state.output["g_cls"] > 0
 
 
+def test_the_tumour_weight_of_l1_reaches_the_trainer_and_the_paper_keeps_none(phantom_dir, tmp_path):
+    """``tumour_l1_weight`` (the recommended model's option, :func:`scripts.runtime.losses.l1_loss`) is 0 in the
+    paper's variants and is handed to the trainer as given."""
+    assert train_workflow(phantom_dir, tmp_path / "a").parser.get_parsed_content("train#trainer").tumour_l1_weight == 0
+    wf = train_workflow(phantom_dir, tmp_path / "b", tumour_l1_weight=5.0)
+    assert wf.parser.get_parsed_content("train#trainer").tumour_l1_weight == 5.0
+
+
 def test_a_run_without_any_validation_still_writes_its_model(phantom_dir, tmp_path):
     """max_epochs below val_interval: no epoch is validated, so the last epoch is saved (with a warning)."""
     wf = train_workflow(phantom_dir, tmp_path, "mgan", run=True, val_interval=3)

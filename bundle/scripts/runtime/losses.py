@@ -42,9 +42,22 @@ def critic_score(src: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     return _per_image(src, reduction)
 
 
-def l1_loss(fake: torch.Tensor, real: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """L1 between ``(B, 1, H, W)`` images in [-1, 1]: per-image sum (reference) or per-pixel mean."""
-    return _per_image((fake - real).abs(), reduction)
+def l1_loss(
+    fake: torch.Tensor, real: torch.Tensor, reduction: str = "sum", tumour: torch.Tensor | None = None,
+    tumour_weight: float = 0.0,
+) -> torch.Tensor:
+    """L1 between ``(B, 1, H, W)`` images in [-1, 1]: per-image sum (reference) or per-pixel mean.
+
+    ``tumour_weight`` > 0 (the recommended model, not the paper's): each pixel of the ``tumour`` mask
+    ``(B, 1, H, W)`` counts ``1 + tumour_weight`` times, so the few tumour pixels of a slice are not drowned by the
+    brain's; 0 is the paper's plain L1.
+    """
+    diff = (fake - real).abs()
+    if tumour_weight:
+        if tumour is None:
+            raise ValueError("tumour_weight > 0 needs the tumour mask")
+        diff = diff * (1.0 + tumour_weight * tumour.to(diff.dtype))
+    return _per_image(diff, reduction)
 
 
 def modality_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -150,6 +163,7 @@ def generator_loss(
     tumour: torch.Tensor | None = None,
     dice=None,
     seg_rows: torch.Tensor | None = None,
+    tumour_l1_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The generator's objective, eq. (7) of the paper:
     ``L_G = -D_src(x, G(x, c)) + λcls·L_cls^f + λl1·L_l1 + λseg·L_seg``.
@@ -168,6 +182,7 @@ def generator_loss(
             ``segmenter=None`` (pix2pix, MGAN): the term is 0.
         seg_rows: ``(B,)`` bool, the samples the term covers (None: all). The any-missing generator leaves out
             the samples whose target S was not trained on (T2); the term is the Dice loss over the others, 0 if none.
+        tumour_l1_weight: extra weight of the tumour's pixels in the L1 term (:func:`l1_loss`; 0: the paper).
 
     Returns:
         ``(g_loss, terms)``, ``terms`` = ``g_loss``, ``g_adv``, ``g_cls``, ``g_l1``, ``g_seg`` (scalar tensors;
@@ -176,7 +191,7 @@ def generator_loss(
     src_fake, cls_fake = critic(source, fake, labels)
     g_adv = -critic_score(src_fake, reduction)
     g_cls = modality_classification_loss(cls_fake, labels) if cls_fake is not None else torch.zeros_like(g_adv)
-    g_l1 = l1_loss(fake, real, reduction)
+    g_l1 = l1_loss(fake, real, reduction, tumour, tumour_l1_weight)
     # L_seg last: the order in which the terms are built fixes how autograd sums their gradients into ``fake``
     if segmenter is not None and seg_rows is not None:
         rows = seg_rows.nonzero().flatten()  # (the any-missing generator only: a host sync per iteration)

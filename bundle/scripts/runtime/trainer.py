@@ -73,6 +73,7 @@ class TCMGANTrainer(Trainer):
         seg_loss_function: Dice loss on S's logits (MONAI ``DiceLoss(sigmoid=True)``).
         train_segmenter: update S jointly (TC-MGAN bw) instead of keeping it frozen.
         lambda_l1, lambda_cls, lambda_seg, lambda_gp: loss weights (paper: 0.1, 10, 50, 100).
+        tumour_l1_weight: extra weight of the tumour's pixels in the L1 term (0: the paper's plain L1).
         d_train_steps: critic steps per generator step (n_critic; reference: 1).
         reduction: ``"sum"`` (per image, reference) or ``"mean"`` for the critic score and L1.
         num_targets: number of target modalities.
@@ -103,6 +104,7 @@ class TCMGANTrainer(Trainer):
         lambda_cls: float = 10.0,
         lambda_seg: float = 50.0,
         lambda_gp: float = 100.0,
+        tumour_l1_weight: float = 0.0,
         d_train_steps: int = 1,
         reduction: str = "sum",
         num_targets: int = 3,
@@ -139,6 +141,7 @@ class TCMGANTrainer(Trainer):
         self.seg_loss_function = seg_loss_function
         self.train_segmenter = train_segmenter
         self.lambda_l1, self.lambda_cls, self.lambda_seg, self.lambda_gp = lambda_l1, lambda_cls, lambda_seg, lambda_gp
+        self.tumour_l1_weight = tumour_l1_weight
         self.d_train_steps = d_train_steps
         self.reduction = reduction
         self.num_targets = num_targets
@@ -193,6 +196,7 @@ class TCMGANTrainer(Trainer):
             g_loss, g_terms = generator_loss(
                 d, x, y, fake, k, self.lambda_cls, self.lambda_l1, self.lambda_seg, self.reduction,
                 segmenter=s, tumour=tumour, dice=self.seg_loss_function, seg_rows=seg_rows,
+                tumour_l1_weight=self.tumour_l1_weight,
             )  # fmt: skip
         g_loss.backward()
         self.g_optimizer.step()
