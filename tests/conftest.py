@@ -22,8 +22,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
+TOOLS = REPO / "tools"  # the maintainers' tools (benchmark, reproduce, figures, tables), outside the bundle
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
+if str(TOOLS) not in sys.path:
+    sys.path.append(str(TOOLS))
 
 # small volumes keep the suite fast; the brain filter threshold is scaled with the slice area
 SMALL_SHAPE = (96, 96, 40)
@@ -43,11 +46,21 @@ TINY = {
 # --- running the bundle ------------------------------------------------------------------------------------------
 
 
+def overlay_bases(overlay: str) -> list[str]:
+    """The configs an overlay stacks on, as its guard (``command_line.require_base`` in ``+initialize``) names them:
+    ``["train.json"]`` for most, ``["train.json", "train_segmenter.json"]`` for ``train_downstream.json``."""
+    import json
+
+    guard = [x for x in json.loads((CONFIGS / overlay).read_text())["+initialize"] if isinstance(x, dict)]
+    base = guard[0]["base"]
+    return [base] if isinstance(base, str) else list(base)
+
+
 def config_stack(config: str | list[str]) -> list[str]:
-    """The config files of a workflow: ``train.json`` or ``inference.json`` alone, an overlay name on
-    ``train.json`` (the model zoo's list form), or an explicit list."""
+    """The config files of a workflow: ``train.json`` or ``inference.json`` alone, an overlay name on the configs
+    its guard names (the model zoo's list form, :func:`overlay_bases`), or an explicit list."""
     if isinstance(config, str):
-        config = [config] if config in ("train.json", "inference.json") else ["train.json", config]
+        config = [config] if config in ("train.json", "inference.json") else [*overlay_bases(config), config]
     return [str(CONFIGS / c) for c in config]
 
 

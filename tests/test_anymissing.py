@@ -308,7 +308,7 @@ def test_evaluation_writes_the_scenario_and_downstream_tables(phantom_dir, tmp_p
     assert len(scores["downstream"]) == 9
     table = (tmp_path / "ev" / "scenarios.md").read_text()
     assert "t2 -> flair | TC-MGAN (paper, T2 only)" in table and "3 real + t1ce zero-filled" in table
-    from scripts.figures import anymissing_figure
+    from figures import anymissing_figure
 
     example = np.load(tmp_path / "ev" / "examples.npz")
     assert example["anymissing_missing_t2_axial"].shape == example["real_t2_axial"].shape

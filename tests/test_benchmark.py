@@ -1,4 +1,4 @@
-"""Specification of the speed and memory benchmark, bundle/scripts/benchmark.py: what each of its measurements
+"""Specification of the speed and memory benchmark, tools/benchmark.py: what each of its measurements
 compares, run on tiny settings.
 
 Speed itself is measured by the benchmark (``bundle/docs/performance.md``), never asserted here. What it compares is
@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import SMALL_MIN_PIXELS, save_nifti
 
-from scripts import benchmark
+import benchmark
 
 
 def test_inference_benchmark_times_the_workflow_against_the_same_slices(tmp_path):

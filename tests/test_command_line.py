@@ -127,7 +127,7 @@ def test_a_gpu_device_without_a_gpu_is_one_line(tmp_path):
 def test_a_tool_stops_on_an_unknown_option_before_any_work(tmp_path):
     """``reproduce.py --seeds 2`` (before ``--seeds`` existed) ran the whole study, then complained about it."""
     out = tmp_path / "study"
-    command = [sys.executable, "bundle/scripts/reproduce.py", "--preset", "smoke", "--sedes", "2", "--output_dir",
+    command = [sys.executable, "tools/reproduce.py", "--preset", "smoke", "--sedes", "2", "--output_dir",
                str(out)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and not out.exists()

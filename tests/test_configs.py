@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, error_chain, run_workflow
+from conftest import BUNDLE, CONFIGS, error_chain, overlay_bases, run_workflow
 
 from scripts.runtime.checkpoints import ModelSaver
 from scripts.runtime.networks import SynthesisNet
@@ -66,8 +66,23 @@ def test_overlay_given_alone_stops_with_the_list_form(overlay):
     wf = ConfigWorkflow(config_file=str(CONFIGS / overlay), workflow_type=None, bundle_root=str(BUNDLE))
     with pytest.raises(SystemExit) as info:
         wf.initialize()
-    form = f"--config_file \"['bundle/configs/train.json','bundle/configs/{overlay}']\""
-    assert str(info.value) == f"{overlay} is an overlay of train.json and cannot run alone; give both, in the model zoo list form: {form}"
+    bases = overlay_bases(overlay)
+    form = "--config_file \"[" + ",".join(f"'bundle/configs/{c}'" for c in [*bases, overlay]) + "]\""
+    give = "both" if len(bases) == 1 else "all of them"
+    assert str(info.value) == (f"{overlay} is an overlay of {' + '.join(bases)} and cannot run alone; give {give}, "
+                               f"in the model zoo list form: {form}")
+
+
+def test_a_stacked_overlay_without_the_overlay_below_it_stops_with_the_full_form():
+    """``train_downstream.json`` stacks on ``train_segmenter.json`` (a segmenter training with another network and
+    inputs); the two-file form stops in the guard's one line, before any check of a GAN's segmenter."""
+    from monai.bundle import ConfigWorkflow
+
+    assert overlay_bases("train_downstream.json") == ["train.json", "train_segmenter.json"]
+    files = [str(CONFIGS / c) for c in ("train.json", "train_downstream.json")]
+    wf = ConfigWorkflow(config_file=files, workflow_type=None, bundle_root=str(BUNDLE))
+    with pytest.raises(SystemExit, match="give all of them.*train_segmenter.json','bundle/configs/train_downstream"):
+        wf.initialize()
 
 
 def test_overlay_given_alone_on_the_command_line_prints_one_line(tmp_path):

@@ -161,7 +161,7 @@ def test_recommended_model_infers_in_the_input_grid_with_exact_background(recomm
 @pytest.mark.parametrize("view", ["axial", "sagittal"])
 def test_synthesis_figure_shows_axial_and_sagittal_views(recommended_run, phantom_dir, tmp_path, view):
     """The figure of #13: the synthesis beside the real targets with the tumour outlined, in both views."""
-    from scripts.figures import synthesis_figure
+    from figures import synthesis_figure
 
     out = tmp_path / "inference"
     run_workflow("inference.json", dataset_dir=str(phantom_dir), output_dir=str(out),

@@ -7,7 +7,7 @@ run in three tests.
 
 The inferer (``BrainSliceInferer`` and its ``SliceRunner``): it equals MONAI's ``SliceInferer`` while running only
 the brain slices, and its ONNX Runtime and ``torch.compile`` engines give torch's outputs or fall back to it. How
-fast each is is measured by ``bundle/scripts/benchmark.py`` (``bundle/docs/performance.md``), never asserted here.
+fast each is is measured by ``tools/benchmark.py`` (``bundle/docs/performance.md``), never asserted here.
 """
 
 import json

@@ -1,5 +1,5 @@
 """Specification of the BraTS-like phantom generator (bundle/scripts/phantom.py) and its figure
-(``phantom_figure`` of bundle/scripts/figures.py)."""
+(``phantom_figure`` of tools/figures.py)."""
 
 import json
 import subprocess
@@ -14,7 +14,7 @@ from scipy import ndimage
 from conftest import BUNDLE
 
 from scripts import phantom
-from scripts.figures import phantom_figure
+from figures import phantom_figure
 
 SMALL = (64, 64, 48)  # tiny grid for file-layout tests; the brain is scaled to fit
 MEDIUM = (96, 96, 64)

@@ -1,4 +1,4 @@
-"""Specification of the study driver, bundle/scripts/reproduce.py: the smoke preset end to end with two training seeds
+"""Specification of the study driver, tools/reproduce.py: the smoke preset end to end with two training seeds
 and two stages at a time (phantoms, every workflow, both tables merged over seeds with the sanity check, the report
 and figure), a second run that skips the finished stages, and the stage plan of one seed (the earlier layout)."""
 
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 from conftest import REPO
-from scripts.reproduce import DOWNSTREAM, VARIANTS, Study
+from reproduce import DOWNSTREAM, VARIANTS, Study
 
-SCRIPT = str(REPO / "bundle" / "scripts" / "reproduce.py")
+SCRIPT = str(REPO / "tools" / "reproduce.py")
 
 
 def _reproduce(out, *extra) -> str:

@@ -12,7 +12,7 @@ R=${R:-runs/anymissing}; D=${D:-data/am30}; PY=${PY:-python}
 EPOCHS=${EPOCHS:-24}; LENGTH=${LENGTH:-25}   # 600 iterations of batch 16 for each GAN
 RUN="$PY -m monai.bundle run --bundle_root bundle"
 TRAIN=bundle/configs/train.json
-overlay() { echo "['$TRAIN','bundle/configs/$1']"; }
+overlay() { echo "['$TRAIN'$(printf ",'bundle/configs/%s'" "$@")]"; }  # train.json + the overlays named
 stages=${*:-data segmenter gans downstream evaluate brasyn}
 mkdir -p "$R/logs"
 for stage in $stages; do
@@ -33,7 +33,7 @@ for stage in $stages; do
       --augment true > "$R/logs/anymissing.log" 2>&1 &
     wait %1 && wait %2 ;;
   downstream)
-    $RUN --config_file "$(overlay train_downstream.json)" --dataset_dir "$D" --output_dir "$R" --inputs real \
+    $RUN --config_file "$(overlay train_segmenter.json train_downstream.json)" --dataset_dir "$D" --output_dir "$R" --inputs real \
       --features 16 --batch_size 32 --max_epochs 30 --val_num_cases 3 --overwrite true > "$R/logs/downstream_real.log" 2>&1 ;;
   evaluate)
     $RUN --config_file "$(overlay evaluate_anymissing.json)" --dataset_dir "$D" --ckpt_path "$R/anymissing/model.pt" \

@@ -33,7 +33,7 @@ pack() {  # $OUT's contents (less the patterns given) into $OUT/all.tgz; everyth
 }
 
 bench() {
-  local B="$PY bundle/scripts/benchmark.py" DEV INF TRAIN DATA COMP TPUT
+  local B="$PY tools/benchmark.py" DEV INF TRAIN DATA COMP TPUT
   if [ "$Q" = 1 ]; then
     DEV=cpu; INF="--widths 8 --repeats 1"; TRAIN="--features 8 --batch_size 8 --iterations 1 --repeats 1 --variants mgan"
     DATA="--features 8 --batch_size 8 --step_iterations 1"; COMP="--widths 8 --repeats 1"
@@ -100,12 +100,12 @@ study() {
   (nvidia-smi -L 2>/dev/null || echo "no GPU") | tee -a "$OUT/session.log"
   monitor
   log "study: preset $preset, $seeds seeds, $jobs stages at a time, limit $limit s"
-  timeout "$limit" $PY bundle/scripts/reproduce.py --preset $preset --seeds $seeds --jobs $jobs \
+  timeout "$limit" $PY tools/reproduce.py --preset $preset --seeds $seeds --jobs $jobs \
     --output_dir "$OUT/study" > "$OUT/study.log" 2>&1 || log "study: exit $?"
   tail -3 "$OUT/study.log" | tee -a "$OUT/session.log"
   if [ "$paper" -gt 0 ]; then
     log "paper preset: first $paper s"
-    timeout "$paper" $PY bundle/scripts/reproduce.py --preset paper --output_dir "$OUT/paper" > "$OUT/paper.log" 2>&1
+    timeout "$paper" $PY tools/reproduce.py --preset paper --output_dir "$OUT/paper" > "$OUT/paper.log" 2>&1
     log "paper preset: stopped ($?) after $paper s"; tail -5 "$OUT/paper.log" | tee -a "$OUT/session.log"
   fi
   kill $MON 2>/dev/null

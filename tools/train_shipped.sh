@@ -139,7 +139,7 @@ fi
   --output_dir "$OUT/inference" --ckpt_path "$OUT/model.pt" --device "$DEVICE" --views "$VIEWS" $NOCHECK > "$OUT/inference.log" 2>&1 \
   || log "inference FAILED"
 for view in axial sagittal; do
-  $PY bundle/scripts/figures.py synthesis_figure "$T" "$OUT/inference" "$OUT/ood_$view.png" --view "$view" >/dev/null \
+  $PY tools/figures.py synthesis_figure "$T" "$OUT/inference" "$OUT/ood_$view.png" --view "$view" >/dev/null \
     || log "figure $view FAILED"
 done
 log "done"

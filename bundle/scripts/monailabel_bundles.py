@@ -19,8 +19,9 @@ clients ask for ``uint8``. So each bundle written here synthesises *one* target 
   per target, ``<prefix>_<target>_uncertainty``, returning the synthesis's uncertainty map the same way (the spread
   of the passes, [0, 0.25] of the intensity range -> [0, 255]): MONAI Label shows one result per task, so the
   map is a task of its own;
-- ``models/model.pt``, ``scripts/``, ``LICENSE``, ``docs/``, ``configs/logging.conf`` copied. No training
-  config is copied: MONAI Label's training task expects image/label pairs, not synthesis.
+- ``models/model.pt``, ``scripts/runtime/`` (the only code the configs import), ``LICENSE``, ``docs/``,
+  ``configs/logging.conf`` copied. No training config is copied: MONAI Label's training task expects image/label
+  pairs, not synthesis.
 """
 
 from __future__ import annotations

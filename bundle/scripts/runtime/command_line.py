@@ -223,13 +223,17 @@ def setup(help=False) -> None:
     install_error_hook()
 
 
-def require_base(stack, base: str = "train.json") -> None:
-    """The guard of every overlay config (its ``+initialize``): an overlay given alone (``stack``, its
-    ``config_stack``, does not start with ``base``) stops in one line naming the model zoo's list form to use."""
-    if not stack or stack[0] != base:
+def require_base(stack, base: str | list[str] = "train.json") -> None:
+    """The guard of every overlay config (its ``+initialize``): an overlay given without the configs it stacks on
+    (``stack``, its ``config_stack``, does not start with ``base``, one file or a list such as
+    ``["train.json", "train_segmenter.json"]``) stops in one line naming the model zoo's list form to use."""
+    bases = [base] if isinstance(base, str) else list(base)
+    if not stack or list(stack[: len(bases)]) != bases:
         overlay = stack[-1] if stack else "this overlay"
-        sys.exit(f"{overlay} is an overlay of {base} and cannot run alone; give both, in the model zoo list form: "
-                 f"--config_file \"['bundle/configs/{base}','bundle/configs/{overlay}']\"")
+        files = ",".join(f"'bundle/configs/{name}'" for name in [*bases, overlay])
+        sys.exit(f"{overlay} is an overlay of {' + '.join(bases)} and cannot run alone; give "
+                 f"{'both' if len(bases) == 1 else 'all of them'}, in the model zoo list form: "
+                 f"--config_file \"[{files}]\"")
 
 
 def _options(argv: list[str]) -> list[str]:

@@ -4,6 +4,8 @@ A 2D MONAI ``UNet`` is trained on the ``seg`` split (``configs/train_downstream.
 (:data:`INPUTS`) and scored on the ``test`` split (``configs/evaluate_downstream.json``). This module holds only the
 pieces MONAI lacks:
 
+- :func:`downstream_network` (MONAI's ``UNet`` as Table 2 configures it) and :func:`downstream_transforms` (the
+  volume transforms after the bundle's shared ones), the pieces both overlays build;
 - :class:`DownstreamInputsd`: the last volume transform; picks the input channels, running a trained generator for
   ``"synth"``;
 - :func:`downstream_record` / :func:`downstream_info` / :func:`load_downstream_weights` /
@@ -19,7 +21,7 @@ Label / prediction channels are the BraTS regions in MONAI's ``ConvertToMultiCha
 declared once in :data:`REGIONS`: (TC, WT, ET). With the internal labels (1 necrosis, 2 oedema, 3 enhancing):
 WT = {1, 2, 3}, TC = {1, 3}, ET = {3}.
 
-Command line: ``python bundle/scripts/tables.py write_table2 --rows '{"T2 only": "O/downstream/t2/scores.json"}'
+Command line: ``python tools/tables.py write_table2 --rows '{"T2 only": "O/downstream/t2/scores.json"}'
 --output_dir O``.
 """
 
@@ -37,7 +39,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.metrics import DiceMetric
-from monai.transforms import MapTransform
+from monai.networks.nets import UNet
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd, EnsureTyped, MapTransform
 
 from .checkpoints import (
     describe,
@@ -154,6 +157,28 @@ def cached_generator(path: str, sha1: str | None, device) -> SynthesisNet:
         return _GENERATORS[key]
 
 
+def downstream_network(inputs: str = "t2", features: int = 16) -> UNet:
+    """The Table 2 segmenter: MONAI's 2D ``UNet``, five levels of ``features`` x (1, 2, 4, 8, 16) channels, strides 2,
+    two residual units, batch norm; :data:`INPUTS` ``[inputs]`` channels in, the three :data:`REGIONS` out."""
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs {inputs!r}: expected one of {', '.join(INPUTS)}")
+    f = int(features)
+    return UNet(spatial_dims=2, in_channels=INPUTS[inputs], out_channels=len(REGIONS),
+                channels=(f, 2 * f, 4 * f, 8 * f, 16 * f), strides=(2, 2, 2, 2), num_res_units=2, norm="batch")  # fmt: skip
+
+
+def downstream_transforms(inputs: str = "t2", synth_ckpt: str | None = None, device="cpu", batch_size: int = 64,
+                          intensity_scaling: str | None = None, image_size: int | None = None) -> list:  # fmt: skip
+    """The volume transforms of the downstream overlays after ``train.json``'s shared ones: the labels as the three
+    BraTS regions (MONAI ``ConvertToMultiChannelBasedOnBratsClassesd``), float32 tensors, then the input channels
+    (:class:`DownstreamInputsd`, whose arguments these are)."""
+    return [
+        ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ET_LABEL),
+        EnsureTyped(keys=["image", "label"], data_type="tensor", track_meta=False, dtype=torch.float32),
+        DownstreamInputsd("image", inputs, synth_ckpt, device, batch_size, intensity_scaling, image_size),
+    ]
+
+
 class DownstreamInputsd(MapTransform):
     """Choose the segmenter's input channels from a 4-channel (FLAIR, T1, T1ce, T2) volume.
 
@@ -252,7 +277,7 @@ def _downstream_state(path: str, map_location="cpu") -> dict:
         hint = f"it holds a {describe(state)}" if "state_dict" not in state else f"format {state.get('format')!r}"
         raise ValueError(
             f"{path} is not a downstream segmenter written by train_downstream.json ({hint}); train one with "
-            "python -m monai.bundle run --config_file \"['bundle/configs/train.json','bundle/configs/train_downstream.json']\" ..."
+            "python -m monai.bundle run --config_file \"['bundle/configs/train.json','bundle/configs/train_segmenter.json','bundle/configs/train_downstream.json']\" ..."
         )
     return state
 

@@ -1,7 +1,7 @@
 """Gather per-run scores into the paper's tables (command-line tool; the configs write these tables themselves).
 
-    python bundle/scripts/tables.py write_table1 O1/scores.json O2/scores.json --output_dir O
-    python bundle/scripts/tables.py write_table2 --rows '{"T2 only": "O/downstream/t2/scores.json"}' --output_dir O
+    python tools/tables.py write_table1 O1/scores.json O2/scores.json --output_dir O
+    python tools/tables.py write_table2 --rows '{"T2 only": "O/downstream/t2/scores.json"}' --output_dir O
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the bundle folder importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
+if _BUNDLE not in sys.path:  # a maintainer's tool beside the bundle: make the bundle folder importable
+    sys.path.insert(0, _BUNDLE)
 
 from scripts.runtime.downstream import write_table2  # noqa: E402
 from scripts.runtime.evaluation import write_table1  # noqa: E402

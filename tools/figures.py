@@ -2,8 +2,8 @@
 
 Command line (one sub-command per figure function)::
 
-    python bundle/scripts/figures.py phantom_figure data/phantom/BraTS2021_00000 bundle/docs/images/phantom_case.png
-    python bundle/scripts/figures.py anymissing_figure runs/anymissing/evaluation/examples.npz out.png --view sagittal
+    python tools/figures.py phantom_figure data/phantom/BraTS2021_00000 bundle/docs/images/phantom_case.png
+    python tools/figures.py anymissing_figure runs/anymissing/evaluation/examples.npz out.png --view sagittal
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the bundle folder importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
+if _BUNDLE not in sys.path:  # a maintainer's tool beside the bundle: make the bundle folder importable
+    sys.path.insert(0, _BUNDLE)
 
 from scripts.runtime.conventions import CHANNELS, FILE_SUFFIXES, MODALITY_NAMES, TARGETS  # noqa: E402
 from scripts.runtime.files import write_atomic  # noqa: E402

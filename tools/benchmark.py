@@ -1,11 +1,11 @@
 """How much the bundle costs on top of bare PyTorch, measured on this machine: ratios, not absolute times.
 
-    python bundle/scripts/benchmark.py inference   # inference.json on one 240x240x155 case vs the bare forward
-    python bundle/scripts/benchmark.py throughput  # volumes/min over many cases vs the I/O floor; bf16 vs fp32
-    python bundle/scripts/benchmark.py training    # the bundle's GAN trainer (train.json) vs a plain loop
-    python bundle/scripts/benchmark.py precision   # the recommended model's trainer in fp32 and bf16, GFLOP/s
-    python bundle/scripts/benchmark.py data        # slice loader vs one training step; memory vs number of cases
-    python bundle/scripts/benchmark.py all --output report.json
+    python tools/benchmark.py inference   # inference.json on one 240x240x155 case vs the bare forward
+    python tools/benchmark.py throughput  # volumes/min over many cases vs the I/O floor; bf16 vs fp32
+    python tools/benchmark.py training    # the bundle's GAN trainer (train.json) vs a plain loop
+    python tools/benchmark.py precision   # the recommended model's trainer in fp32 and bf16, GFLOP/s
+    python tools/benchmark.py data        # slice loader vs one training step; memory vs number of cases
+    python tools/benchmark.py all --output report.json
 
 Every sub-command prints Markdown tables (and writes them as JSON with ``--output``), with the machine and its
 load average before and after: on a shared machine only the ratios of measurements interleaved in one run mean
@@ -45,8 +45,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-BUNDLE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # run as a script: make the bundle folder importable
+BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
+if BUNDLE not in sys.path:  # a maintainer's tool beside the bundle: make the bundle folder importable
     sys.path.insert(0, BUNDLE)
 
 from scripts.runtime.checkpoints import save_atomic, synthesis_arch  # noqa: E402

@@ -1,6 +1,6 @@
 """Run the paper's whole study in order and write ``R/results.md``: Table 1, Table 2 and a Fig. 3-like figure.
 
-    python bundle/scripts/reproduce.py --preset smoke|cpu|gpu|paper --output_dir R [--dataset_dir D] [--device cpu]
+    python tools/reproduce.py --preset smoke|cpu|gpu|paper --output_dir R [--dataset_dir D] [--device cpu]
         [--seeds 3] [--jobs 6]
 
 Stages, in order (each one a bundle command, its output logged to ``R/logs/<stage>.log``):
@@ -50,8 +50,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BUNDLE = HERE.parent
-REPO = BUNDLE.parent
+REPO = HERE.parent
+BUNDLE = REPO / "bundle"
+SCRIPTS = BUNDLE / "scripts"  # the bundle's command-line tools (phantom.py, prepare_datalist.py)
 CONFIGS = BUNDLE / "configs"
 if str(BUNDLE) not in sys.path:
     sys.path.insert(0, str(BUNDLE))
@@ -104,10 +105,16 @@ DOWNSTREAM_NAMES = {
 PAPER_TABLE2 = {"T2 only": 0.738, "T2 + TC-MGAN synthesised": 0.759, "4 real modalities": 0.814}
 
 
+#: overlays that stack on another overlay as well as on train.json
+STACKED = {"train_downstream.json": ["train_segmenter.json"]}
+
+
 def _bundle_cmd(config: str, **overrides) -> list[str]:
     """``python -m monai.bundle run`` of ``config``: ``train.json`` alone, any other config as an overlay on it (the
-    model zoo's list form of ``--config_file``); ``None`` overrides are left out."""
-    files = [CONFIGS / "train.json"] + ([CONFIGS / config] if config != "train.json" else [])
+    model zoo's list form of ``--config_file``; ``train_downstream.json`` on ``train_segmenter.json`` too, see
+    :data:`STACKED`); ``None`` overrides are left out."""
+    files = [CONFIGS / "train.json"] + [CONFIGS / c for c in STACKED.get(config, [])]
+    files += [CONFIGS / config] if config != "train.json" else []
     config_file = "[" + ",".join(f"'{f}'" for f in files) + "]" if len(files) > 1 else str(files[0])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(BUNDLE), "--config_file", config_file]
     for key, value in overrides.items():
@@ -227,10 +234,10 @@ class Study:
     def phantom_commands(self) -> list[list[str]]:
         workers = ["--workers", "0"] if self.preset == "gpu" else []  # a GPU machine's CPU cores
         return [
-            [sys.executable, str(HERE / "phantom.py"), "--output_dir", str(self.data), "--num_cases",
+            [sys.executable, str(SCRIPTS / "phantom.py"), "--output_dir", str(self.data), "--num_cases",
              str(self.p["num_cases"]), "--seed", "0", "--shape", json.dumps(self.p["shape"]), "--overwrite", "true",
              *workers],
-            [sys.executable, str(HERE / "prepare_datalist.py"), "--data_dir", str(self.data)],
+            [sys.executable, str(SCRIPTS / "prepare_datalist.py"), "--data_dir", str(self.data)],
         ]  # fmt: skip
 
     def segmenter_commands(self, seed: int = 0) -> list[list[str]]:
@@ -363,7 +370,7 @@ class Study:
     # --- the report -------------------------------------------------------------------------------------------------
 
     def report(self) -> list:
-        from scripts.figures import comparison_figure
+        from figures import comparison_figure
 
         examples = {v: str(self.table1_dir(0, v) / "examples.npz") for v in self.variants}
         names = {**VARIANT_NAMES, "recommended": "recommended"}
@@ -384,7 +391,7 @@ class Study:
             f"# Reproduction of TC-MGAN (preset `{self.preset}`)", "",
             f"Data: {'user data set ' + str(self.data) if self.user_data else 'phantom set made by the study'}; "
             f"splits from `{self.data / 'datalist.json'}`.", "",
-            "Command:", "", f"    python bundle/scripts/reproduce.py --preset {self.preset} --output_dir {self.root}"
+            "Command:", "", f"    python tools/reproduce.py --preset {self.preset} --output_dir {self.root}"
             + (f" --dataset_dir {self.data}" if self.user_data else ""), "",
             "## Settings", "", "```json", json.dumps(self.p, indent=1), "```", "",
             f"Versions: Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}; "
