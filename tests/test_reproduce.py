@@ -112,3 +112,56 @@ def test_bad_arguments_are_named(tmp_path):
         Study("smoke", str(tmp_path / "s"), seeds=0)
     with pytest.raises(ValueError, match="--jobs must be an integer >= 1"):
         Study("smoke", str(tmp_path / "j"), jobs=0)
+
+
+# --- the answers to the paper's claims (study_report), on scores written by hand --------------------------------------
+
+
+def test_paired_differences_give_the_t_interval_the_sign_test_and_a_verdict():
+    from study_report import paired, sign_test
+
+    r = paired([0.1, 0.2, 0.3])
+    assert r["mean"] == pytest.approx(0.2) and r["std"] == pytest.approx(0.1)
+    assert r["ci95"] == pytest.approx([0.2 - 4.303 * 0.1 / 3**0.5, 0.2 + 4.303 * 0.1 / 3**0.5])
+    assert r["verdict"] == "not resolved" and r["positive"] == 3 and r["sign_test_p"] == pytest.approx(0.25)
+    assert paired([0.20, 0.21, 0.19])["verdict"] == "supported"
+    assert paired([-0.20, -0.21, -0.19])["verdict"] == "contradicted"
+    assert paired([0.5])["verdict"] == "not resolved"  # one seed: no spread, no verdict
+    assert sign_test([1] * 5) == pytest.approx(2 / 32) and sign_test([1, -1]) == 1.0 and sign_test([0, 0]) == 1.0
+
+
+def _fake_scores(study, tc_gain, real_gain, synth_gain):
+    """Per-seed scores.json files as evaluate.json / evaluate_downstream.json write them (only the read keys)."""
+    from study_report import CLAIM1_METRICS, CLAIM2_METRICS
+
+    for k in range(study.seeds):
+        for v, gain in (("mgan", 0.0), ("tcmgan", tc_gain[k])):
+            folder = study.table1_dir(k, v)
+            folder.mkdir(parents=True)
+            scores = {t: {m: {"mean": 0.5 + gain, "std": 0.1} for m in CLAIM1_METRICS} for t in ("flair", "t1", "t1ce")}
+            (folder / "scores.json").write_text(json.dumps({"methods": {v: scores}}))
+        for run, gain in (("t2", 0.0), ("synth_tcmgan", synth_gain[k]), ("real", real_gain[k])):
+            folder = study.runs_dir(k) / "downstream" / run
+            folder.mkdir(parents=True)
+            (folder / "scores.json").write_text(json.dumps({m: {"mean": 0.6 + gain} for m in CLAIM2_METRICS}))
+
+
+def test_claims_are_answered_across_seeds_and_a_downstream_without_its_sanity_check_is_not_interpretable(tmp_path):
+    from study_report import claims, claims_markdown
+
+    study = Study("cpu_seeds", str(tmp_path / "a"))
+    assert study.seeds == 3 and study.variants == ["mgan", "tcmgan", "tcmgan_bw"]
+    _fake_scores(study, tc_gain=[0.05, 0.06, 0.04], real_gain=[0.2, 0.22, 0.18], synth_gain=[-0.01, 0.02, 0.0])
+    answers = claims(study)
+    assert answers["claim1"]["verdict"] == "supported" and len(answers["claim1"]["rows"]) == 6
+    assert answers["claim1"]["rows"][0]["differences"] == pytest.approx([0.05, 0.06, 0.04])
+    assert answers["claim2"]["sanity"]["verdict"] == "supported"
+    assert answers["claim2"]["verdict"] == "not resolved at this budget"
+    text = claims_markdown(answers)
+    assert "verdict: **supported**" in text and "| FLAIR tumour SSIM | +0.050, +0.060, +0.040 |" in text
+
+    study = Study("cpu_seeds", str(tmp_path / "b"))
+    _fake_scores(study, tc_gain=[-0.05, -0.06, -0.04], real_gain=[0.01, -0.02, 0.0], synth_gain=[0.1, 0.1, 0.1])
+    answers = claims(study)
+    assert answers["claim1"]["verdict"] == "contradicted"
+    assert answers["claim2"]["verdict"].startswith("not interpretable")  # 4 real not shown to beat the T2 alone

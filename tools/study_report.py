@@ -1,0 +1,276 @@
+"""The report of the paper's study (``reproduce.py``): both tables merged over seeds, the answers to the paper's two
+claims (paired differences across seeds, their 95 % intervals, the sign test and a verdict), the Fig. 3-like
+figure, and ``R/results.md`` (tables, answers, commands, versions, preset, wall time per stage).
+
+The paper claims (1) the tumour-consistency loss keeps the tumour better (TC-MGAN against MGAN, Table 1 / Fig. 3)
+and (2) adding TC-MGAN's synthesised modalities to the T2 helps a tumour segmenter (Table 2). Each seed trains
+every model of the study with its own seed, so the seeds pair up: the difference of two models is taken within
+each seed, and the spread of those differences across seeds is what a verdict weighs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+from study_plan import StudyPlan, downstream_name
+from study_stages import StageRunner
+
+from scripts.runtime.conventions import MODALITY_NAMES, TARGETS, VARIANT_NAMES
+from scripts.runtime.files import write_json, write_text
+
+#: The paper's Table 2 (BraTS 2018, whole-tumour Dice per slice; not comparable with phantom results).
+PAPER_TABLE2 = {"T2 only": 0.738, "T2 + TC-MGAN synthesised": 0.759, "4 real modalities": 0.814}
+
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom (1 .. 30; beyond, the normal's 1.96).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+#: Claim 1's quantities: the quality protocol's metrics inside the tumour (metrics.REGION_METRICS).
+CLAIM1_METRICS = {"protocol_ssim_tumour": "tumour SSIM", "protocol_psnr_tumour": "tumour PSNR (dB)"}
+#: Claim 2's quantities (downstream scores.json): per-case 3D whole-tumour Dice and the reference per-slice one.
+CLAIM2_METRICS = {"dice_wt": "WT Dice 3D", "slice_wt_dice": "WT Dice per slice (reference)"}
+
+
+# --- statistics of paired differences ----------------------------------------------------------------------------------
+
+
+def sign_test(differences) -> float:
+    """Two-sided exact sign test of ``differences`` (zeros left out): the probability, with a fair coin per seed,
+    of a split at least as lopsided as the one seen."""
+    pos = sum(d > 0 for d in differences)
+    neg = sum(d < 0 for d in differences)
+    n = pos + neg
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(pos, neg) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(differences) -> dict:
+    """Mean, sample standard deviation, 95 % t-interval and sign test of per-seed differences, and the verdict:
+    ``supported`` (the interval above 0), ``contradicted`` (below 0) or ``not resolved`` (it holds 0, or one seed)."""
+    d = [float(x) for x in differences]
+    n = len(d)
+    mean = sum(d) / n if n else float("nan")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+    if n > 1:
+        half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd / math.sqrt(n)
+        low, high = mean - half, mean + half
+    else:
+        low = high = float("nan")
+    verdict = "supported" if low > 0 else "contradicted" if high < 0 else "not resolved"
+    return {"differences": d, "n": n, "mean": mean, "std": sd, "ci95": [low, high], "sign_test_p": sign_test(d),
+            "positive": sum(x > 0 for x in d), "verdict": verdict}  # fmt: skip
+
+
+def overall(verdicts) -> str:
+    """One verdict from several quantities' verdicts: supported (some, none against), contradicted (some against,
+    none for), mixed (both), or not resolved at this budget."""
+    v = set(verdicts)
+    if "supported" in v and "contradicted" in v:
+        return "mixed"
+    if "supported" in v:
+        return "supported"
+    if "contradicted" in v:
+        return "contradicted"
+    return "not resolved at this budget"
+
+
+# --- the two claims ------------------------------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def claims(plan: StudyPlan) -> dict:
+    """The answers to both claims from the per-seed scores the study wrote (a claim whose models the study did
+    not train, or whose scores are missing, is left out with the reason)."""
+    out = {"seeds": plan.seeds}
+    if {"mgan", "tcmgan"} <= set(plan.variants):
+        rows = []
+        for metric, name in CLAIM1_METRICS.items():
+            for target in TARGETS:
+                diffs = []
+                for k in range(plan.seeds):
+                    tc = _load(plan.table1_dir(k, "tcmgan") / "scores.json")
+                    mg = _load(plan.table1_dir(k, "mgan") / "scores.json")
+                    if tc is None or mg is None:
+                        break
+                    diffs.append(tc["methods"]["tcmgan"][target][metric]["mean"]
+                                 - mg["methods"]["mgan"][target][metric]["mean"])  # fmt: skip
+                if len(diffs) == plan.seeds:
+                    rows.append({"quantity": f"{MODALITY_NAMES[target]} {name}", "metric": metric,
+                                 "target": target, **paired(diffs)})  # fmt: skip
+        out["claim1"] = {"statement": "TC-MGAN keeps the tumour better than MGAN (TC-MGAN - MGAN inside the tumour)",
+                         "rows": rows, "verdict": overall(r["verdict"] for r in rows) if rows else "no scores"}
+    else:
+        out["claim1"] = {"verdict": "not part of this study (it needs MGAN and TC-MGAN)", "rows": []}
+    if "synth_tcmgan" in plan.downstream:
+        scores = {r: [_load(plan.runs_dir(k) / "downstream" / r / "scores.json") for k in range(plan.seeds)]
+                  for r in ("t2", "synth_tcmgan", "real")}  # fmt: skip
+        if any(s is None for v in scores.values() for s in v):
+            out["claim2"] = {"verdict": "no scores", "rows": []}
+        else:
+            def diff(a, b, metric):
+                return paired([x[metric]["mean"] - y[metric]["mean"] for x, y in zip(scores[a], scores[b])])
+
+            rows = [{"quantity": f"{name}: T2 + TC-MGAN synthesised - T2 only", "metric": m, **diff("synth_tcmgan", "t2", m)}
+                    for m, name in CLAIM2_METRICS.items()]  # fmt: skip
+            sanity = {"quantity": "WT Dice 3D: 4 real - T2 only (sanity check)", "metric": "dice_wt",
+                      **diff("real", "t2", "dice_wt")}  # fmt: skip
+            if sanity["verdict"] != "supported":
+                verdict = ("not interpretable: at this budget the segmenter on the four real modalities is not "
+                           "shown to beat the one on the T2 alone, so its inputs are not what limits it")
+            else:
+                verdict = overall(r["verdict"] for r in rows)
+            out["claim2"] = {"statement": "adding TC-MGAN's synthesised modalities to the T2 helps a tumour "
+                             "segmenter", "rows": rows, "sanity": sanity, "verdict": verdict}  # fmt: skip
+    else:
+        out["claim2"] = {"verdict": "not part of this study (it needs the TC-MGAN downstream run)", "rows": []}
+    return out
+
+
+def claims_markdown(answers: dict) -> str:
+    """The claims' section of ``results.md``."""
+
+    def num(x, digits=3):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+
+    lines = [f"Paired across {answers['seeds']} training seed(s): each seed trains every model, the difference is "
+             "taken within a seed; mean ± sample std over seeds, the 95 % t-interval, and the exact two-sided sign "
+             "test (with 3 seeds its smallest p is 0.25: the interval decides). Verdict: *supported* when the "
+             "interval lies above 0, *contradicted* below 0, otherwise *not resolved at this budget*.", ""]  # fmt: skip
+    for key, title in (("claim1", "Claim 1: the tumour-consistency loss keeps the tumour better"),
+                       ("claim2", "Claim 2: synthesised modalities help a tumour segmenter")):  # fmt: skip
+        claim = answers[key]
+        lines += [f"**{title}** — verdict: **{claim['verdict']}**", ""]
+        rows = claim.get("rows", []) + ([claim["sanity"]] if "sanity" in claim else [])
+        if rows:
+            lines += ["| quantity | per seed | mean ± std | 95 % interval | seeds > 0 (sign test p) | verdict |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for r in rows:
+                digits = 2 if "psnr" in r["metric"] else 3
+                lines.append(
+                    f"| {r['quantity']} | {', '.join(num(d, digits) for d in r['differences'])} | "
+                    f"{num(r['mean'], digits)} ± {num(r['std'], digits).lstrip('+')} | "
+                    f"[{num(r['ci95'][0], digits)}, {num(r['ci95'][1], digits)}] | "
+                    f"{r['positive']}/{r['n']} ({r['sign_test_p']:.2f}) | {r['verdict']} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
+# --- the in-process stages -----------------------------------------------------------------------------------------------
+
+
+def seed_note(plan: StudyPlan) -> str:
+    if plan.seeds == 1:
+        return ""
+    return (f"**{plan.seeds} training seeds**: every cell is the mean ± the standard deviation *over seeds* of "
+            "the per-seed means (the per-seed tables, whose ± are over cases or slices, are in the seed "
+            "folders).")  # fmt: skip
+
+
+def merge_table1(plan: StudyPlan) -> list:
+    from scripts.runtime.evaluation import write_table1
+    from scripts.runtime.metrics import merge_over_seeds
+
+    per_variant = []
+    for v in plan.variants:
+        summaries = [json.loads((plan.table1_dir(k, v) / "scores.json").read_text()) for k in range(plan.seeds)]
+        per_variant.append(merge_over_seeds(summaries) if plan.seeds > 1 else summaries[0])
+    write_table1(per_variant, str(plan.root / "table1"), note=seed_note(plan))
+    return []
+
+
+def merge_table2(plan: StudyPlan) -> list:
+    from scripts.runtime.downstream import sanity_check, write_table2
+    from scripts.runtime.metrics import merge_over_seeds
+
+    rows = {}
+    for r in plan.downstream:
+        summaries = [json.loads((plan.runs_dir(k) / "downstream" / r / "scores.json").read_text())
+                     for k in range(plan.seeds)]  # fmt: skip
+        rows[downstream_name(r)] = merge_over_seeds(summaries) if plan.seeds > 1 else summaries[0]
+    _, sentence = sanity_check(rows[downstream_name("t2")], rows[downstream_name("real")])
+    write_table2(rows, str(plan.root / "table2"), note=seed_note(plan), footer=sentence)
+    return []
+
+
+def report(plan: StudyPlan, runner: StageRunner, order: list[str]) -> list:
+    """The figure, ``claims.json`` and ``results.md``; ``order``: the stage names in plan order."""
+    from figures import comparison_figure
+
+    examples = {v: str(plan.table1_dir(0, v) / "examples.npz") for v in plan.variants}
+    names = {**VARIANT_NAMES, "recommended": "recommended"}
+    figure = comparison_figure(examples, str(plan.root / "figure3.png"), names=names)
+    answers = claims(plan)
+    write_json(str(plan.root / "claims.json"), answers, indent=2)
+    write_text(str(plan.root / "results.md"), results_markdown(plan, runner, order, Path(figure).name, answers))
+    return []
+
+
+def segmenter_summary(plan: StudyPlan) -> str:
+    """S's validation Dice (``validation.json`` of each seed's segmenter run): last and best epoch."""
+    import numpy as np
+
+    last, best = [], []
+    for k in range(plan.seeds):
+        path = plan.runs_dir(k) / "segmenter" / "validation.json"
+        if not path.is_file():
+            return f"No validation record at `{path}` (a run from before the bundle kept one)."
+        record = json.loads(path.read_text())
+        key = record["key_metric"]
+        last.append(record["last"].get(key, float("nan")))
+        best.append((record.get("best") or {}).get(key, float("nan")))  # no finite value: no best
+
+    def cell(values):
+        return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f} over {len(values)} seeds"
+                                           if len(values) > 1 else "")  # fmt: skip
+
+    return (f"Validation Dice (`{key}`, on the first {plan.p['val_num_cases']} `seg` cases) at the last epoch "
+            f"{cell(last)}, at its best epoch {cell(best)}; `model.pt` holds the best epoch.")
+
+
+def results_markdown(plan: StudyPlan, runner: StageRunner, order: list[str], figure: str, answers: dict) -> str:
+    import monai
+    import torch
+
+    position = {name: i for i, name in enumerate(order)}
+    stages = sorted(runner.records(), key=lambda s: position.get(s["stage"], len(position)))
+    device = plan.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    seeds = "" if plan.seeds == plan.p.get("seeds", 1) else f" --seeds {plan.seeds}"
+    lines = [
+        f"# Reproduction of TC-MGAN (preset `{plan.preset}`)", "",
+        f"Data: {'user data set ' + str(plan.data) if plan.user_data else 'phantom set made by the study'}; "
+        f"splits from `{plan.data / 'datalist.json'}`.", "",
+        "Command:", "", f"    python tools/reproduce.py --preset {plan.preset} --output_dir {plan.root}{seeds}"
+        + (f" --dataset_dir {plan.data}" if plan.user_data else ""), "",
+        "## Settings", "", "```json", json.dumps(plan.p, indent=1), "```", "",
+        f"Versions: Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}; "
+        f"machine {platform.machine()}, {os.cpu_count()} CPUs, device {device}, GPU {gpu}.", "",
+        "## Segmenter S (the frozen tumour segmenter of TC-MGAN)", "", segmenter_summary(plan), "",
+        "## Table 1: synthesis quality (test split)", "", (plan.root / "table1" / "table1.md").read_text(), "",
+        "## Table 2: downstream tumour segmentation (test split)", "",
+        (plan.root / "table2" / "table2.md").read_text(), "",
+        "The paper's Table 2 (BraTS 2018, reference per-slice whole-tumour Dice; not comparable with phantom "
+        "results): " + ", ".join(f"{k} {v:.3f}" for k, v in PAPER_TABLE2.items()) + ".", "",
+        "## The paper's two claims", "", claims_markdown(answers), "",
+        "## Figure", "", f"![T2, each method's synthesis and the real image, tumour contour]({figure})", "",
+        "## Stages", "", "| stage | wall time (s) | commands |", "|---|---|---|",
+    ]  # fmt: skip
+    for s in stages:
+        cmds = "<br>".join(f"`{c}`" for c in s["commands"]) or "(in-process)"
+        lines.append(f"| {s['stage']} | {s['wall_s']} | {cmds} |")
+    total = sum(s["wall_s"] for s in stages)
+    lines += ["", f"Total wall time of the recorded stages: {total:.0f} s ({total / 60:.1f} min)"
+              + (f"; they ran {runner.jobs} at a time, and this run took {time.time() - runner.started:.0f} s up "
+                 "to this report" if runner.jobs > 1 else "") + ".", ""]  # fmt: skip
+    return "\n".join(lines)
