@@ -165,3 +165,23 @@ def test_claims_are_answered_across_seeds_and_a_downstream_without_its_sanity_ch
     answers = claims(study)
     assert answers["claim1"]["verdict"] == "contradicted"
     assert answers["claim2"]["verdict"].startswith("not interpretable")  # 4 real not shown to beat the T2 alone
+
+
+def test_a_curve_still_rising_in_its_last_third_is_told_apart_from_a_flat_one(tmp_path):
+    from figures import curves_figure
+    from study_report import curves_markdown, flattened, validation_curves
+
+    assert flattened([(e, v) for e, v in enumerate([0.1, 0.5, 0.6, 0.6, 0.61, 0.6], 1)])[0] == "flattened"
+    assert flattened([(e, v) for e, v in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 1)])[0] == "still rising"
+    assert flattened([(1, 0.1), (2, 0.2)])[0] == "too short"
+    study = Study("cpu_seeds", str(tmp_path), seeds=2)
+    for k in range(2):
+        folder = study.runs_dir(k) / "segmenter"
+        folder.mkdir(parents=True)
+        history = [{"epoch": e, "val_mean_dice": 0.1 * e} for e in range(1, 7)]
+        (folder / "validation.json").write_text(json.dumps({"key_metric": "val_mean_dice", "history": history}))
+    curves = validation_curves(study)
+    assert list(curves) == ["segmenter S"] and len(curves["segmenter S"]["seeds"]) == 2
+    assert "| segmenter S | val_mean_dice | 6 | +0.200 (still rising); +0.200 (still rising) |" in curves_markdown(curves)
+    assert (tmp_path / "c.png").exists() is False and curves_figure(curves, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 5_000

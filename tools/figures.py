@@ -392,9 +392,39 @@ def anymissing_figure(examples, output_png, view: str = "axial") -> str:
     return _save(fig, output_png, dpi=80)
 
 
+def curves_figure(curves: dict, output_png) -> str:
+    """Validation curves of a study's trainings, one panel per stage (segmenter, each GAN, each downstream U-Net),
+    one line per seed: ``curves`` maps a panel title to ``{"metric": name, "seeds": [[(epoch, value), ...], ...]}``
+    (``study_report.validation_curves``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(curves), 1)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (title, curve) in zip(axes.flat, curves.items()):
+        for k, points in enumerate(curve["seeds"]):
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, "o-", markersize=3, label=f"seed {k}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel(curve["metric"], fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(curve["seeds"]) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, output_png, dpi=80, facecolor="white")
+
+
 if __name__ == "__main__":
     from scripts.runtime.command_line import run_tool
 
     run_tool({"phantom_figure": phantom_figure, "synthesis_figure": synthesis_figure,
               "training_figure": training_figure, "comparison_figure": comparison_figure,
-              "anymissing_figure": anymissing_figure})
+              "anymissing_figure": anymissing_figure, "curves_figure": curves_figure})

@@ -166,6 +166,53 @@ def claims_markdown(answers: dict) -> str:
     return "\n".join(lines)
 
 
+# --- have the trainings converged? ----------------------------------------------------------------------------------------
+
+
+def validation_curves(plan: StudyPlan) -> dict:
+    """Each training stage's validation history (``validation.json`` of its run), per seed: ``{title: {"metric":
+    key metric, "seeds": [[(epoch, value), ...] per seed]}}``, in plan order (segmenter, GANs, downstream U-Nets)."""
+    folders = {"segmenter S": "segmenter", **{f"GAN {VARIANT_NAMES.get(v, v)}": v for v in plan.variants},
+               **{f"U-Net {downstream_name(r)}": f"downstream/{r}" for r in plan.downstream}}  # fmt: skip
+    curves = {}
+    for title, folder in folders.items():
+        metric, seeds = None, []
+        for k in range(plan.seeds):
+            record = _load(plan.runs_dir(k) / folder / "validation.json") or {}
+            metric = record.get("key_metric", metric)
+            seeds.append([(h["epoch"], h[metric]) for h in record.get("history", []) if metric in h])
+        if any(seeds):
+            curves[title] = {"metric": metric, "seeds": seeds}
+    return curves
+
+
+def flattened(points, share: float = 0.1) -> tuple[str, float]:
+    """Whether a validation curve has flattened: the mean of its last third of epochs against the mean of the third
+    before, as a share of the curve's whole range. Returns (``flattened`` | ``still rising`` | ``too short``, that
+    gain); ``still rising`` when the last third gains more than ``share`` of the range."""
+    values = [v for _, v in points if math.isfinite(v)]
+    if len(values) < 3:
+        return "too short", float("nan")
+    third = max(1, len(values) // 3)
+    last, before = values[-third:], values[-2 * third : -third]
+    gain = sum(last) / len(last) - sum(before) / len(before)
+    spread = max(values) - min(values)
+    return ("still rising" if spread > 0 and gain > share * spread else "flattened"), gain
+
+
+def curves_markdown(curves: dict) -> str:
+    """The convergence table of ``results.md``: per training stage and seed, flattened or still rising."""
+    lines = ["| training | key metric | epochs | per seed: last third − third before (verdict) |", "|---|---|---|---|"]
+    for title, curve in curves.items():
+        cells = []
+        for points in curve["seeds"]:
+            verdict, gain = flattened(points)
+            cells.append(f"{gain:+.3f} ({verdict})" if math.isfinite(gain) else verdict)
+        epochs = max((len(p) for p in curve["seeds"]), default=0)
+        lines.append(f"| {title} | {curve['metric']} | {epochs} | {'; '.join(cells)} |")
+    return "\n".join(lines)
+
+
 # --- the in-process stages -----------------------------------------------------------------------------------------------
 
 
@@ -205,14 +252,18 @@ def merge_table2(plan: StudyPlan) -> list:
 
 def report(plan: StudyPlan, runner: StageRunner, order: list[str]) -> list:
     """The figure, ``claims.json`` and ``results.md``; ``order``: the stage names in plan order."""
-    from figures import comparison_figure
+    from figures import comparison_figure, curves_figure
 
     examples = {v: str(plan.table1_dir(0, v) / "examples.npz") for v in plan.variants}
     names = {**VARIANT_NAMES, "recommended": "recommended"}
     figure = comparison_figure(examples, str(plan.root / "figure3.png"), names=names)
+    curves = validation_curves(plan)
+    if curves:
+        curves_figure(curves, str(plan.root / "curves.png"))
     answers = claims(plan)
     write_json(str(plan.root / "claims.json"), answers, indent=2)
-    write_text(str(plan.root / "results.md"), results_markdown(plan, runner, order, Path(figure).name, answers))
+    write_text(str(plan.root / "results.md"),
+               results_markdown(plan, runner, order, Path(figure).name, answers, curves))  # fmt: skip
     return []
 
 
@@ -238,7 +289,8 @@ def segmenter_summary(plan: StudyPlan) -> str:
             f"{cell(last)}, at its best epoch {cell(best)}; `model.pt` holds the best epoch.")
 
 
-def results_markdown(plan: StudyPlan, runner: StageRunner, order: list[str], figure: str, answers: dict) -> str:
+def results_markdown(plan: StudyPlan, runner: StageRunner, order: list[str], figure: str, answers: dict,
+                     curves: dict | None = None) -> str:  # fmt: skip
     import monai
     import torch
 
@@ -263,6 +315,11 @@ def results_markdown(plan: StudyPlan, runner: StageRunner, order: list[str], fig
         "The paper's Table 2 (BraTS 2018, reference per-slice whole-tumour Dice; not comparable with phantom "
         "results): " + ", ".join(f"{k} {v:.3f}" for k, v in PAPER_TABLE2.items()) + ".", "",
         "## The paper's two claims", "", claims_markdown(answers), "",
+        "## Have the trainings converged?", "",
+        "Each training's validation curve (`curves.png`): the mean of its last third of epochs against the third "
+        "before; *still rising* when it gains more than a tenth of the curve's range, i.e. a longer schedule would "
+        "probably change the numbers above.", "", curves_markdown(curves or {}), "",
+        "![validation curves of every training, one line per seed](curves.png)" if curves else "", "",
         "## Figure", "", f"![T2, each method's synthesis and the real image, tumour contour]({figure})", "",
         "## Stages", "", "| stage | wall time (s) | commands |", "|---|---|---|",
     ]  # fmt: skip
