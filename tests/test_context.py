@@ -117,6 +117,25 @@ def test_augmentation_keeps_the_background_and_moves_source_targets_and_label_al
         assert overlap > 0.8, seed
 
 
+def test_the_mirror_flips_left_right_half_the_time_and_never_a_sagittal_slice():
+    from monai.transforms import Compose
+
+    from scripts.runtime.data import RandMirrord
+
+    mirror = Compose([RandMirrord(["source", "image", "label"], prob=0.5)])
+    ramp = torch.arange(8.0).reshape(1, 8, 1).expand(1, 8, 4)  # rises along the first in-plane axis
+    flips = {"axial": 0, "sagittal": 0}
+    for view in flips:
+        for seed in range(40):
+            mirror.set_random_state(seed)
+            item = mirror({"source": ramp.clone(), "image": ramp.repeat(4, 1, 1), "label": ramp.clone(), "view": view})
+            flipped = bool(item["source"][0, 0, 0] == 7)
+            assert all(bool(item[k][0, 0, 0] == (7 if flipped else 0)) for k in ("image", "label"))  # alike
+            flips[view] += flipped
+    assert 10 <= flips["axial"] <= 30 and flips["sagittal"] == 0
+    assert any(isinstance(t, RandMirrord) for t in _augmentation())  # the training augmentation's mirror
+
+
 # ------------------------------------------------------------------------------------------------- upsampling
 def test_resize_upsampling_has_no_transposed_convolution_and_keeps_the_shapes():
     net = Pix2PixUNet(4, 1, features=4, num_downs=7, upsample="resize")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import CacheDataset, NibabelReader, load_decathlon_datalist
-from monai.transforms import MapTransform
+from monai.transforms import Flipd, MapTransform, RandomizableTransform
 
 from .conventions import CHANNELS, INTERNAL_LABELS, LAYOUT_LABELS, T2_INDEX, TARGETS  # noqa: F401 (re-exported)
 from .files import write_atomic
@@ -278,12 +278,32 @@ class SliceDataset(torch.utils.data.Dataset):
             index = neighbour_index(torch.tensor([z]), self.context, depth)[0].tolist()
             stack = torch.stack([self._get(vol, view, "image", j) for j in index], dim=1)  # (C, k, H, W)
             item["source"] = stack[T2_INDEX] if self.source == "t2" else stack.flatten(0, 1)
+        if self.views != ("axial",):
+            item["view"] = view  # before the transform: the augmentation's mirror leaves sagittal slices alone
         if self.transform is not None:
             item = dict(self.transform(item))
         item.update(case=c, slice=z)
-        if self.views != ("axial",):
-            item["view"] = view
         return item
+
+
+class RandMirrord(RandomizableTransform, MapTransform):
+    """The training augmentation's mirror: MONAI's ``Flipd`` on a slice's first in-plane axis (right-left in an
+    axial or coronal slice, :mod:`scripts.runtime.views`) with probability ``prob``, as ``RandFlipd(spatial_axis=0)``
+    does, except on a sagittal slice (an item whose ``"view"`` is ``"sagittal"``, :class:`SliceDataset` with
+    ``views``): its in-plane axes are anterior-posterior and inferior-superior, and a brain facing backwards is not
+    one that inference will meet. ``RandFlipd`` cannot tell the views apart."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 0.5, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.flip = Flipd(keys, spatial_axis=0, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform and d.get("view", "axial") != "sagittal":
+            d = dict(self.flip(d))
+        return d
 
 
 def neighbour_slices(volume: torch.Tensor, centres: torch.Tensor, context: int) -> torch.Tensor:
