@@ -50,6 +50,16 @@ def test_one_file_and_a_rerun_keeps_its_outputs(cases, tmp_path, tcmgan_ckpt):
     assert {f: (tmp_path / "out" / f).stat().st_mtime_ns for f in files_in(tmp_path / "out")} == before
 
 
+def test_tri_planar_synthesis_with_its_uncertainty_map(cases, tmp_path, tcmgan_ckpt):
+    src = cases / "case0" / "case0_t2.nii.gz"
+    brainsynth.synthesise(str(src), output_dir=str(tmp_path / "out"), ckpt_path=str(tcmgan_ckpt), targets="t1",
+                          views="all", flip="true", uncertainty="true", check_contrast="false")  # fmt: skip
+    assert files_in(tmp_path / "out") == ["case0_t1.nii.gz", "case0_t1_uncertainty.nii.gz"]
+    with pytest.raises(ValueError, match="unknown view"):
+        brainsynth.synthesise(str(src), output_dir=str(tmp_path / "bad"), views="oblique")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_list_entries_are_checked_before_any_work(tmp_path):
     listing = tmp_path / "todo.txt"
     listing.write_text("missing_t2.nii.gz\n")

@@ -131,7 +131,8 @@ def inputs_of(input, scratch: str) -> dict:
 
 def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, threads: int | None = None,
                ckpt_path=None, overwrite: bool = False, split: str = "test", check_contrast: bool = True,
-               precision: str = "auto", verbose: bool = False) -> None:
+               precision: str = "auto", views: str = "axial", flip: bool = False, uncertainty: bool = False,
+               verbose: bool = False) -> None:
     """Synthesise FLAIR, T1 and T1ce (or ``targets``) from T2 volumes: ``inference.json``.
 
     Args:
@@ -147,9 +148,17 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
             on by default, ``--check_contrast false`` to synthesise from it anyway.
         precision: ``auto`` (bf16 on a CPU that computes it natively, else fp32), ``fp32`` or ``bf16``
             (docs/performance.md).
+        views: slice orientations run and averaged: ``axial`` (the paper), ``all`` (axial, coronal and sagittal:
+            tri-planar synthesis, docs/inference.md), or a comma-separated list.
+        flip: also run each view on the left-right mirrored volume and average (test-time augmentation).
+        uncertainty: also write ``<case>_<target>_uncertainty.nii.gz``, the spread of those passes (needs
+            several: ``--views all`` or ``--flip true``).
         verbose: full tracebacks.
     """
     from scripts.runtime.precision import PRECISIONS
+    from scripts.runtime.views import parse_views
+
+    parse_views(views)  # an unknown view is named before any work
 
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -169,7 +178,8 @@ def synthesise(input, output_dir: str = "synthesis", targets=None, device=None, 
             sources["datalist_split"] = split
         _workflow(["inference.json"], verbose, output_dir=str(output_dir), targets=targets, device=device,
                   ckpt_path=ckpt_path, overwrite=flag(overwrite), check_contrast=flag(check_contrast),
-                  precision=precision, **sources)  # fmt: skip
+                  precision=precision, views=views, flip=flag(flip), uncertainty=flag(uncertainty),
+                  **sources)  # fmt: skip
 
 
 def train(dataset_dir, output_dir, variant: str = "tcmgan", segmenter: bool = False, features=None,
