@@ -126,13 +126,14 @@ def test_paired_differences_give_the_t_interval_the_sign_test_and_a_verdict():
     assert r["verdict"] == "not resolved" and r["positive"] == 3 and r["sign_test_p"] == pytest.approx(0.25)
     assert paired([0.20, 0.21, 0.19])["verdict"] == "supported"
     assert paired([-0.20, -0.21, -0.19])["verdict"] == "contradicted"
-    assert paired([0.5])["verdict"] == "not resolved"  # one seed: no spread, no verdict
+    assert paired([0.5])["verdict"] == "needs ≥ 2 seeds"  # one seed: no spread, no verdict
+    assert paired([0.1, float("nan"), 0.2])["verdict"] == "no value"
     assert sign_test([1] * 5) == pytest.approx(2 / 32) and sign_test([1, -1]) == 1.0 and sign_test([0, 0]) == 1.0
 
 
 def _fake_scores(study, tc_gain, real_gain, synth_gain):
     """Per-seed scores.json files as evaluate.json / evaluate_downstream.json write them (only the read keys)."""
-    from study_report import CLAIM1_METRICS, CLAIM2_METRICS
+    from study_report import CLAIM1_METRICS
 
     for k in range(study.seeds):
         for v, gain in (("mgan", 0.0), ("tcmgan", tc_gain[k])):
@@ -143,28 +144,31 @@ def _fake_scores(study, tc_gain, real_gain, synth_gain):
         for run, gain in (("t2", 0.0), ("synth_tcmgan", synth_gain[k]), ("real", real_gain[k])):
             folder = study.runs_dir(k) / "downstream" / run
             folder.mkdir(parents=True)
-            (folder / "scores.json").write_text(json.dumps({m: {"mean": 0.6 + gain} for m in CLAIM2_METRICS}))
+            (folder / "scores.json").write_text(json.dumps({m: {"mean": 0.6 + gain} for m in ("dice_wt", "slice_wt_dice")}))
 
 
 def test_claims_are_answered_across_seeds_and_a_downstream_without_its_sanity_check_is_not_interpretable(tmp_path):
-    from study_report import claims, claims_markdown
+    from study_report import claims, claims_markdown, downstream_sanity, sanity_sentence
 
     study = Study("cpu_seeds", str(tmp_path / "a"))
     assert study.seeds == 3 and study.variants == ["mgan", "tcmgan", "tcmgan_bw"]
     _fake_scores(study, tc_gain=[0.05, 0.06, 0.04], real_gain=[0.2, 0.22, 0.18], synth_gain=[-0.01, 0.02, 0.0])
     answers = claims(study)
-    assert answers["claim1"]["verdict"] == "supported" and len(answers["claim1"]["rows"]) == 6
-    assert answers["claim1"]["rows"][0]["differences"] == pytest.approx([0.05, 0.06, 0.04])
-    assert answers["claim2"]["sanity"]["verdict"] == "supported"
+    assert answers["claim1"]["verdict"] == "supported" and len(answers["claim1"]["rows"]) == 7  # primary + 6
+    assert answers["claim1"]["rows"][0]["differences"] == pytest.approx([0.05, 0.06, 0.04])  # mean over targets
+    assert answers["claim2"]["sanity"]["verdict"] == "supported" and len(answers["claim2"]["rows"]) == 2
     assert answers["claim2"]["verdict"] == "not resolved at this budget"
     text = claims_markdown(answers)
-    assert "verdict: **supported**" in text and "| FLAIR tumour SSIM | +0.050, +0.060, +0.040 |" in text
+    assert "Claim 1: the tumour-consistency loss keeps the tumour better** — verdict: **supported**" in text
+    assert "| FLAIR tumour SSIM: TC-MGAN − MGAN | +0.050, +0.060, +0.040 |" in text and "(descriptive) |" in text
+    assert "**Sanity check** passed" in sanity_sentence(downstream_sanity(study))
 
     study = Study("cpu_seeds", str(tmp_path / "b"))
     _fake_scores(study, tc_gain=[-0.05, -0.06, -0.04], real_gain=[0.01, -0.02, 0.0], synth_gain=[0.1, 0.1, 0.1])
     answers = claims(study)
     assert answers["claim1"]["verdict"] == "contradicted"
     assert answers["claim2"]["verdict"].startswith("not interpretable")  # 4 real not shown to beat the T2 alone
+    assert "**Sanity check** FAILED" in sanity_sentence(downstream_sanity(study))
 
 
 def test_a_curve_still_rising_in_its_last_third_is_told_apart_from_a_flat_one(tmp_path):
@@ -173,6 +177,7 @@ def test_a_curve_still_rising_in_its_last_third_is_told_apart_from_a_flat_one(tm
 
     assert flattened([(e, v) for e, v in enumerate([0.1, 0.5, 0.6, 0.6, 0.61, 0.6], 1)])[0] == "flattened"
     assert flattened([(e, v) for e, v in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 1)])[0] == "still rising"
+    assert flattened([(e, v) for e, v in enumerate([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], 1)])[0] == "still falling"
     assert flattened([(1, 0.1), (2, 0.2)])[0] == "too short"
     study = Study("cpu_seeds", str(tmp_path), seeds=2)
     for k in range(2):

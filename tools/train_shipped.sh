@@ -26,7 +26,7 @@
 # EPOCH_LENGTH, SELECT_EVERY (iterations between model-selection passes), BUDGET (seconds for the whole script:
 # the GAN's limit shrinks to what is left after RESERVE seconds for what follows it), THREADS (torch threads of
 # the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache),
-# TUMOUR_L1 (extra weight of the tumour's pixels in the generator's L1 term; unset: recommended.json's), VIEWS (axial, the default; all: the tri-planar generator and segmenter, trained, selected, scored and run on the
+# TUMOUR_L1 (extra weight of the tumour's pixels in the generator's L1 term; unset: the configs'), VIEWS (axial, the default; all: the tri-planar generator and segmenter, trained, selected, scored and run on the
 # axial, coronal and sagittal slices), STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided), CALIBRATE
 # (0, the default: none; 1: model.pt gets the output calibration fitted on the seg split, configs/calibrate.json,
 # and the generator as trained is kept as model_uncalibrated.pt, both scored on the test cases).
@@ -45,7 +45,7 @@ FEATURES=$(pick 4 "${FEATURES:-16}"); BATCH=$(pick 4 "${BATCH:-16}"); CONTEXT=${
 GAN_EPOCHS=$(pick 2 "${GAN_EPOCHS:-50}"); EPOCH_LENGTH=$(pick 2 "${EPOCH_LENGTH:-200}")
 GAN_LIMIT=$(pick 0 "${GAN_LIMIT:-5000}"); SELECT_EVERY=$(pick 2 "${SELECT_EVERY:-300}")
 BUDGET=${BUDGET:-0}; RESERVE=${RESERVE:-100}
-TUMOUR_L1=${TUMOUR_L1:+--tumour_l1_weight $TUMOUR_L1}  # unset: recommended.json's weight of the tumour's pixels in L1
+TUMOUR_L1=${TUMOUR_L1:+--tumour_l1_weight $TUMOUR_L1}  # unset: the configs' (train.json: 0, the paper's plain L1)
 VIEWS=${VIEWS:-axial}  # slice orientations of the segmenter, the GAN, the selection, the scores and the inference
 THREADS=${THREADS:-$(nproc)}
 DEVICE=${DEVICE:-$($PY -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")}

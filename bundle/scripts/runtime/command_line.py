@@ -10,8 +10,8 @@ Every workflow config calls :func:`setup` first in ``initialize`` (``"cli"`` ite
   whose last line is a ``RuntimeError: Failed to instantiate component`` wrapper. Set ``BRAINSYNTH_VERBOSE=1``
   for the full traceback.
 
-The command-line tools (``phantom.py``, ``prepare_datalist.py``, ``reproduce.py``, ``benchmark.py``,
-``figures.py``, ``tables.py``, ``monailabel_bundles.py``) start through :func:`run_tool`: an unknown option or
+The command-line tools (``phantom.py``, ``prepare_datalist.py``, ``brainsynth.py``, ``monailabel_bundles.py`` and
+the maintainers' ``tools/reproduce.py``, ``benchmark.py``, ``figures.py``, ``tables.py``) start through :func:`run_tool`: an unknown option or
 sub-command stops them at once with one line, before any work.
 """
 
