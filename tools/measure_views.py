@@ -66,14 +66,6 @@ def summary(values) -> dict:
             "n": int(len(v)), "n_nan": int(len(values) - len(v))}  # fmt: skip
 
 
-def _restore(x: torch.Tensor, like, volume_transform) -> torch.Tensor:
-    """``x`` (C, h, w, D) on the network's grid -> the input's grid (``volume_transform`` inverted)."""
-    from monai.data import MetaTensor
-
-    meta = MetaTensor(x.cpu().float(), meta=dict(like.meta), applied_operations=list(like.applied_operations))
-    return torch.as_tensor(volume_transform.inverse({"image": meta})["image"]).float()
-
-
 def measure(dataset_dir: str, ckpt_path: str, views="all", flip: bool = False, split: str = "test", output: str = "",
             figure: str = "", device: str = "cpu", max_cases: int = 0) -> dict:  # fmt: skip
     """Score the axial-only and the fused synthesis of ``ckpt_path`` on ``dataset_dir``'s ``split``; see the module."""
@@ -84,6 +76,7 @@ def measure(dataset_dir: str, ckpt_path: str, views="all", flip: bool = False, s
     from scripts.runtime.command_line import flag
     from scripts.runtime.conventions import T2_INDEX, TARGETS
     from scripts.runtime.data import case_name, load_split
+    from scripts.runtime.evaluation import to_input_grid
     from scripts.runtime.files import write_json
     from scripts.runtime.inference import BrainSliceInferer
     from scripts.runtime.metrics import brain_unit, protocol_brain, protocol_scores
@@ -114,10 +107,10 @@ def measure(dataset_dir: str, ckpt_path: str, views="all", flip: bool = False, s
                 out = inferer(x.unsqueeze(0).to(device), network)[0]
             seconds[name].append(time.perf_counter() - start)
             outputs[name] = out
-        axial = _restore(((outputs["axial"] + 1) / 2).clamp(0, 1), x, volume_transform) * (t2 > 0)
+        axial = to_input_grid(((outputs["axial"] + 1) / 2).clamp(0, 1), x, volume_transform) * (t2 > 0)
         mean, spread = outputs["fused"][: len(TARGETS)], outputs["fused"][len(TARGETS) :] / 2
-        fused_volume = _restore(((mean + 1) / 2).clamp(0, 1), x, volume_transform) * (t2 > 0)
-        spread = _restore(spread, x, volume_transform) * (t2 > 0)
+        fused_volume = to_input_grid(((mean + 1) / 2).clamp(0, 1), x, volume_transform) * (t2 > 0)
+        spread = to_input_grid(spread, x, volume_transform) * (t2 > 0)
         inverted = (1 - brain_unit(t2, brain)) * (t2 > 0)
         for k, target in enumerate(TARGETS):
             for method, vol in (("axial", axial[k]), ("fused", fused_volume[k]), ("t2", t2), ("inverted_t2", inverted)):

@@ -33,7 +33,7 @@ from .cases import scenario_mask
 from .conventions import CHANNELS, SOURCE, TARGETS, VARIANT_NAMES
 from .data import case_name
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
-from .evaluation import _fmt, _to_unit
+from .evaluation import _fmt, _to_unit, to_input_grid
 from .metrics import brain_unit, paper_slice_scores, protocol_brain, protocol_scores, psnr_in_mask
 from .networks import any_missing_input, t2_only
 
@@ -182,9 +182,7 @@ class ScenarioEvaluation:
     def _to_grid(self, pred128: torch.Tensor, full128, mask: torch.Tensor) -> torch.Tensor:
         """A ``(1, 128, 128, D)`` synthesis in [-1, 1] back on the input grid, [0, 1], 0 outside ``mask``."""
         unit = _to_unit(torch.as_tensor(pred128).as_subclass(torch.Tensor))
-        pred = MetaTensor(unit, meta=full128.meta, applied_operations=full128.applied_operations)
-        restored = torch.as_tensor(self.volume_transform.inverse({"image": pred})["image"]).float()
-        return restored[0] * mask
+        return to_input_grid(unit, full128, self.volume_transform)[0] * mask
 
     @staticmethod
     def _baseline(image, image128, available, k, q_brain):

@@ -71,6 +71,14 @@ def _to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
+def to_input_grid(volume: torch.Tensor, like, volume_transform: Callable) -> torch.Tensor:
+    """``volume`` ``(C, h, w, D)`` on the network's grid -> the input's grid: ``volume_transform`` (the resize and
+    scaling that made ``like``, a MetaTensor that recorded them) inverted; float32 on the CPU."""
+    meta = MetaTensor(torch.as_tensor(volume).as_subclass(torch.Tensor).cpu().float(), meta=dict(like.meta),
+                      applied_operations=list(like.applied_operations))  # fmt: skip
+    return torch.as_tensor(volume_transform.inverse({"image": meta})["image"]).float()
+
+
 def synthesise_volume(network: torch.nn.Module, t2: torch.Tensor, volume_transform: Callable, inferer,
                       device) -> torch.Tensor:  # fmt: skip
     """The inference workflow's synthesis of a raw ``(1, H, W, D)`` T2 -> ``(3, H, W, D)`` in [0, 1] on its grid
@@ -78,9 +86,7 @@ def synthesise_volume(network: torch.nn.Module, t2: torch.Tensor, volume_transfo
     x = volume_transform({"image": t2})["image"]
     with torch.inference_mode():
         pred = inferer(x.unsqueeze(0).to(device), network)[0]
-    pred = MetaTensor(_to_unit(pred.cpu()), meta=x.meta, applied_operations=x.applied_operations)
-    restored = torch.as_tensor(volume_transform.inverse({"image": pred})["image"]).float()
-    return restored * (t2 > 0).float()
+    return to_input_grid(_to_unit(pred.cpu()), x, volume_transform) * (t2 > 0).float()
 
 
 class SynthesisEvaluation:
