@@ -12,13 +12,12 @@
 #   OUT=/tmp/ship NCASES=96 BATCH=64 GAN_LIMIT=420 bash tools/train_shipped.sh      # a GPU (H100/H200)
 #   QUICK=1 OUT=/tmp/ship_dry bash tools/train_shipped.sh                          # every stage tiny: a dry run
 #
-# The shipped model (bundle 0.6.0) is this recipe's CONTRAST=mix run on 2 cores (docs/quality.md: arm B, run beside
-# two other arms on the same cores, model.pt = its iteration 800). Its run with CONTEXT=1 BUDGET=7500 SELECT_EVERY=750
-# alone on the 2 cores (2026-12-07: 3,577 iterations) scored lower on the selection cases and was not shipped; nor
-# was its NSELECT=4 CONTEXT=3 GAN_LIMIT=5900 SELECT_EVERY=1000 run with the weight average of recommended.json (ema_decay
-# 0.999; 2026-12-07, second session: 3,001 iterations), nor the 0.6.0 generator with CALIBRATE's output calibration,
-# nor its NCASES=96 SEG_EPOCHS=3 SELECT_EVERY=1200 GAN_LIMIT=6100 BUDGET=8000 RESERVE=1500 CALIBRATE=1 run (2026-12-07,
-# third session: 3,051 iterations; ahead on the test cases, behind on the selection cases' FLAIR tumour SSIM).
+# The shipped model (bundle 0.7.0) is this recipe's run OUT=runs/r7 NCASES=96 SEG_EPOCHS=3 CONTEXT=3 SELECT_EVERY=1200
+# GAN_LIMIT=6700 CALIBRATE=1 TUMOUR_L1=5 on 2 cores (2026-12-07, fifth session: 3,882 iterations; its phantoms and
+# segmenter were those of the same settings' earlier run, reused), before tumour_l1_weight 5 went into
+# recommended.json; docs/quality.md has it and the runs before it (0.6.0: CONTRAST=mix on 40 phantoms, 800
+# iterations; not shipped: CONTEXT=1, the weight average alone, the calibration alone, 96 phantoms without the
+# tumour weight).
 # Settings (environment): NCASES training phantoms (their datalist: 85 % gan, 15 % seg), CONTRAST (mix, the default:
 # the second half of the training cases from phantom.py --domain physics; or randomised), NSELECT shifted cases for the model
 # selection (seed 1), OOD shifted test cases (seed 0), SEG_EPOCHS, SEG_BATCH, FEATURES, BATCH, CONTEXT (G's input
