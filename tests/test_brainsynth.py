@@ -93,7 +93,8 @@ def test_help_prints_the_options_and_does_no_work(tmp_path, args, shown):
          "FileNotFoundError: nowhere_t2.nii.gz: no such file or folder (the T2 input of synthesise)"),
         (["synthesise", "x.nii.gz", "--output_dir", "OUT", "--target", "t1"],
          "brainsynth.py: unknown option --target; the options are --input, --output_dir, --targets, --device, "
-         "--threads, --ckpt_path, --overwrite, --split, --check_contrast, --precision, --verbose"),
+         "--threads, --ckpt_path, --overwrite, --split, --check_contrast, --precision, --views, --flip, --uncertainty, "
+         "--verbose"),
         (["synthesize", "x.nii.gz"],
          "brainsynth.py: unknown sub-command 'synthesize'; expected one of synthesise, train, evaluate, phantom"),
         (["train", "--dataset_dir", "D", "--output_dir", "OUT", "--variant", "cyclegan"],
