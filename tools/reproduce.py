@@ -47,7 +47,6 @@ training checkpoint; the report is rewritten by every run. Presets:
 
 from __future__ import annotations
 
-import sys
 import time
 
 from study_plan import DOWNSTREAM, PRESETS, StudyPlan, bundle_cmd  # noqa: F401  (the study's vocabulary, re-exported)

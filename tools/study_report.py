@@ -83,8 +83,10 @@ def _claim1(plan: StudyPlan) -> dict:
     """TC-MGAN (and TC-MGAN bw) against MGAN inside the tumour. Primary quantity (the verdict): the tumour SSIM
     averaged over the three targets, TC-MGAN - MGAN; the per-target SSIM and PSNR rows describe it."""
 
+    loaded = {(k, v): _load(plan.table1_dir(k, v) / "scores.json") for k in range(plan.seeds) for v in plan.variants}
+
     def score(k, variant, target, metric):
-        found = _load(plan.table1_dir(k, variant) / "scores.json")
+        found = loaded[(k, variant)]
         return found["methods"][variant][target][metric]["mean"] if found else None
 
     def diffs(variant, metric, targets):
