@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import SMALL_MIN_PIXELS, TINY, brain, files_in, run_workflow, save_nifti, train_workflow
 
-from scripts.runtime.anymissing import SCENARIOS, SUBSETS, AvailabilityDraw, t2_only_batch
-from scripts.runtime.cases import any_missing_case, any_missing_cases, output_names, scenario_mask
-from scripts.runtime.checkpoints import any_missing_arch, load_generator
+from scripts.runtime.anymissing import SCENARIOS, SUBSETS, AvailabilityDraw
+from scripts.runtime.cases import datalist_cases, output_names, scenario_mask, synthesis_case
+from scripts.runtime.checkpoints import load_model, read_model
 from scripts.runtime.conventions import CHANNELS
-from scripts.runtime.data import SliceDataset
+from scripts.runtime.data import SliceDataset, synthesis_batch
 from scripts.runtime.inference import inference_batch
 from scripts.runtime.networks import MISSING_FILL, AnyMissingNet, any_missing_input, make_critic
 
@@ -148,11 +148,14 @@ def test_training_writes_a_self_describing_any_missing_model(phantom_dir, segmen
     out = tmp_path / "runs"
     (out / "segmenter").mkdir(parents=True)
     (out / "segmenter" / "model.pt").write_bytes((segmenter_run / "segmenter" / "model.pt").read_bytes())
-    train_workflow(phantom_dir, out, "anymissing", run=True, context=3, augment="true", upsample="resize")
-    arch = any_missing_arch(str(out / "anymissing" / "model.pt"))
-    assert arch == {"variant": "anymissing", "features": 4, "num_downs": 7, "image_size": 128,
-                    "intensity_scaling": "volume", "context": 3, "upsample": "resize"}  # fmt: skip
-    assert isinstance(load_generator(str(out / "anymissing" / "model.pt")), AnyMissingNet)
+    run_workflow(["train.json", "recommended.json"], dataset_dir=str(phantom_dir), output_dir=str(out),
+                 variant="anymissing", **TINY)  # the any-missing recipe: the recommended model's, any-missing
+    arch = read_model(str(out / "anymissing" / "model.pt"), "any-missing generator")
+    settings = ("variant", "features", "num_downs", "image_size", "intensity_scaling", "context", "upsample")
+    assert {k: arch[k] for k in settings} == {"variant": "anymissing", "features": 4, "num_downs": 7, "image_size": 128,
+                                              "intensity_scaling": "volume", "context": 3, "upsample": "resize"}
+    assert arch["inputs"] == arch["outputs"] == list(CHANNELS) and arch["in_channels"] == 3
+    assert isinstance(load_model(str(out / "anymissing" / "model.pt")), AnyMissingNet)
     assert json.loads((out / "anymissing" / "validation.json").read_text())  # validated on T2 alone
 
 
@@ -161,11 +164,15 @@ def test_training_needs_the_pretrained_segmenter(phantom_dir, tmp_path):
         train_workflow(phantom_dir, tmp_path, "anymissing")
 
 
-def test_validation_batch_is_the_papers_scenario():
-    batch = {"image": torch.rand(2, 4, 8, 8)}
-    x, real, (available,), kwargs = t2_only_batch(batch)
-    assert available.tolist() == [[False, False, False, True]] * 2
-    assert kwargs == {"outputs": [0, 1, 2]} and torch.equal(real, batch["image"][:, :3])
+def test_validation_batch_is_the_papers_scenario_for_every_generator():
+    """One ``prepare_batch`` validates both kinds: the T2 alone -> the three targets, asked by name."""
+    batch = {"image": torch.rand(2, 4, 8, 8), "source": torch.rand(2, 4, 8, 8)}
+    x, real, args, kwargs = synthesis_batch(batch)
+    assert kwargs["available"].tolist() == [[False, False, False, True]] * 2 and args == ()
+    assert kwargs["outputs"] == ["flair", "t1", "t1ce"] and torch.equal(real, batch["image"][:, :3])
+    assert torch.equal(x, batch["source"])
+    net = AnyMissingNet(features=4, image_size=8, num_downs=3)
+    assert net(x, **kwargs).shape == (2, 3, 8, 8)
 
 
 # --- inference with whatever a case has -----------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def test_inference_equals_the_network_on_the_scaled_slots_whatever_fills_the_mis
     present = {m: case_files[m] for m in ("flair", "t2")}
     infer(tmp_path, any_missing_ckpt, **present, precision="fp32", backend="torch")
     written = np.asarray(nib.load(str(tmp_path / "Case01_t1.nii.gz")).dataobj)
-    net = load_generator(str(any_missing_ckpt))
+    net = load_model(str(any_missing_ckpt))
     stack = torch.stack([torch.as_tensor(np.asarray(nib.load(case_files[m]).dataobj)) for m in CHANNELS]).float()
     from monai.data import MetaTensor
 
@@ -234,13 +241,13 @@ def test_brats2023_inputs_get_brasyn_names(tmp_path, any_missing_ckpt, case_file
 def test_a_case_with_all_four_is_reported_and_not_synthesised(tmp_path, any_missing_ckpt, case_files, capfd):
     infer(tmp_path, any_missing_ckpt, **case_files)
     assert files_in(tmp_path) == []
-    assert "Case01: all four modalities are present; nothing to synthesise" in "".join(capfd.readouterr())
-    assert any_missing_case(case_files) is None
+    assert "Case01: has every modality asked for" in "".join(capfd.readouterr())
+    assert synthesis_case(case_files, CHANNELS) is None
 
 
 def test_a_case_with_no_modality_is_a_clear_error():
     with pytest.raises(ValueError, match="no modality given"):
-        any_missing_case({m: None for m in CHANNELS}, "case X")
+        synthesis_case({m: None for m in CHANNELS}, CHANNELS, "case X")
 
 
 def test_per_modality_inputs_need_an_any_missing_model(tmp_path, tcmgan_ckpt, case_files):
@@ -249,20 +256,25 @@ def test_per_modality_inputs_need_an_any_missing_model(tmp_path, tcmgan_ckpt, ca
     assert "need an any-missing model" in str(info.value) or "need an any-missing model" in repr(info.value.__cause__)
 
 
-@pytest.mark.parametrize("extra, says", [({"targets": "t1"}, "writes each case's missing modalities"),
-                                         ({"input": "other_t2.nii.gz"}, "two T2 volumes for one case")])
-def test_options_that_do_not_apply_are_refused(tmp_path, any_missing_ckpt, case_files, extra, says):
+def test_two_t2_volumes_for_one_case_are_refused(tmp_path, any_missing_ckpt, case_files):
     with pytest.raises(Exception) as info:
-        infer(tmp_path, any_missing_ckpt, t1=case_files["t1"], t2=case_files["t2"], **extra)
-    assert says in str(info.value) + repr(info.value.__cause__)
+        infer(tmp_path, any_missing_ckpt, t1=case_files["t1"], t2=case_files["t2"], input="other_t2.nii.gz")
+    assert "two T2 volumes for one case" in str(info.value) + repr(info.value.__cause__)
     assert files_in(tmp_path) == []
+
+
+def test_targets_choose_among_the_missing_modalities(tmp_path, any_missing_ckpt, case_files):
+    """``--targets`` means for the any-missing model what it means for a paper one: which of the modalities it would
+    write are written."""
+    infer(tmp_path, any_missing_ckpt, t1=case_files["t1"], t2=case_files["t2"], targets="t1ce")
+    assert files_in(tmp_path) == ["Case01_t1ce.nii.gz"]
 
 
 def test_a_datalist_with_a_case_twice_is_refused(tmp_path, case_files):
     entry = {"case": "A", "image": [case_files["flair"], None, None, case_files["t2"]]}
     (tmp_path / "datalist.json").write_text(json.dumps({"channels": list(CHANNELS), "test": [entry, entry]}))
     with pytest.raises(ValueError, match=r"appear more than once in 'test': \['A'\]"):
-        any_missing_cases({}, str(tmp_path / "datalist.json"), "test")
+        datalist_cases(str(tmp_path / "datalist.json"), "test", CHANNELS, CHANNELS)
 
 
 def test_grids_that_differ_are_one_error_naming_both_files(tmp_path, any_missing_ckpt, case_files):
@@ -282,10 +294,11 @@ def test_datalist_entries_with_null_modalities(tmp_path, any_missing_ckpt, case_
     ]
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"channels": list(CHANNELS), "test": entries}))
-    cases = any_missing_cases({m: "" for m in CHANNELS}, str(datalist), "test")
+    cases = datalist_cases(str(datalist), "test", CHANNELS, CHANNELS)
     assert [c["case"] for c in cases] == ["A"] and cases[0]["missing"] == "t1"
     batch = {"image": torch.zeros(1, 4, 2, 2, 2), "available": cases[0]["available"][None], "missing": ["t1"]}
-    assert inference_batch(batch)[3] == {"outputs": [1]}
+    asked = inference_batch(batch)[3]
+    assert asked["outputs"] == ["t1"] and asked["available"].tolist() == [[True, False, True, True]]
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------------
@@ -346,7 +359,7 @@ def test_brasyn_folder_with_a_missing_modality_runs_through_prepare_datalist(tmp
 
 
 def test_validate_scores_an_any_missing_model_through_the_paper_models_config(phantom_dir, tmp_path, any_missing_ckpt):
-    """validate.json reads what model.pt is (checkpoints.generator_arch): an any-missing generator is validated on
+    """validate.json reads what model.pt is (checkpoints.read_model): an any-missing generator is validated on
     the paper's task (T2 alone -> each target) without any option naming its kind."""
     wf = run_workflow(["train.json", "validate.json"], dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
                       ckpt_path=str(any_missing_ckpt), min_brain_pixels=SMALL_MIN_PIXELS, val_num_cases=1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SMALL_MIN_PIXELS, run_workflow
 
-from scripts.runtime.checkpoints import load_checkpoint, load_generator
+from scripts.runtime.checkpoints import load_checkpoint, load_model
 from scripts.runtime.networks import CALIBRATION_QUANTILES, IntensityCalibration, SynthesisNet
 
 K = len(CALIBRATION_QUANTILES)
@@ -62,7 +62,7 @@ def test_the_fit_brings_the_synthesis_brain_quantiles_to_the_real_ones_and_is_sa
                       ckpt_path=str(model), calibrate_num_cases=2, min_brain_pixels=SMALL_MIN_PIXELS)  # fmt: skip
     report = wf.parser.get_parsed_content("calibration")
     assert report["cases"] == 2 and report["split"] == "seg"
-    calibrated = load_generator(str(model))
+    calibrated = load_model(str(model))
     assert not calibrated.calibration.identity
     assert "calibration.source" in load_checkpoint(str(model))
     top = CALIBRATION_QUANTILES.index(99.5)

@@ -17,13 +17,7 @@ import torch
 from conftest import BUNDLE, CONFIGS, root_cause, save_generator, train_workflow, truncated
 from monai.bundle import ConfigWorkflow
 
-from scripts.runtime.checkpoints import (
-    TrainingCheckpoint,
-    load_segmenter,
-    load_synthesis_weights,
-    save_atomic,
-    synthesis_arch,
-)
+from scripts.runtime.checkpoints import TrainingCheckpoint, load_model, read_model, save_atomic
 from scripts.runtime.networks import SynthesisNet, TumourSegmenter
 
 INFERENCE = CONFIGS / "inference.json"
@@ -139,7 +133,7 @@ def test_segmenter_training_checkpoint_is_accepted_as_segmenter_ckpt(tmp_path):
     torch.manual_seed(0)
     net = TumourSegmenter(4)
     save_atomic({"network": net.state_dict(), "trainer": {"iteration": 1}}, str(tmp_path / "checkpoint.pt"))
-    loaded = load_segmenter(str(tmp_path / "checkpoint.pt"))
+    loaded = load_model(str(tmp_path / "checkpoint.pt"), kinds="segmenter")
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
@@ -147,6 +141,6 @@ def test_checkpoint_with_weights_that_do_not_fit_its_arch_entry_is_reported_as_d
     state = SynthesisNet("tcmgan", 4).state_dict()
     state["arch"] = torch.tensor([2, 8, 3, 7])  # claims width 8, holds width-4 tensors
     torch.save(state, tmp_path / "model.pt")
-    assert synthesis_arch(str(tmp_path / "model.pt"))["features"] == 8
+    assert read_model(str(tmp_path / "model.pt"), "generator")["features"] == 8
     with pytest.raises(ValueError, match="its weights do not fit the generator its 'arch' entry describes"):
-        load_synthesis_weights(SynthesisNet("tcmgan", 8), str(tmp_path / "model.pt"))
+        load_model(str(tmp_path / "model.pt"), network=SynthesisNet("tcmgan", 8))

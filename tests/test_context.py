@@ -1,6 +1,6 @@
 """Specification of the recommended model's pieces (#13): the 2.5D input (k neighbouring T2 slices, built by one
 function in training, inference and evaluation, edges included), the brain-slice filter that keeps the neighbours,
-the source augmentation of ``train.json`` (background kept, spatial changes applied alike to source, targets and
+the source augmentation of ``recommended.json`` (background kept, spatial changes applied alike to source, targets and
 label), resize-convolution upsampling, and the ``recommended.json`` overlay end to end."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import CONFIGS, TINY, brain, run_workflow, save_nifti
 
-from scripts.runtime.checkpoints import load_generator, synthesis_arch
+from scripts.runtime.checkpoints import load_model, read_model
 from scripts.runtime.data import SelectBrainSlicesd, SliceDataset, neighbour_slices
 from scripts.runtime.inference import BrainSliceInferer
 from scripts.runtime.networks import Pix2PixUNet, SynthesisNet
@@ -85,11 +85,11 @@ def test_inference_sends_the_slices_next_to_the_brain_when_the_network_looks_at_
 
 # --------------------------------------------------------------------------------------------- augmentation
 def _augmentation():
-    """train.json's augmentation list, instantiated as the training dataset does."""
+    """recommended.json's augmentation list, instantiated as the training dataset does."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.json"))
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "recommended.json")])
     return parser.get_parsed_content("augmentation", instantiate=True)
 
 
@@ -156,11 +156,12 @@ def recommended_run(phantom_dir, tmp_path_factory):
 
 def test_recommended_overlay_trains_a_2_5d_resize_conv_model_that_says_so(recommended_run):
     ckpt = recommended_run / "recommended" / "model.pt"
-    arch = synthesis_arch(str(ckpt))
+    arch = read_model(str(ckpt), "generator")
     assert (arch["in_channels"], arch["upsample"]) == (3, "resize")
     recommended = json.loads((CONFIGS / "recommended.json").read_text())
-    assert recommended["context"] == 3 and recommended["augment"] is True
-    assert isinstance(load_generator(str(ckpt)), SynthesisNet)
+    assert recommended["context"] == 3 and len(recommended["augmentation"]) > 5
+    assert json.loads((CONFIGS / "train.json").read_text())["augmentation"] == []  # the paper's variants: none
+    assert isinstance(load_model(str(ckpt)), SynthesisNet)
 
 
 def test_recommended_model_infers_in_the_input_grid_with_exact_background(recommended_run, tmp_path):

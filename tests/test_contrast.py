@@ -14,7 +14,7 @@ from conftest import REPO, save_nifti
 
 from scripts import brainsynth, phantom
 from scripts.runtime.contrast import t2_features, t2_probability
-from scripts.runtime.inference import LoadT2d
+from scripts.runtime.inference import LoadVolumed
 
 # seeds the classifier was not fitted on (tools/fit_contrast.py: cases of seed 0 to fit, of seed 1000 to measure)
 CASES = [(phantom.case_seed(7, i, domain), domain) for i, domain in
@@ -38,9 +38,9 @@ def test_load_t2d_refuses_a_t1_given_as_the_t2_unless_the_check_is_off(cases, tm
     t2 = save_nifti(tmp_path / "case_t2.nii.gz", np.rint(cases[0]["t2"]).astype(np.int16))
     with pytest.raises(ValueError, match=r"case_t1.nii.gz: does not look like a T2 \(T2 probability 0\.\d\d: its CSF "
                                          r"is not bright; a T1, T1ce or FLAIR\?\); give --check_contrast false"):
-        LoadT2d(check_contrast=True)({"image": str(t1)})
-    assert LoadT2d(check_contrast=True)({"image": str(t2)})["image"].shape == (240, 240, 155)
-    assert LoadT2d(check_contrast=False)({"image": str(t1)})["image"].shape == (240, 240, 155)
+        LoadVolumed(check_contrast=True)({"image": str(t1)})
+    assert LoadVolumed(check_contrast=True)({"image": str(t2)})["image"].shape == (240, 240, 155)
+    assert LoadVolumed(check_contrast=False)({"image": str(t1)})["image"].shape == (240, 240, 155)
 
 
 def test_inference_checks_the_contrast_by_default():
@@ -54,7 +54,7 @@ def test_a_volume_too_small_to_judge_is_let_through_with_a_warning(tmp_path, cap
     volume[14:26, 14:26, 14:26] = 100 + np.arange(12, dtype=np.int16)  # 216 brain voxels at half resolution
     path = save_nifti(tmp_path / "tiny_t2.nii.gz", volume)
     with caplog.at_level(logging.WARNING):
-        assert LoadT2d(check_contrast=True)({"image": str(path)})["image"].shape == (40, 40, 40)
+        assert LoadVolumed(check_contrast=True)({"image": str(path)})["image"].shape == (40, 40, 40)
     assert "tiny_t2.nii.gz: contrast not checked (too little brain to judge its contrast)" in caplog.text
 
 

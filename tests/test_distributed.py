@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import CONFIGS, REPO, TINY, config_stack
 
-from scripts.runtime.checkpoints import load_checkpoint, load_segmenter, load_synthesis_weights
+from scripts.runtime.checkpoints import load_checkpoint, load_model
 from scripts.runtime.distributed import ddp, rank
 from scripts.runtime.networks import SynthesisNet, make_critic
 
@@ -97,7 +97,7 @@ def test_segmenter_pretraining_runs_on_two_processes(ddp_segmenter):
     # parameters by DDP; BatchNorm statistics by SyncBuffers before each validation
     assert_same_weights(reports[0]["segmenter"], reports[1]["segmenter"], "S")
     assert_one_writer(out / "segmenter", reports[0]["pid"], {"model.pt", "checkpoint.pt"})
-    s = load_segmenter(str(out / "segmenter" / "model.pt"))  # the bare module's keys: single-process loading
+    s = load_model(str(out / "segmenter" / "model.pt"), kinds="segmenter")  # the bare module's keys: single-process loading
     assert_same_weights(s.state_dict(), reports[0]["segmenter"], "saved S")
 
 
@@ -130,7 +130,7 @@ def test_gan_trains_on_two_processes_with_identical_weights(ddp_segmenter, phant
     g.load_state_dict(saved["generator"])
     make_critic(variant, features=TINY["features"]).load_state_dict(saved["critic"])
     assert_same_weights(g.state_dict(), reports[0]["generator"], "saved G")
-    load_synthesis_weights(SynthesisNet(variant, features=TINY["features"]), str(run_dir / "model.pt"))
+    load_model(str(run_dir / "model.pt"), network=SynthesisNet(variant, features=TINY["features"]))
 
 
 def test_ddp_passes_through_what_it_does_not_wrap():

@@ -13,14 +13,13 @@ import torch
 from conftest import TINY, error_chain, run_workflow
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd
 
-from scripts.runtime.checkpoints import load_checkpoint
+from scripts.runtime.checkpoints import load_checkpoint, load_model
 from scripts.runtime.downstream import (
     ET_LABEL,
     REGIONS,
     DownstreamInputsd,
     case_dice_3d,
     downstream_info,
-    load_generator,
     slice_wt_dice,
     write_table2,
 )
@@ -110,7 +109,7 @@ def test_synth_input_is_generator_output_plus_t2(generator_ckpt):
     assert out.shape == (4, 128, 128, 3) and out.dtype == torch.float32
     torch.testing.assert_close(out[3], data["image"][3])
     with torch.no_grad():
-        expected = load_generator(str(generator_ckpt))(data["image"][3:].permute(3, 0, 1, 2))  # (D, 3, H, W)
+        expected = load_model(str(generator_ckpt))(data["image"][3:].permute(3, 0, 1, 2))  # (D, 3, H, W)
     torch.testing.assert_close(out[:3], expected.permute(1, 2, 3, 0))
     assert out.abs().max() <= 1
 

@@ -166,7 +166,7 @@ def test_the_weight_average_warms_up_then_decays_and_is_off_at_zero():
 
 
 def test_with_a_weight_average_the_average_is_selected_saved_and_resumed(phantom_dir, tmp_path):
-    from scripts.runtime.checkpoints import load_generator
+    from scripts.runtime.checkpoints import load_model
 
     settings = dict(max_epochs=2, epoch_length=2, select_dataset_dir=str(phantom_dir), select_split="gan",
                     select_interval=2, select_keep=True, ema_decay=0.9, checkpoint_every=2)
@@ -179,7 +179,7 @@ def test_with_a_weight_average_the_average_is_selected_saved_and_resumed(phantom
     saved = load_checkpoint(str(tmp_path / "mgan" / "checkpoint.pt"))
     assert int(saved["generator_average"]["n_averaged"]) == 4
     # the generator the last pass scored and kept is the average, not the raw generator
-    kept = load_generator(str(tmp_path / "mgan" / "selection" / "iteration_4.pt"), "cpu").state_dict()
+    kept = load_model(str(tmp_path / "mgan" / "selection" / "iteration_4.pt"), "cpu").state_dict()
     name = next(k for k, v in raw.items() if v.is_floating_point() and v.dim() > 1)
     assert torch.equal(kept[name], average.scored.state_dict()[name].cpu())
     assert not torch.equal(kept[name], raw[name].cpu())

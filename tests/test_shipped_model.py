@@ -17,7 +17,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 from conftest import BUNDLE, REPO, run_workflow
-from scripts.runtime.checkpoints import synthesis_arch
+from scripts.runtime.checkpoints import read_model
 from scripts.runtime.networks import TARGETS
 
 SHIPPED = BUNDLE / "models" / "model.pt"
@@ -26,7 +26,7 @@ PINNED_OUTPUT = REPO / "tests" / "data" / "shipped_synthesis.npz"
 
 
 def test_shipped_model_describes_how_to_use_it():
-    arch = synthesis_arch(str(SHIPPED))
+    arch = read_model(str(SHIPPED), "generator")
     assert not arch["legacy"]
     assert arch["targets"] == list(TARGETS) and arch["in_channels"] == 3  # the recommended model, 2.5D input
     assert (arch["variant"], arch["features"], arch["upsample"]) == ("tcmgan", 16, "resize")

@@ -24,13 +24,13 @@ def average(checkpoints, output: str) -> str:
     """Write the mean of the floating-point tensors of ``checkpoints`` (a list, or ``"[a,b]"``) to ``output``."""
     import torch
 
-    from scripts.runtime.checkpoints import generator_arch, load_checkpoint, save_atomic
+    from scripts.runtime.checkpoints import load_checkpoint, read_model, save_atomic
 
     if isinstance(checkpoints, str):
         checkpoints = [c for c in checkpoints.strip("[]").split(",") if c]
     if len(checkpoints) < 2:
         raise ValueError(f"--checkpoints {checkpoints}: give two or more generator checkpoints to average")
-    archs = [{k: v for k, v in generator_arch(p).items() if k != "legacy"} for p in checkpoints]
+    archs = [{k: v for k, v in read_model(p).items() if k != "legacy"} for p in checkpoints]
     different = [p for p, a in zip(checkpoints, archs) if a != archs[0]]
     if different:
         raise ValueError(f"{different[0]} describes another generator than {checkpoints[0]}: {archs[0]} vs "

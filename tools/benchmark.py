@@ -49,7 +49,7 @@ BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 if BUNDLE not in sys.path:  # a maintainer's tool beside the bundle: make the bundle folder importable
     sys.path.insert(0, BUNDLE)
 
-from scripts.runtime.checkpoints import save_atomic, synthesis_arch  # noqa: E402
+from scripts.runtime.checkpoints import read_model, save_atomic  # noqa: E402
 from scripts.runtime.files import write_json  # noqa: E402
 from scripts.runtime.inference import resolve_backend  # noqa: E402
 from scripts.runtime.losses import critic_loss, generator_loss, segmenter_update_loss  # noqa: E402
@@ -363,7 +363,7 @@ def inference(
         for b in _values(backend) for c in _choices(compile) for a in _choices(amp) for e in _values(output_ext)
         for q in _values(precision)
     ]  # fmt: skip
-    shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
+    shipped = read_model(SHIPPED_MODEL, "generator")["features"] if os.path.isfile(SHIPPED_MODEL) else None
     meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -394,17 +394,17 @@ def inference(
 
 
 def io_floor(cases: list[dict], output_dir: str, output_ext: str = ".nii.gz") -> float:
-    """Seconds to read each case's T2 (``LoadT2d``, with its checks) and write three volumes of its grid
+    """Seconds to read each case's T2 (``LoadVolumed``, with its checks) and write three volumes of its grid
     (``SaveTargetsd``, in the workflow's format), one case after another, without preprocessing or network: what
     no inference can go below. The written volumes are the T2 scaled to [0, 1], so they compress like outputs."""
     from monai.data import MetaTensor
 
-    from scripts.runtime.inference import LoadT2d, SaveTargetsd
+    from scripts.runtime.inference import LoadVolumed, SaveTargetsd
 
-    load, save = LoadT2d("image"), SaveTargetsd(output_dir=output_dir, output_ext=output_ext)
+    load, save = LoadVolumed("image"), SaveTargetsd(output_dir=output_dir, output_ext=output_ext)
     start = time.perf_counter()
     for case in cases:
-        t2 = load({"image": case["image"]})["image"]
+        t2 = load({"image": case["modalities"]["t2"]})["image"]
         scaled = (t2 / t2.max())[None]
         save({"pred": scaled.expand(3, *t2.shape), "mask": MetaTensor(scaled, affine=t2.affine), "case": case["case"]})
     return time.perf_counter() - start
@@ -452,7 +452,7 @@ def throughput(
     set_threads(threads)
     widths = [int(w) for w in _values(widths)]
     precisions = _values(precision)
-    shipped = synthesis_arch(SHIPPED_MODEL)["features"] if os.path.isfile(SHIPPED_MODEL) else None
+    shipped = read_model(SHIPPED_MODEL, "generator")["features"] if os.path.isfile(SHIPPED_MODEL) else None
     meta = {"machine": machine(devices(device)[-1]), "load_before": load()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -467,7 +467,7 @@ def throughput(
         from scripts.runtime.cases import inference_cases
 
         cases = inference_cases(datalist=datalist, split="test")
-        masks = {c["case"]: np.asanyarray(nib.load(c["image"]).dataobj) > 0 for c in cases}
+        masks = {c["case"]: np.asanyarray(nib.load(c["modalities"]["t2"]).dataobj) > 0 for c in cases}
         floor_s = io_floor(cases, os.path.join(tmp, "floor"), output_ext)
         floor = {"mode": "I/O floor (read + write, no network)", "cases": len(cases),
                  "s_per_volume": floor_s / len(cases), "volumes_per_min": 60 * len(cases) / floor_s}  # fmt: skip
@@ -817,8 +817,10 @@ def precision(
     set_threads(threads)
     dev = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     with open(os.path.join(CONFIGS, "recommended.json")) as f:
-        recommended = {k: v for k, v in json.load(f).items() if k in ("context", "upsample", "augment")}
-    meta = {"machine": machine(dev), "load_before": load(), "native_bf16": native_bf16(), **recommended}
+        recommended = {k: v for k, v in json.load(f).items() if k in ("context", "upsample", "augmentation")}
+    meta = {"machine": machine(dev), "load_before": load(), "native_bf16": native_bf16(),
+            "context": recommended["context"], "upsample": recommended["upsample"],
+            "augment": bool(recommended["augmentation"])}  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         small = {} if dataset_dir else {"min_brain_pixels": SMALL_MIN_PIXELS}

@@ -72,7 +72,7 @@ def measure(dataset_dir: str, ckpt_path: str, views="all", flip: bool = False, s
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
-    from scripts.runtime.checkpoints import load_generator
+    from scripts.runtime.checkpoints import load_model
     from scripts.runtime.command_line import flag
     from scripts.runtime.conventions import T2_INDEX, TARGETS
     from scripts.runtime.data import case_name, load_split
@@ -87,7 +87,7 @@ def measure(dataset_dir: str, ckpt_path: str, views="all", flip: bool = False, s
     load = Compose(parser.get_parsed_content("load_transforms"))
     volume_transform = Compose(parser.get_parsed_content("image_transforms"))
     cases = load_split(os.path.join(dataset_dir, "datalist.json"), split, max_cases=int(max_cases) or None)
-    network = load_generator(ckpt_path, device).eval()
+    network = load_model(ckpt_path, device).eval()
     one = BrainSliceInferer(sw_batch_size=32)
     fused = BrainSliceInferer(sw_batch_size=32, views=views, flip=flag(flip, "flip"), uncertainty=True)
     scores = {t: {m: {k: [] for k in PLANE_METRICS} for m in ("axial", "fused", "t2", "inverted_t2")} for t in TARGETS}

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle"))
 from scripts import phantom  # noqa: E402
-from scripts.runtime.checkpoints import load_generator  # noqa: E402
+from scripts.runtime.checkpoints import load_model  # noqa: E402
 from scripts.runtime.data import ScaleBrainIntensityd  # noqa: E402
 from scripts.runtime.networks import SynthesisNet  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(threads: int = 2):
     shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bundle", "models", "model.pt")
     for width in (16, 64):
         if width == 16:
-            net = load_generator(shipped, "cpu")
+            net = load_model(shipped, "cpu")
         else:
             torch.manual_seed(0)
             net = SynthesisNet("tcmgan", features=64).eval()

@@ -32,7 +32,7 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
-    from scripts.runtime.checkpoints import load_generator, synthesis_arch
+    from scripts.runtime.checkpoints import load_model, read_model
     from scripts.runtime.command_line import flag
     from scripts.runtime.evaluation import MarginSelection, format_margins, selection_margins, selection_score
     from scripts.runtime.files import write_json
@@ -43,7 +43,7 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
     parser = ConfigParser()
     parser.read_config(os.path.join(REPO, "bundle", "configs", "train.json"))
     for path in checkpoints:
-        arch = synthesis_arch(path)
+        arch = read_model(path, "generator")
         if (arch["image_size"], arch["intensity_scaling"]) != (parser["image_size"], parser["intensity_scaling"]):
             raise ValueError(f"{path}: image size {arch['image_size']}, scaling {arch['intensity_scaling']}; this "
                              f"tool scores {parser['image_size']}, {parser['intensity_scaling']} models only")
@@ -51,12 +51,12 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
     load = Compose(parser.get_parsed_content("load_transforms"))
     volume = Compose(parser.get_parsed_content("image_transforms"))
     inferer = BrainSliceInferer(sw_batch_size=32, views=views, flip=flag(flip, "flip"))
-    selection = MarginSelection(load_generator(checkpoints[0], device), dataset_dir, split, load, volume, inferer,
+    selection = MarginSelection(load_model(checkpoints[0], device), dataset_dir, split, load, volume, inferer,
                                 path=os.devnull, interval=0, device=device)
     results, lines = {}, []
     for path in checkpoints:
         start = time.time()
-        selection.network = load_generator(path, device)
+        selection.network = load_model(path, device)
         margins = selection_margins(selection.rows())
         results[path] = {"margins": margins, "score": selection_score(margins), "cases": len(selection.cases)}
         print(f"{path} ({time.time() - start:.0f} s): {format_margins(margins)}; score {results[path]['score']:+.3f}",

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the bundle folder importa
 
 from monai.bundle import ConfigParser  # noqa: E402
 
-from scripts.runtime.checkpoints import synthesis_arch  # noqa: E402
+from scripts.runtime.checkpoints import read_model  # noqa: E402
 from scripts.runtime.command_line import flag  # noqa: E402
 from scripts.runtime.conventions import TARGET_NAMES, TARGETS  # noqa: E402  (TARGET_NAMES: channel_def, bundle names)
 from scripts.runtime.files import write_atomic, write_json  # noqa: E402
@@ -149,7 +149,7 @@ def export(
             an uncertainty map of a single pass (always 0).
     """
     ckpt_path = ckpt_path or os.path.join(bundle_dir, "models", "model.pt")
-    arch = synthesis_arch(ckpt_path)  # raises with a clear message for a missing or foreign file
+    arch = read_model(ckpt_path, "generator")  # raises with a clear message for a missing or foreign file
     targets = [t.strip().lower() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:

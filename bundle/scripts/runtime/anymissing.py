@@ -6,12 +6,12 @@ holds what the task adds around it:
 
 - :class:`AvailabilityDraw`: step 1 of a GAN iteration (:class:`scripts.runtime.trainer.TCMGANTrainer`'s ``draw``):
   a target modality and an availability subset per sample;
-- :func:`t2_only_batch`: ``prepare_batch`` of the training-time validation (the paper's T2-only scenario);
 - :data:`SCENARIOS`: the evaluation scenarios (each modality missing given the other three, and T2 alone), and
   :class:`ScenarioEvaluation`, their tables against the trivial baselines and BraSyn's downstream test.
 
 Inference with whatever a case has goes the one way every generator's does: its cases are
-:func:`scripts.runtime.cases.any_missing_cases`, its loading :class:`scripts.runtime.inference.LoadModalitiesd`.
+:func:`scripts.runtime.cases.inference_cases`, its loading :class:`scripts.runtime.inference.LoadInputsd` (the one
+path of every generator).
 
 Modality order everywhere: :data:`scripts.runtime.conventions.CHANNELS` (FLAIR, T1, T1ce, T2), for the slots, the
 availability mask and the labels.
@@ -100,17 +100,6 @@ class AvailabilityDraw:
         y = image[torch.arange(b, device=image.device), k].unsqueeze(1)
         tumour = (label > 0).to(image.dtype)
         return (x, available), condition, k, y, tumour, k < len(TARGETS)
-
-
-def t2_only_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` of the any-missing generator's validation during training: the paper's scenario (T2
-    alone -> FLAIR, T1, T1ce), so that its validation PSNR/SSIM read like the paper variants'.
-
-    Returns ``(slots, real targets (B, 3, H, W), (available,), {"outputs": target indices})``."""
-    image = batchdata["image"].to(device=device, non_blocking=non_blocking)
-    x = batchdata["source"].to(device=device, non_blocking=non_blocking) if "source" in batchdata else image
-    outputs = [CHANNELS.index(t) for t in TARGETS]
-    return x, image[:, outputs], (t2_only(x.shape[0], x.device),), {"outputs": outputs}
 
 
 # --- evaluation: a table per scenario, and BraSyn's downstream test -------------------------------------------------

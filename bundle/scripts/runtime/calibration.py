@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoints import cpu_weights, load_generator, save_atomic
+from .checkpoints import cpu_weights, load_model, save_atomic
 from .data import ScaleBrainIntensityd, load_split
 from .evaluation import synthesise_volume
 from .inference import BrainSliceInferer
@@ -59,7 +59,7 @@ def fit_calibration(checkpoint: str, dataset_dir: str, split: str, load_transfor
     Raises:
         ValueError: the checkpoint is not a paper generator scaled per volume, or the split has no cases.
     """
-    network = load_generator(checkpoint, device)
+    network = load_model(checkpoint, device)
     if not isinstance(network, SynthesisNet) or network.intensity_scaling != "volume":
         raise ValueError(f"{checkpoint}: the output calibration is fitted for T2 -> FLAIR/T1/T1ce generators scaled "
                          "per volume (intensity_scaling 'volume')")

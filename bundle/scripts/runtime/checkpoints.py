@@ -4,6 +4,9 @@
   checkpoint); :func:`load_checkpoint` refuses pickled code and names a corrupt or truncated file;
   :func:`checkpoint_kind` / :func:`describe` say what a file holds, so that a generator, segmenter, critic or
   training checkpoint given in the wrong place, or one of another variant or width, gets an error saying which.
+- :func:`read_model` reads what a ``model.pt`` is (a paper generator, an any-missing generator, the segmenter: its
+  settings, and the modalities a generator reads and writes); :func:`load_model` builds and loads it (or loads it
+  into a given ``network_def`` after checking that it matches). Every workflow, tool and MONAI Label use these two.
 - :class:`TrainingCheckpoint` saves everything needed to resume (networks, optimizers, LR schedulers, the
   trainer's epoch/iteration) to one file, atomically (temp file + rename), every epoch, optionally every
   N iterations and every T seconds of wall time, and when the run is stopped early (``--time_limit``); with
@@ -24,12 +27,12 @@ from collections.abc import Mapping
 import torch
 from ignite.engine import Engine, Events
 
-from .conventions import CHANNELS
+from .conventions import ANYMISSING, CHANNELS
 from .files import write_atomic
 from .networks import (
+    GENERATOR_CLASSES,
     TARGETS,
     VARIANTS,
-    AnyMissingNet,
     SynthesisNet,
     TumourSegmenter,
     decode_any_missing_arch,
@@ -129,12 +132,6 @@ _HINTS = {
 }
 
 
-def _require_kind(state: Mapping, path: str, kind: str) -> None:
-    found = checkpoint_kind(state)
-    if found != kind:
-        raise ValueError(f"{path} is not {_EXPECTED[kind]}: it holds a {describe(state)}{_HINTS.get(found, '')}")
-
-
 def _arch(state: Mapping, path: str, what: str) -> list[int]:
     if "arch" not in state:
         raise ValueError(f"{path} is not a {what} checkpoint of this bundle (no 'arch' entry)")
@@ -143,22 +140,12 @@ def _arch(state: Mapping, path: str, what: str) -> list[int]:
 
 #: What a generator checkpoint written before checkpoints described themselves was made with (the then defaults).
 LEGACY_GENERATOR = {"image_size": 128, "intensity_scaling": "volume", "in_channels": 1, "upsample": "transpose"}
+#: The kinds of model.pt that :func:`read_model` reads: a paper generator, an any-missing one, the segmenter S.
+MODEL_KINDS = ("generator", "any-missing generator", "segmenter")
+GENERATOR_KINDS = MODEL_KINDS[:2]
 
 
-def synthesis_arch(path: str) -> dict:
-    """Everything a generator checkpoint (model.pt) says about how to build and feed it: ``variant``,
-    ``features``, ``num_targets``, ``num_downs`` (its ``arch`` buffer) and ``image_size``,
-    ``intensity_scaling``, ``in_channels``, ``upsample``, ``targets`` (its ``_extra_state``, see
-    :meth:`scripts.runtime.networks.SynthesisNet.description`). A checkpoint from before ``_extra_state``
-    gets :data:`LEGACY_GENERATOR` (the settings every such checkpoint was trained with by default) and
-    ``"legacy": True``.
-
-    Raises:
-        FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds something else than a
-            generator (a segmenter, a critic, a training checkpoint), said in the message.
-    """
-    state = load_checkpoint(path)
-    _require_kind(state, path, "generator")
+def _paper_generator(state: Mapping, path: str) -> dict:
     values = _arch(state, path, "generator (SynthesisNet)")
     if len(values) != 4 or not 0 <= values[0] < len(VARIANTS):
         raise ValueError(f"{path}: its 'arch' entry {values} is not [variant, features, num_targets, num_downs]")
@@ -174,6 +161,71 @@ def synthesis_arch(path: str) -> dict:
     return {**arch, **description, "legacy": False}
 
 
+def _any_missing_generator(state: Mapping, path: str) -> dict:
+    try:
+        arch = decode_any_missing_arch(state["arch"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return {**arch, "in_channels": arch["context"], "targets": list(CHANNELS), "legacy": False}
+
+
+def _segmenter(state: Mapping, path: str) -> dict:
+    values = _arch(state, path, "segmenter (TumourSegmenter)")
+    if len(values) != 2:
+        raise ValueError(f"{path}: its 'arch' entry {values} is not [features, num_targets]")
+    return {"features": values[0], "num_targets": values[1]}
+
+
+#: How each kind's settings are read from its state dict (a new generator kind adds its reader here).
+GENERATOR_READERS = {"generator": _paper_generator, "any-missing generator": _any_missing_generator}
+_READERS = {**GENERATOR_READERS, "segmenter": _segmenter}
+
+
+def _network_state(state: Mapping) -> Mapping:
+    """A segmenter's training ``checkpoint.pt`` holds its network under ``network`` (or ``model``): that one."""
+    for entry in ("model", "network"):
+        if entry in state and isinstance(state[entry], Mapping):
+            return state[entry]
+    return state
+
+
+def read_model(path: str, kinds=GENERATOR_KINDS, missing_ok: bool = False) -> dict:
+    """What the ``model.pt`` at ``path`` is, read from the file: ``{"kind", <its settings>}``, the one reader of
+    every model this bundle writes (``kinds``: those accepted, from :data:`MODEL_KINDS`; default a generator of
+    either kind).
+
+    - a generator: ``variant``, ``features``, ``num_downs``, ``image_size``, ``intensity_scaling``,
+      ``in_channels`` (slices per modality), ``upsample``, ``targets``, ``legacy`` (a file from before
+      checkpoints described themselves: :data:`LEGACY_GENERATOR` assumed), and ``inputs``/``outputs``: the
+      modalities it reads and writes (its class's, :data:`scripts.runtime.networks.GENERATOR_CLASSES`); a paper
+      generator also ``num_targets``, an any-missing one ``context``;
+    - the segmenter: ``features``, ``num_targets`` (its training ``checkpoint.pt`` is read as its network).
+
+    With ``missing_ok`` and no file at ``path``, a paper generator's defaults (``tcmgan``, width 64,
+    :data:`LEGACY_GENERATOR`) are returned with a warning, so that a config's ``network_def`` can still be built
+    (the zoo's ``verify_net_in_out``); loading the weights then fails with a clear ``FileNotFoundError``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds another kind than ``kinds``
+            (a critic, a training checkpoint, a generator given as the segmenter ...), said in the message.
+    """
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if missing_ok and not os.path.isfile(path):
+        logger.warning(f"{path} does not exist; network_def gets a default generator (tcmgan, features 64)")
+        return {"kind": "generator", "variant": "tcmgan", "features": 64, "num_targets": len(TARGETS),
+                "num_downs": 7, **LEGACY_GENERATOR, "targets": list(TARGETS), "legacy": True,
+                "inputs": list(SynthesisNet.inputs), "outputs": list(TARGETS)}  # fmt: skip
+    state = _network_state(load_checkpoint(path))
+    found = checkpoint_kind(state)
+    if found not in kinds:
+        expected = " or ".join(_EXPECTED[k] for k in kinds)
+        raise ValueError(f"{path} is not {expected}: it holds a {describe(state)}{_HINTS.get(found, '')}")
+    info = {"kind": found, **_READERS[found](state, path)}
+    if found in GENERATOR_KINDS:
+        info["inputs"], info["outputs"] = list(GENERATOR_CLASSES[info["variant"]].inputs), list(info["targets"])
+    return info
+
+
 def _load_state(network: torch.nn.Module, state: Mapping, path: str, what: str) -> None:
     try:
         network.load_state_dict(state)
@@ -181,113 +233,42 @@ def _load_state(network: torch.nn.Module, state: Mapping, path: str, what: str) 
         raise ValueError(f"{path}: its weights do not fit the {what} its 'arch' entry describes ({e})") from None
 
 
-def load_synthesis_weights(network: SynthesisNet | AnyMissingNet, path: str) -> SynthesisNet | AnyMissingNet:
-    """Load ``model.pt`` into ``network`` (a paper generator, or an any-missing one from :func:`any_missing_arch`).
+def load_model(path: str, device=None, kinds=GENERATOR_KINDS, network: torch.nn.Module | None = None):
+    """The model at ``path`` (:func:`read_model`), built as the file describes it and loaded, on ``device``
+    (default: the CPU, or ``network``'s device); a generator in eval mode. The one loader of every model.
+
+    With ``network`` (a config's ``network_def``, the zoo's form), the weights go into it after checking that it
+    is what the file records (variant, width, targets, image size, intensity scaling, input channels, upsampling).
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`synthesis_arch`; or the network differs from what the checkpoint
-            records (variant, width, targets, image size, intensity scaling, input channels): the message names
-            each difference, e.g. a workflow run with ``--intensity_scaling slice`` on a model trained with
+        FileNotFoundError, ValueError: as :func:`read_model`; or ``network`` differs from the file: the message
+            names each difference, e.g. a workflow run with ``--intensity_scaling slice`` on a model trained with
             ``volume``. The workflows take these settings from the checkpoint, so this happens only when an
             option given explicitly contradicts it.
     """
-    if isinstance(network, AnyMissingNet):
-        found, want = any_missing_arch(path), network.description()
-        wrong = [f"{k} {found[k]!r} (the workflow asks {v!r})" for k, v in want.items() if found[k] != v]
-        if wrong:
-            raise ValueError(f"{path} does not match the workflow's any-missing generator: the checkpoint has "
-                             + ", ".join(wrong))  # fmt: skip
-        _load_state(network, load_checkpoint(path, map_location=network.arch.device), path, "any-missing generator")
-        return network
-    state = load_checkpoint(path, map_location=network.arch.device)
-    found = synthesis_arch(path)
-    want = {"variant": network.variant, "features": int(network.arch[1]), "num_targets": network.num_targets}
-    want.update({k: v for k, v in network.description().items() if not found["legacy"]})
-    wrong = [f"{k} {found[k]!r} (the workflow asks {v!r})" for k, v in want.items() if found[k] != v]
-    if wrong:
-        raise ValueError(
-            f"{path} does not match the workflow's generator: the checkpoint has " + ", ".join(wrong)
-            + "; these settings come from the checkpoint, so drop the option that overrides them"
-        )
-    if found["legacy"]:
-        state["_extra_state"] = network.get_extra_state()
-    _load_state(network, state, path, "generator")
-    return network
-
-
-def any_missing_arch(path: str) -> dict:
-    """What an any-missing generator checkpoint records (:func:`scripts.runtime.networks.decode_any_missing_arch`).
-
-    Raises:
-        FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds something else (e.g. a paper
-            generator), said in the message.
-    """
-    state = load_checkpoint(path)
-    _require_kind(state, path, "any-missing generator")
-    try:
-        return decode_any_missing_arch(state["arch"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def load_generator(path: str, device="cpu") -> SynthesisNet | AnyMissingNet:
-    """Rebuild the generator a ``model.pt`` describes, whichever kind it is (a paper generator: :func:`synthesis_arch`;
-    an any-missing one: :func:`any_missing_arch`), load its weights, in eval mode on ``device``.
-    Raises as those two."""
-    if checkpoint_kind(load_checkpoint(path)) == "any-missing generator":
-        arch = any_missing_arch(path)
-        net = AnyMissingNet(**{k: v for k, v in arch.items() if k != "variant"})
+    if network is not None and tuple(kinds) == GENERATOR_KINDS:  # the file must be of the network's kind
+        kinds = ("any-missing generator",) if network.variant == ANYMISSING else ("generator",)
+    info = read_model(path, kinds)
+    if device is None:
+        device = network.arch.device if network is not None else "cpu"
+    state = dict(_network_state(load_checkpoint(path, map_location=device)))
+    if info["kind"] == "segmenter":
+        network = network or TumourSegmenter(features=info["features"], num_targets=info["num_targets"])
+        _load_state(network, state, path, f"segmenter of features {info['features']}")
+        return network.to(device)
+    if network is None:
+        network = GENERATOR_CLASSES[info["variant"]].from_settings(**info)
     else:
-        arch = synthesis_arch(path)
-        settings = ("variant", "features", "num_targets", "num_downs", "image_size", "intensity_scaling",
-                    "in_channels", "upsample")
-        net = SynthesisNet(**{k: arch[k] for k in settings})
-    return load_synthesis_weights(net.to(device), path).eval()
-
-
-def generator_arch(path: str, variant: str = "tcmgan", features: int = 64) -> dict:
-    """What the generator checkpoint at ``path`` records (:func:`synthesis_arch`; for an
-    any-missing generator :func:`any_missing_arch`, its ``context`` also as
-    ``in_channels``).
-
-    When no file exists there, the defaults (``variant``, ``features`` and
-    :data:`LEGACY_GENERATOR`) are returned (with a warning) so that ``network_def`` can still be
-    built, e.g. by ``verify_net_in_out``; loading the weights then fails with a clear ``FileNotFoundError``.
-
-    Raises:
-        ValueError: the file exists but is not a generator checkpoint of this bundle.
-    """
-    if os.path.isfile(path):
-        if checkpoint_kind(load_checkpoint(path)) == "any-missing generator":
-            arch = any_missing_arch(path)
-            return {**arch, "in_channels": arch["context"], "targets": list(CHANNELS), "legacy": False}
-        return synthesis_arch(path)
-    logger.warning(f"{path} does not exist; network_def gets the defaults variant {variant!r}, features {features}")
-    return {"variant": variant, "features": features, **LEGACY_GENERATOR}
-
-
-def load_segmenter(path: str, device="cpu") -> TumourSegmenter:
-    """Rebuild S at the width it was trained with (read from the checkpoint) and load its weights.
-
-    Accepts the segmenter's ``model.pt`` (a state dict) or its training ``checkpoint.pt`` (entry ``network``).
-
-    Raises:
-        FileNotFoundError, ValueError: as :func:`load_checkpoint`; or the file holds another network (e.g. a
-            generator model.pt given as ``segmenter_ckpt``), said in the message.
-    """
-    state = load_checkpoint(path, map_location=device)
-    for entry in ("model", "network"):
-        if entry in state and isinstance(state[entry], Mapping):
-            state = state[entry]
-            break
-    _require_kind(state, path, "segmenter")
-    values = _arch(state, path, "segmenter (TumourSegmenter)")
-    if len(values) != 2:
-        raise ValueError(f"{path}: its 'arch' entry {values} is not [features, num_targets]")
-    features, num_targets = values
-    net = TumourSegmenter(features=features, num_targets=num_targets)
-    _load_state(net, state, path, f"segmenter of features {features}")
-    return net.to(device)
+        own = network.settings()
+        compared = ("variant", "features", "num_targets") if info["legacy"] else own
+        wrong = [f"{k} {info[k]!r} (the workflow asks {own[k]!r})" for k in compared if info.get(k) != own[k]]
+        if wrong:
+            raise ValueError(f"{path} does not match the workflow's generator: the checkpoint has " + ", ".join(wrong)
+                             + "; these settings come from the checkpoint, so drop the option that overrides them")
+    if info["legacy"]:
+        state["_extra_state"] = network.get_extra_state()
+    _load_state(network, state, path, info["kind"])
+    return network.to(device).eval()
 
 
 def cpu_weights(network: torch.nn.Module) -> dict:

@@ -28,9 +28,8 @@ VERBOSE_ENV = "BRAINSYNTH_VERBOSE"
 def flag(value, name: str | None = None) -> bool:
     """A yes/no option as given on the command line: ``true``/``false`` (any case), ``1``/``0``, ``yes``/``no``, or
     a bool. ``python -m monai.bundle run ... --overwrite false`` hands the configs the *string* ``'false'``, which
-    Python takes as true; every yes/no id of ``train.json`` and ``inference.json`` goes through this function, as a
-    component of their ``flags`` section (``{"_target_": "scripts.runtime.command_line.flag", "value": "@overwrite",
-    "name": "overwrite"}``, used as ``@flags#overwrite``).
+    Python takes as true; every yes/no id of ``train.json`` and ``inference.json`` goes through this function, by
+    their ``flags`` section (:func:`flags`).
 
     Raises:
         ValueError: any other value (the message names ``--name`` when given).
@@ -43,6 +42,13 @@ def flag(value, name: str | None = None) -> bool:
             return False
         raise ValueError(f"{'--' + name + ' ' if name else ''}{value!r}: expected true or false")
     return bool(value)
+
+
+def flags(**values) -> dict[str, bool]:
+    """Each yes/no option of a config read by :func:`flag` (its id naming it in the error): the ``flags`` section,
+    ``{"_target_": "scripts.runtime.command_line.flags", "overwrite": "@overwrite", ...}``, used as
+    ``$@flags['overwrite']``."""
+    return {name: flag(value, name) for name, value in values.items()}
 
 
 def chain(error: BaseException) -> list[BaseException]:

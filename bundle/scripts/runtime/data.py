@@ -332,12 +332,17 @@ def _slice(volume, z: int) -> torch.Tensor:
 
 
 def synthesis_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` for synthesis evaluation: (the generator's input, real targets ``(B, 3, H, W)``); the
-    input is the ``"source"`` stack when the batch has one (2.5D context), else the T2 ``(B, 1, H, W)``."""
+    """``prepare_batch`` of the validation in training (and ``validate.json``): the paper's task, the T2 -> the three
+    targets, asked the same way of every generator: ``(input, real targets (B, 3, H, W), (), {"available": the T2
+    alone, "outputs": the targets})``. The input is the ``"source"`` stack when the batch has one (2.5D context; the
+    four slots of the any-missing generator), else the T2 ``(B, 1, H, W)``."""
     image = batchdata["image"].to(device=device, non_blocking=non_blocking)
     if "source" in batchdata:
-        return batchdata["source"].to(device=device, non_blocking=non_blocking), image[:, : len(TARGETS)]
-    return image[:, T2_INDEX : T2_INDEX + 1], image[:, : len(TARGETS)]  # CHANNELS: the targets, then T2
+        x = batchdata["source"].to(device=device, non_blocking=non_blocking)
+    else:
+        x = image[:, T2_INDEX : T2_INDEX + 1]
+    available = torch.tensor([c == CHANNELS[T2_INDEX] for c in CHANNELS], device=x.device).expand(x.shape[0], -1)
+    return x, image[:, : len(TARGETS)], (), {"available": available, "outputs": list(TARGETS)}  # CHANNELS: targets, T2
 
 
 def draw_targets(image: torch.Tensor, label: torch.Tensor, num_targets: int = 3):

@@ -42,12 +42,7 @@ from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd, EnsureTyped, MapTransform
 
-from .checkpoints import (
-    describe,
-    load_checkpoint,
-    load_generator,
-    synthesis_arch,
-)
+from .checkpoints import describe, load_checkpoint, load_model, read_model
 from .conventions import CHANNELS, T2_INDEX
 from .data import case_name
 from .files import write_csv, write_json, write_text
@@ -130,9 +125,9 @@ def check_generator_settings(path: str, **settings) -> None:
 
     Raises:
         ValueError: a setting differs from what the checkpoint records (the message names both values).
-        FileNotFoundError: as :func:`scripts.runtime.checkpoints.synthesis_arch`.
+        FileNotFoundError: as :func:`scripts.runtime.checkpoints.read_model`.
     """
-    arch = synthesis_arch(path)
+    arch = read_model(path, "generator")
     wrong = [f"{k} {v!r} (the generator was trained with {arch[k]!r})" for k, v in settings.items()
              if v is not None and v != arch[k]]  # fmt: skip
     if wrong:
@@ -146,14 +141,14 @@ _GENERATORS_LOCK = threading.Lock()  # CacheDataset fills its cache from several
 
 
 def cached_generator(path: str, sha1: str | None, device) -> SynthesisNet:
-    """:func:`scripts.runtime.checkpoints.load_generator`, once per process for a given file content and device. The generator is kept out of
+    """:func:`scripts.runtime.checkpoints.load_model`, once per process for a given file content and device. The generator is kept out of
     the transform object, so that the transform stays picklable and its on-disk cache fingerprint
     (:func:`scripts.runtime.data.transform_fingerprint`) holds only its settings. It stays loaded for the process's life."""
     key = (path, sha1, str(device))
     with _GENERATORS_LOCK:
         if key not in _GENERATORS:
             logger.info(f"downstream inputs: loading generator {path} on {device}")
-            _GENERATORS[key] = load_generator(path, device)
+            _GENERATORS[key] = load_model(path, device)
         return _GENERATORS[key]
 
 

@@ -1,12 +1,13 @@
 """Inference pieces MONAI lacks, used by ``configs/inference.json``: loading, running and writing a case (the
 cases themselves, what is read and what is written, are :mod:`scripts.runtime.cases`).
 
-- :class:`LoadInputsd`: the input volume of a case and its mask (the T2 via :class:`LoadT2d`, or an any-missing
-  case's available modalities, :class:`LoadModalitiesd`).
-- :func:`inference_batch`: ``prepare_batch`` of inference (an any-missing case's availability and missing
-  modalities to the network).
-- :class:`LoadT2d`: ``LoadImaged`` for the T2 source whose every failure (unreadable file, not 3D, NaN/Inf,
-  constant, negative intensities) is one error naming the file, raised before anything is written.
+- :class:`LoadInputsd`: the input of a case (the modalities it has that the generator reads, stacked) and its mask,
+  whatever the generator.
+- :func:`inference_batch`: ``prepare_batch`` of inference (a case's available and wanted modalities to the
+  generator).
+- :class:`LoadVolumed`: ``LoadImaged`` for one input volume whose every failure (unreadable file, not 3D, NaN/Inf,
+  constant, negative intensities; for a T2, a contrast that is not a T2's) is one error naming the file, raised
+  before anything is written.
 - :class:`SliceRunner`: a 2D network over a stack of slices in equal batches, eager, compiled, with ONNX
   Runtime or in bfloat16; the one slice loop of the bundle (inference, evaluation, the downstream inputs and segmenter, the
   benchmark).
@@ -20,8 +21,8 @@ cases themselves, what is read and what is written, are :mod:`scripts.runtime.ca
 - :class:`UnwrapTransformErrors`: an engine handler that re-raises the input error itself instead of MONAI's
   ``RuntimeError("applying transform ...")`` wrappers around it.
 
-Intensity convention of the written volumes: float32 in [0, 1] (``(pred + 1) / 2``), 0 in the background (where the
-input T2 is <= 0; for an any-missing case, where no available modality is > 0), on exactly the input's voxel grid
+Intensity convention of the written volumes: float32 in [0, 1] (``(pred + 1) / 2``), 0 in the background (where no
+given modality is > 0), on exactly the input's voxel grid
 (shape and affine). An uncertainty map (``--uncertainty true``) is written beside each volume as
 ``<case>_<target>_uncertainty``: the spread of the fused passes, in the same [0, 1] units, 0 in the background.
 """
@@ -44,11 +45,12 @@ from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.transforms import CopyItemsd, EnsureChannelFirstd, LoadImaged, MapTransform
+from monai.transforms import LoadImaged, MapTransform
 
 from .cases import case_output_paths, parse_targets
-from .conventions import CHANNELS, SOURCE, TARGETS
+from .conventions import SOURCE, TARGETS
 from .data import neighbour_slices
+from .networks import output_indices
 from .files import atomic_paths
 from .precision import check_precision, native_bf16, resolve_precision
 from .throughput import process_shard
@@ -62,25 +64,25 @@ DESCRIP = "brainsynth synthetic {target}, intensity [0,1]"
 MAX_NEGATIVE_FRACTION = 0.01
 
 
-class LoadT2d(LoadImaged):
-    """``LoadImaged`` for the T2 source volume, with its checks.
+class LoadVolumed(LoadImaged):
+    """``LoadImaged`` for one input volume (any modality), with its checks.
 
     Reads any format MONAI's readers open (NIfTI with nibabel; NRRD, MHA, DICOM series folders and others with
-    ITK) into a ``(H, W, D)`` MetaTensor (no channel dimension; add one with ``EnsureChannelFirstd(channel_dim=
-    "no_channel")``). When the item has ``channel_key`` (a 4D multi-channel file listed in a datalist), that
-    channel of the last axis is kept. Trailing singleton dimensions are dropped.
+    ITK) into a ``(H, W, D)`` MetaTensor (no channel dimension). When the item has ``channel_key`` (a 4D
+    multi-channel file listed in a datalist), that channel of the last axis is kept. Trailing singleton dimensions
+    are dropped.
 
     Raises (each message starts with the file name):
         FileNotFoundError: the file does not exist.
         ValueError: the file cannot be read as an image (not an image, corrupt or truncated), it is not a 3D
             volume (2D, or 4D given as a single input), it holds NaN or Inf, it is constant, or more than
             :data:`MAX_NEGATIVE_FRACTION` of its non-zero voxels are negative (not raw MR intensities with
-            background 0, e.g. z-scored); with ``check_contrast``, it does not look like a T2
+            background 0, e.g. z-scored); with ``check_contrast`` (for a T2), it does not look like a T2
             (:func:`scripts.runtime.contrast.t2_probability` below 0.5: CSF not bright; a volume with too little
-            brain to judge is let through with a warning). ``inference.json`` turns the check on by default.
+            brain to judge is let through with a warning).
     """
 
-    def __init__(self, keys: KeysCollection = "image", channel_key: str = "t2_channel", check_contrast: bool = False,
+    def __init__(self, keys: KeysCollection = "image", channel_key: str = "channel", check_contrast: bool = False,
                  **kwargs):  # fmt: skip
         kwargs.setdefault("image_only", True)
         super().__init__(keys, **kwargs)
@@ -104,55 +106,46 @@ class LoadT2d(LoadImaged):
         return d
 
 
-class LoadInputsd(LoadT2d):
-    """The first step of ``inference.json``: a case's input volume ``image`` and its ``mask`` (the voxels the written
+class LoadInputsd(LoadVolumed):
+    """The first step of ``inference.json``: a case's input ``image`` and its ``mask`` (the voxels the written
     volumes keep), both channel-first, on the input's grid.
 
-    - A paper generator's case (``{"image": T2 path}``): :class:`LoadT2d` (with its checks), a channel added
-      (``EnsureChannelFirstd``), ``mask`` a copy of the T2 (``CopyItemsd``): ``(1, H, W, D)`` each.
-    - An any-missing case (``{"modalities": {...}}``, :func:`scripts.runtime.cases.any_missing_case`):
-      :class:`LoadModalitiesd`: ``image`` ``(4, H, W, D)``, ``mask`` ``(1, H, W, D)``.
+    A case (:func:`scripts.runtime.cases.synthesis_case`) names its files, ``{"modalities": {modality: path}}``
+    (and ``"channels"``: ``{modality: index}`` for a 4D multi-channel file); a bare ``{"image": path}`` item (as
+    MONAI Label sends) is a T2-only case. Each file is read and checked by :class:`LoadVolumed` (the T2 contrast
+    check, ``check_contrast``, on the T2 only); ``image`` stacks the modalities the generator reads (``inputs``, its
+    ``inputs``: one channel for a paper generator, four for the any-missing one), a missing one all zeros;
+    ``mask`` ``(1, H, W, D)`` is where any given modality is > 0 (the written volumes are 0 elsewhere).
 
-    A ``LoadImaged`` (through :class:`LoadT2d`), so that MONAI Label recognises the loading step of the exported
-    bundles. ``check_contrast``: refuse a T2 that does not look like one (see :class:`LoadT2d`).
-    """
-
-    def __init__(self, keys: KeysCollection = "image", check_contrast: bool = False, **kwargs):
-        super().__init__(keys, check_contrast=check_contrast, **kwargs)
-        self.channel_first = EnsureChannelFirstd(keys, channel_dim="no_channel")
-        self.copy_mask = CopyItemsd(keys, names="mask")
-        self.modalities = LoadModalitiesd(keys, check_contrast=check_contrast)  # an any-missing case's loader
-
-    def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
-        if "modalities" in data:
-            return self.modalities(data)
-        return self.copy_mask(self.channel_first(super().__call__(data, reader)))
-
-
-class LoadModalitiesd(MapTransform):
-    """Load a case's available modalities (``d["modalities"]``, :func:`scripts.runtime.cases.any_missing_case`) into
-    the any-missing generator's input: ``image`` ``(4, H, W, D)`` in :data:`CHANNELS` order, a missing modality all zeros;
-    ``mask`` ``(1, H, W, D)``, the voxels where any available modality is > 0 (the written volumes are 0 elsewhere).
-
-    Each file is read and checked as the T2 of the paper's inference is (:class:`scripts.runtime.inference.LoadT2d`:
-    one error naming the file; the T2 contrast check applies to the T2 only).
+    A ``LoadImaged``, so that MONAI Label recognises the loading step of the exported bundles.
 
     Raises:
-        ValueError: a file fails its checks, or the files are not on one voxel grid (shape and affine; the message
-            names them).
+        ValueError: a file fails its checks, the case gives a modality the generator does not read, or the files
+            are not on one voxel grid (shape and affine; the message names them).
     """
 
-    def __init__(self, keys="image", check_contrast: bool = False):
-        super().__init__(keys)
-        self.check_contrast = bool(check_contrast)
-        self.load_t2 = LoadT2d("image", check_contrast=self.check_contrast)
-        self.load = LoadT2d("image", check_contrast=False)
+    def __init__(self, keys: KeysCollection = "image", inputs=(SOURCE,), check_contrast: bool = False, **kwargs):
+        super().__init__(keys, check_contrast=check_contrast, **kwargs)
+        self.inputs = tuple(inputs)
+        self.load_t2 = LoadVolumed("image", check_contrast=self.check_contrast, **kwargs)
+        self.load = LoadVolumed("image", check_contrast=False, **kwargs)
 
-    def __call__(self, data: Mapping) -> dict:
+    def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
         d = dict(data)
+        key = self.first_key(d)
+        if "modalities" not in d:  # a bare item: its image is the T2 (a 4D file's T2 channel: "t2_channel")
+            d["modalities"] = {SOURCE: d[key]}
+            if "t2_channel" in d:
+                d["channels"] = {SOURCE: d.pop("t2_channel")}
+        modalities, channels = d.pop("modalities"), d.pop("channels", None) or {}
+        unread = [m for m in modalities if m not in self.inputs]
+        if unread:
+            raise ValueError(f"{modalities[unread[0]]}: this generator reads {', '.join(self.inputs)}, not the "
+                             f"{unread[0]}")  # fmt: skip
         loaded, first = {}, None
-        for m, path in d.pop("modalities").items():
-            img = (self.load_t2 if m == SOURCE else self.load)({"image": path})["image"]
+        for m, path in modalities.items():
+            item = {"image": path, "channel": channels[m]} if m in channels else {"image": path}
+            img = (self.load_t2 if m == SOURCE else self.load)(item)["image"]
             if first is None:
                 first = (path, img)
             elif tuple(img.shape) != tuple(first[1].shape) or not np.allclose(img.affine, first[1].affine, atol=1e-4):
@@ -161,13 +154,12 @@ class LoadModalitiesd(MapTransform):
             loaded[m] = img
         ref = first[1]
         zeros = torch.zeros(ref.shape, dtype=torch.float32)
-        stack = torch.stack([torch.as_tensor(loaded[m]).float() if m in loaded else zeros for m in CHANNELS])
+        stack = torch.stack([torch.as_tensor(loaded[m]).float() if m in loaded else zeros for m in self.inputs])
         image = MetaTensor(stack, meta=dict(ref.meta))
         image.meta["original_channel_dim"] = 0
-        mask = (stack > 0).any(dim=0, keepdim=True).float()
-        for key in self.keys:
-            d[key] = image
-        d["mask"] = MetaTensor(mask, meta=dict(ref.meta))
+        for k in self.key_iterator(d):
+            d[k] = image
+        d["mask"] = MetaTensor((stack > 0).any(dim=0, keepdim=True).float(), meta=dict(ref.meta))
         d["mask"].meta["original_channel_dim"] = 0
         return d
 
@@ -190,7 +182,7 @@ def _check_t2_contrast(img: torch.Tensor, path: str) -> None:
 
 
 def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.Tensor:
-    """The 3D T2 volume of a loaded image (see :class:`LoadT2d` for what is checked)."""
+    """The 3D volume of a loaded image (see :class:`LoadVolumed` for what is checked)."""
     if channel is not None and img.ndim == 4:
         img = img[..., channel]
     while img.ndim > 3 and img.shape[-1] == 1:
@@ -216,23 +208,24 @@ def _checked_volume(img: torch.Tensor, path: str, channel: int | None) -> torch.
 
 
 def inference_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` of inference: ``(image, None)`` for the paper's generators; for the any-missing generator
-    (a batch with ``available``, one case) ``(image, None, (available,), {"outputs": missing indices})``, so that
-    the network synthesises the case's missing modalities only."""
+    """``prepare_batch`` of inference: ``(image, None, (), {"available": ..., "outputs": [names]})``, so that the
+    generator (any kind: each takes these keywords) synthesises the case's wanted modalities (its ``missing``)
+    from those it has (``available``); a bare item without them: ``(image, None)``, every output."""
     image = batchdata["image"].to(device=device, non_blocking=non_blocking)
-    if "available" not in batchdata:
-        return image, None
-    missing = batchdata["missing"]
-    missing = missing[0] if isinstance(missing, (list, tuple)) else missing
-    outputs = [CHANNELS.index(m) for m in str(missing).split(",")]
-    return image, None, (batchdata["available"].to(device),), {"outputs": outputs}
+    asked = {}
+    if "available" in batchdata:
+        asked["available"] = batchdata["available"].to(device)
+    if "missing" in batchdata:
+        missing = batchdata["missing"]
+        asked["outputs"] = str(missing[0] if isinstance(missing, (list, tuple)) else missing).split(",")
+    return (image, None, (), asked) if asked else (image, None)
 
 
 class SaveTargetsd:
     """Write each channel of ``d[key]`` as ``output_dir/<case>_<target>.nii.gz``, all of a case or none.
 
-    An any-missing case (an item with ``missing`` and ``output_names``, :func:`scripts.runtime.cases.
-    any_missing_case`) has one channel per missing modality, written under its ``output_names``.
+    A case (an item with ``missing`` and ``output_names``, :func:`scripts.runtime.cases.synthesis_case`) has one
+    channel per wanted modality, written under its ``output_names``; an item without them, one per ``targets``.
 
     Args:
         key: the prediction, ``(len(targets), H, W, D)`` on the input's voxel grid (after ``Invertd``), float.
@@ -292,7 +285,7 @@ class SaveTargetsd:
                 f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(channels)} channels on "
                 f"the input grid {tuple(ref.shape[1:])}"
             )
-        if "missing" in d:  # an any-missing case: every channel is one of its missing modalities
+        if "missing" in d:  # a case: every channel is one of its wanted modalities
             keep = list(range(len(channels)))
         else:
             keep = [i for i, t in enumerate(channels) if t in self.write]
@@ -656,14 +649,31 @@ class BrainSliceInferer(Inferer):
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         # a 2.5D generator takes k neighbouring slices (of each channel: the any-missing generator's four slots)
         context = int(getattr(network, "context", getattr(network, "in_channels", 1)))
+        kwargs, keep = _t2_generator_call(network, kwargs)
         results = []
         for i, volume in enumerate(x):
             case_args = [a[i : i + 1] if isinstance(a, torch.Tensor) else a for a in args]  # per-case inputs
-            results.append(self._fused(volume, network, context, case_args, kwargs))
+            case_kwargs = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            results.append(self._fused(volume, network, context, case_args, case_kwargs))
         output = torch.stack(results)
+        if keep is not None:  # the channels asked for, of the mean (and of the spread after it)
+            total = len(getattr(network, "module", network).outputs)
+            output = output[:, keep + ([total + k for k in keep] if self.uncertainty else [])]
         if isinstance(inputs, MetaTensor):
             output = MetaTensor(output).copy_meta_from(inputs, copy_attr=False)
         return output
+
+
+def _t2_generator_call(network: Callable, kwargs: dict) -> tuple[dict, list[int] | None]:
+    """The keywords a case asks of ``network`` (:func:`inference_batch`), and the output channels to keep after it
+    ran. A generator that reads the T2 alone needs no ``available``, and runs with no keywords at all (every
+    output, then the ``outputs`` asked for are kept): so it stays exportable (ONNX Runtime, ``torch.compile``,
+    :class:`SliceRunner`)."""
+    net = getattr(network, "module", network)
+    if tuple(getattr(net, "inputs", ())) != (SOURCE,) or set(kwargs) - {"available", "outputs"}:
+        return kwargs, None
+    outputs = kwargs.get("outputs")
+    return {}, (None if outputs is None else output_indices(outputs, tuple(net.outputs)))
 
 
 class SplitSpreadd(MapTransform):
@@ -736,7 +746,7 @@ class CaseProgress:
 
 
 class UnwrapTransformErrors:
-    """Engine handler: re-raise the error a transform raised (e.g. :class:`LoadT2d`'s message naming the file),
+    """Engine handler: re-raise the error a transform raised (e.g. :class:`LoadVolumed`'s message naming the file),
     not MONAI's ``RuntimeError("applying transform ...")`` wrappers around it. Other errors pass unchanged.
 
     Args:

@@ -235,7 +235,7 @@ class SynthesisNet(nn.Module):
 
     ``state_dict()`` carries, besides the weights and the ``arch`` buffer, an ``_extra_state`` entry, the encoded
     :meth:`description` ``{"image_size", "intensity_scaling", "in_channels", "targets"}``, so a ``model.pt``
-    says how to prepare its input; :func:`scripts.runtime.checkpoints.synthesis_arch` reads it back.
+    says how to prepare its input; :func:`scripts.runtime.checkpoints.read_model` reads it back.
 
     Raises:
         ValueError: unknown variant or intensity scaling, or sizes < 1.
@@ -271,6 +271,11 @@ class SynthesisNet(nn.Module):
         self.generators = nn.ModuleList([Pix2PixUNet(in_ch, 1, features, num_downs, upsample) for _ in range(n_gen)])
         self.calibration = IntensityCalibration(self.num_targets)
         self.register_buffer("arch", torch.tensor([VARIANTS.index(variant), features, num_targets, num_downs]))
+
+    def settings(self) -> dict:
+        """Everything it was built with, as :func:`scripts.runtime.checkpoints.read_model` reads it from a file."""
+        return {"variant": self.variant, "features": int(self.arch[1]), "num_targets": self.num_targets,
+                "num_downs": int(self.arch[3]), **self.description()}  # fmt: skip
 
     def description(self) -> dict:
         """What a user of the weights must know besides the architecture: ``image_size``, ``intensity_scaling``,
@@ -313,20 +318,66 @@ class SynthesisNet(nn.Module):
                 out = out.index_put((idx,), gen(x.index_select(0, idx)))
         return self.calibration(out, labels)
 
-    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """All targets at once: ``(B, in_channels, H, W)`` T2 -> ``(B, num_targets, H, W)`` in :data:`TARGETS` order.
+    #: the modalities it reads (:data:`SOURCE` alone: the paper's task)
+    inputs = (SOURCE,)
+
+    @classmethod
+    def from_settings(cls, variant: str = "tcmgan", features: int = 64, num_downs: int = 7, image_size: int = 128,
+                      intensity_scaling: str = "volume", in_channels: int = 1, upsample: str = "transpose",
+                      num_targets: int = 3, **_) -> SynthesisNet:
+        """Built from the settings every generator kind shares (:func:`make_generator`, the checkpoints)."""
+        return cls(variant, features, num_targets, num_downs, image_size, intensity_scaling, in_channels, upsample)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The modalities it writes, in channel order (:data:`TARGETS`)."""
+        return tuple(TARGETS[: self.num_targets])
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None, available=None,
+                outputs=None) -> torch.Tensor:
+        """The targets ``outputs`` (names or indices in :attr:`outputs`; default all) at once: ``(B, in_channels,
+        H, W)`` T2 -> ``(B, len(outputs), H, W)`` in the order asked. ``available`` (the case's
+        modalities, as the any-missing generator takes them) is accepted for one calling form: this generator
+        reads the T2 alone.
 
         With ``labels`` ``(B,)``, one target per sample instead: ``(B, 1, H, W)``, as :meth:`synthesise` (the
         trainer calls this form, so that a ``DistributedDataParallel`` wrapper sees the forward pass).
         """
         if labels is not None:
             return self.synthesise(x, labels)
+        wanted = output_indices(outputs, self.outputs)
         b = x.shape[0]
         if self.conditional:  # one batched forward over (target, sample) pairs
-            labels = torch.arange(self.num_targets, device=x.device).repeat_interleave(b)
-            out = self.synthesise(x.repeat(self.num_targets, 1, 1, 1), labels)
-            return out.reshape(self.num_targets, b, x.shape[-2], x.shape[-1]).transpose(0, 1)
-        return torch.cat([gen(x) for gen in self.generators], dim=1)
+            labels = torch.tensor(wanted, device=x.device).repeat_interleave(b)
+            out = self.synthesise(x.repeat(len(wanted), 1, 1, 1), labels)
+            return out.reshape(len(wanted), b, x.shape[-2], x.shape[-1]).transpose(0, 1)
+        return torch.cat([self.generators[k](x) for k in wanted], dim=1)
+
+
+def output_indices(outputs, names) -> list[int]:
+    """The channels of ``names`` (a generator's :attr:`outputs`) that ``outputs`` asks for: None (all), indices, or
+    names (a list, or one comma-separated string such as a case's ``missing``).
+
+    Raises:
+        ValueError: a name the generator does not write, or an index out of range.
+    """
+    if outputs is None:
+        return list(range(len(names)))
+    if isinstance(outputs, str):
+        outputs = [o for o in outputs.split(",") if o]
+    if isinstance(outputs, torch.Tensor):
+        outputs = outputs.flatten().tolist()
+    wanted = []
+    for o in outputs:
+        if isinstance(o, str):
+            if o not in names:
+                raise ValueError(f"this generator writes {', '.join(names)}; it cannot synthesise {o!r}")
+            wanted.append(names.index(o))
+        elif 0 <= int(o) < len(names):
+            wanted.append(int(o))
+        else:
+            raise ValueError(f"output index {o} out of range for a generator of {len(names)} outputs")
+    return wanted
 
 
 class ModalityCritic(nn.Module):
@@ -403,20 +454,21 @@ def make_critic(variant: str, features: int = 64, num_targets: int = 3, image_si
 
 
 def make_generator(variant: str = "tcmgan", features: int = 64, image_size: int = 128,
-                   intensity_scaling: str = "volume", in_channels: int = 1, upsample: str = "transpose") -> nn.Module:
-    """The generator of ``variant``: a :class:`SynthesisNet` for the paper's four, an :class:`AnyMissingNet` (with
-    ``in_channels`` slices of context per modality) for ``anymissing``.
+                   intensity_scaling: str = "volume", in_channels: int = 1, upsample: str = "transpose",
+                   num_downs: int = 7) -> nn.Module:
+    """The generator of ``variant``, built by its class in :data:`GENERATOR_CLASSES` (``from_settings``):
+    a :class:`SynthesisNet` for the paper's four, an :class:`AnyMissingNet` (``in_channels`` slices of context per
+    modality) for ``anymissing``.
 
     Raises:
         ValueError: unknown variant, or invalid settings (as the classes).
     """
-    if variant == ANYMISSING:
-        return AnyMissingNet(features, image_size=image_size, intensity_scaling=intensity_scaling,
-                             context=in_channels, upsample=upsample)
-    if variant not in VARIANTS:
+    if variant not in GENERATOR_CLASSES:
         raise ValueError(f"unknown variant {variant!r}; expected one of {GENERATORS}")
-    return SynthesisNet(variant, features, image_size=image_size, intensity_scaling=intensity_scaling,
-                        in_channels=in_channels, upsample=upsample)
+    return GENERATOR_CLASSES[variant].from_settings(
+        variant=variant, features=features, num_downs=num_downs, image_size=image_size,
+        intensity_scaling=intensity_scaling, in_channels=in_channels, upsample=upsample,
+    )  # fmt: skip
 
 
 class TumourSegmenter(nn.Module):
@@ -540,12 +592,22 @@ class AnyMissingNet(nn.Module):
     ``forward(x, available=None, labels=None, outputs=None)``: ``x`` ``(N, 4 * context, H, W)`` slots,
     ``available`` ``(N or 1, 4)`` (None: T2 only, the paper's task, so that one-input tools such as the zoo's
     ``verify_net_in_out`` can call it). With ``labels`` ``(N,)`` (indices in :data:`CHANNELS`): one modality per
-    sample, ``(N, 1, H, W)``; else the modalities ``outputs`` (indices, default all four) ``(N, len, H, W)``.
+    sample, ``(N, 1, H, W)``; else the modalities ``outputs`` (names or indices, :func:`output_indices`; default all
+    four) ``(N, len, H, W)``.
     The state dict's ``arch`` buffer is ``[features, num_downs, image_size, scaling index, context, upsample
     index]`` and its weights sit under ``generator.`` (a paper generator's under ``generators.``).
     """
 
     variant = ANYMISSING
+    #: the modalities it reads (any subset, given by ``available``) and writes, in channel order
+    inputs = outputs = tuple(CHANNELS)
+
+    @classmethod
+    def from_settings(cls, features: int = 64, num_downs: int = 7, image_size: int = 128,
+                      intensity_scaling: str = "volume", in_channels: int = 1, upsample: str = "transpose",
+                      **_) -> AnyMissingNet:
+        """Built from the settings every generator kind shares (``in_channels``: its ``context``)."""
+        return cls(features, num_downs, image_size, intensity_scaling, context=in_channels, upsample=upsample)
 
     def __init__(self, features: int = 64, num_downs: int = 7, image_size: int = 128,
                  intensity_scaling: str = "volume", context: int = 1, upsample: str = "transpose"):
@@ -571,6 +633,11 @@ class AnyMissingNet(nn.Module):
         """The settings the ``arch`` buffer records (``decode_any_missing_arch`` reads them back)."""
         return decode_any_missing_arch(self.arch)
 
+    def settings(self) -> dict:
+        """Everything it was built with, as :func:`scripts.runtime.checkpoints.read_model` reads it from a file
+        (``in_channels``: its ``context``)."""
+        return {**self.description(), "in_channels": self.context, "targets": list(self.outputs)}
+
     def synthesise(self, x: torch.Tensor, available: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """One modality per sample: ``(N, 1, H, W)``; the target's slot is masked whatever ``available`` says."""
         avail = t2_only(1, x.device) if available is None else available
@@ -583,7 +650,7 @@ class AnyMissingNet(nn.Module):
                 outputs=None) -> torch.Tensor:
         if labels is not None:
             return self.synthesise(x, available, labels)
-        wanted = list(range(self.num_modalities)) if outputs is None else [int(i) for i in outputs]
+        wanted = output_indices(outputs, self.outputs)
         n = x.shape[0]
         labels = torch.tensor(wanted, device=x.device).repeat_interleave(n)
         avail = t2_only(1, x.device) if available is None else available
@@ -606,3 +673,9 @@ def decode_any_missing_arch(arch) -> dict:
     return {"variant": ANYMISSING, "features": values[0], "num_downs": values[1], "image_size": values[2],
             "intensity_scaling": INTENSITY_SCALINGS[values[3]], "context": values[4],
             "upsample": UPSAMPLINGS[values[5]]}
+
+
+#: The generator class of each variant. A new kind of generator declares the modalities it reads and writes
+#: (``inputs``, ``outputs``), builds itself from the shared settings (``from_settings``) and is registered here;
+#: its checkpoint reader goes into :data:`scripts.runtime.checkpoints.GENERATOR_READERS`.
+GENERATOR_CLASSES = {**dict.fromkeys(VARIANTS, SynthesisNet), ANYMISSING: AnyMissingNet}
