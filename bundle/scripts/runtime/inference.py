@@ -377,20 +377,18 @@ class SliceRunner:
     - ``"eager"``: the network itself (``backend="torch"``);
     - ``"compiled"``: the network through ``torch.compile`` (``backend="torch"`` with ``compile``; inductor, frozen
       weights, a dynamic batch size so that other numbers of slices reuse the compiled code). The first call
-      compiles (~40 s on 2 CPU cores for the U-Net, ~16 s when inductor's on-disk cache already holds it); each
-      later forward costs ~15-30 % less CPU, with outputs equal up to float rounding. If compiling fails (e.g. no
+      compiles; later forwards cost less CPU, with outputs equal up to float rounding. If compiling fails (e.g. no
       C++ compiler), a warning says so and the runner stays eager from then on;
-    - ``"onnxruntime"``: the network exported once with ``torch.onnx.export`` (in memory, a dynamic batch size;
-      ~1.5 s at the paper's width) and run by ONNX Runtime on the CPU with as many threads as torch uses: ~0.67x the
-      eager forward's time at width 64 on 2 CPU cores, outputs equal up to float rounding (max abs ~3e-6); CPU
+    - ``"onnxruntime"``: the network exported once with ``torch.onnx.export`` (in memory, a dynamic batch size) and
+      run by ONNX Runtime on the CPU with as many threads as torch uses, outputs equal up to float rounding; CPU
       slices only. The export is redone when the network's weights change (another network, ``load_state_dict``,
       an optimizer step); :attr:`exports` counts them. If the export or the session fails, a warning says so and
       the runner uses torch from then on.
     - ``"bf16"``: the network under ``torch.autocast`` with bfloat16 (``precision="bf16"``, or ``"auto"`` on a CPU
-      with native bf16): convolutions in bfloat16, normalisations in float32, the output returned as float32;
-      outputs within 47.8-54 dB PSNR of fp32's on phantom volumes, ~1.3x the volumes per minute of ONNX Runtime's
-      fp32 on a Zen 4 CPU at width 16 (docs/performance.md). Takes precedence over ``backend`` (ONNX Runtime runs
-      fp32 here) and ``compile``.
+      with native bf16): convolutions in bfloat16, normalisations in float32, the output returned as float32.
+      Takes precedence over ``backend`` (ONNX Runtime runs fp32 here) and ``compile``.
+
+    What each engine costs and how close its outputs are, as measured: ``docs/performance.md``.
 
     Args:
         batch_size: most slices per network call.

@@ -38,8 +38,8 @@ def resolve_precision(precision: str, device_type: str) -> str:
     """The number format ``precision`` means for inference slices on a ``device_type`` device: ``"fp32"`` or
     ``"bf16"``.
 
-    ``auto`` is bf16 on a CPU that computes it natively (:func:`native_bf16`), where it was measured 1.3x faster
-    than the fp32 default path with outputs within 47.8 dB PSNR of fp32's (docs/performance.md), and fp32
+    ``auto`` is bf16 on a CPU that computes it natively (:func:`native_bf16`), where it was measured faster than the
+    fp32 default path with outputs close to fp32's (the figures: docs/performance.md), and fp32
     elsewhere: on a CPU without it (emulated bf16 is slow) and on a GPU (the network is a few percent of a
     volume's time there; ``amp`` is the GPU's option).
     """
