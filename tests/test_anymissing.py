@@ -1,5 +1,5 @@
 """Specification of the any-missing task (issue #16): ``train.json --variant anymissing``, inference with whatever
-modalities a case has (``inference.json --flair/--t1/--t1ce/--t2``), and its evaluation (``evaluate_anymissing.json``).
+modalities a case has (``inference.json --flair/--t1/--t1ce/--t2``), and its evaluation (``evaluate.json``, the scenarios).
 
 Tiny untrained networks (width 4) on small volumes: these tests check the wiring (masks, zero-filling, names,
 geometry, errors), not the quality, which ``bundle/docs/anymissing.md`` reports with its commands.
@@ -12,13 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_MIN_PIXELS, TINY, brain, files_in, run_workflow, save_nifti, train_workflow
+from conftest import SMALL_MIN_PIXELS, TINY, brain, files_in, root_cause, run_workflow, save_nifti, train_workflow
 
-from scripts.runtime.anymissing import SCENARIOS, SUBSETS, AvailabilityDraw
+from scripts.runtime.anymissing import SUBSETS, AvailabilityDraw
 from scripts.runtime.cases import datalist_cases, output_names, scenario_mask, synthesis_case
 from scripts.runtime.checkpoints import load_model, read_model
 from scripts.runtime.conventions import CHANNELS
 from scripts.runtime.data import SliceDataset, synthesis_batch
+from scripts.runtime.evaluation import SCENARIOS
 from scripts.runtime.inference import inference_batch
 from scripts.runtime.networks import MISSING_FILL, AnyMissingNet, any_missing_input, make_critic
 
@@ -307,7 +308,7 @@ def test_datalist_entries_with_null_modalities(tmp_path, any_missing_ckpt, case_
 def test_evaluation_writes_the_scenario_and_downstream_tables(phantom_dir, tmp_path, any_missing_ckpt, tcmgan_ckpt):
     run_workflow("train_downstream.json", dataset_dir=str(phantom_dir), output_dir=str(tmp_path), inputs="real",
                  **TINY)  # fmt: skip
-    run_workflow("evaluate_anymissing.json", dataset_dir=str(phantom_dir), output_dir=str(tmp_path / "ev"),
+    run_workflow("evaluate.json", dataset_dir=str(phantom_dir), output_dir=str(tmp_path / "ev"),
                  ckpt_path=str(any_missing_ckpt), paper_ckpt=str(tcmgan_ckpt),
                  downstream_ckpt=str(tmp_path / "downstream" / "real" / "model.pt"),
                  min_brain_pixels=SMALL_MIN_PIXELS, max_cases=1)  # fmt: skip
@@ -330,10 +331,13 @@ def test_evaluation_writes_the_scenario_and_downstream_tables(phantom_dir, tmp_p
         assert (tmp_path / f"{view}.png").stat().st_size > 10_000 and png.endswith(f"{view}.png")
 
 
-def test_evaluation_refuses_a_paper_model_as_the_any_missing_one(phantom_dir, tmp_path, tcmgan_ckpt):
-    with pytest.raises(SystemExit, match="needs an any-missing one"):
-        run_workflow("evaluate_anymissing.json", dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
-                     ckpt_path=str(tcmgan_ckpt), min_brain_pixels=SMALL_MIN_PIXELS)  # fmt: skip
+def test_the_scenario_options_are_refused_for_a_paper_model(phantom_dir, tmp_path, tcmgan_ckpt):
+    """evaluate.json gives a paper generator Table 1; the options of the scenario evaluation are an error for it."""
+    with pytest.raises(Exception) as info:
+        run_workflow("evaluate.json", dataset_dir=str(phantom_dir), output_dir=str(tmp_path),
+                     ckpt_path=str(tcmgan_ckpt), paper_ckpt=str(tcmgan_ckpt), min_brain_pixels=SMALL_MIN_PIXELS)
+    assert "reads the T2 alone, and its evaluation is Table 1" in str(root_cause(info.value))
+    assert not (tmp_path / "scores.json").exists()
 
 
 def test_brasyn_folder_with_a_missing_modality_runs_through_prepare_datalist(tmp_path, any_missing_ckpt):

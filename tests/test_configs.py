@@ -23,7 +23,6 @@ OVERLAYS = (
     "evaluate_downstream.json",
     "multi_gpu_train.json",
     "recommended.json",
-    "evaluate_anymissing.json",
     "calibrate.json",
 )
 

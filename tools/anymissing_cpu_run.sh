@@ -3,7 +3,7 @@
 # From the repository root:  bash tools/anymissing_cpu_run.sh [STAGE...]   (default: every stage, in order)
 # Stages: data; segmenter (the tumour segmenter S the GANs' tumour-consistency term uses); gans (TC-MGAN and the
 #         any-missing generator at the same budget, side by side, one thread each); downstream (the segmenter of
-#         BraSyn's downstream test, on the four real modalities); evaluate (evaluate_anymissing.json); brasyn (the test
+#         BraSyn's downstream test, on the four real modalities); evaluate (evaluate.json); brasyn (the test
 #         cases copied as BraSyn's validation folders hold them, one modality and the label removed, listed with
 #         prepare_datalist --allow_missing true and synthesised by inference.json: outputs under BraSyn's names).
 # Everything goes under runs/anymissing (override with R=...), the data under data/am30 (D=...).
@@ -38,7 +38,7 @@ for stage in $stages; do
     $RUN --config_file "$(overlay train_segmenter.json train_downstream.json)" --dataset_dir "$D" --output_dir "$R" --inputs real \
       --features 16 --batch_size 32 --max_epochs 30 --val_num_cases 3 --overwrite true > "$R/logs/downstream_real.log" 2>&1 ;;
   evaluate)
-    $RUN --config_file "$(overlay evaluate_anymissing.json)" --dataset_dir "$D" --ckpt_path "$R/anymissing/model.pt" \
+    $RUN --config_file "$(overlay evaluate.json)" --dataset_dir "$D" --ckpt_path "$R/anymissing/model.pt" \
       --paper_ckpt "$R/tcmgan/model.pt" --downstream_ckpt "$R/downstream/real/model.pt" --output_dir "$R/evaluation" \
       > "$R/logs/evaluate.log" 2>&1 ;;
   brasyn)

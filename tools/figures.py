@@ -336,7 +336,7 @@ def comparison_figure(examples, output_png, names=None) -> str:
 
 
 def anymissing_figure(examples, output_png, view: str = "axial") -> str:
-    """The any-missing generator on one slice (``examples.npz`` of ``evaluate_anymissing.json``): per modality
+    """The any-missing generator on one slice (``examples.npz`` of ``evaluate.json`` on an any-missing model): per modality
     (columns FLAIR, T1, T1ce, T2), the real image; its synthesis from the three others (BraSyn) and that scenario's
     best trivial baseline; its synthesis from T2 alone, the paper's TC-MGAN from T2 alone (when it was evaluated)
     and that scenario's best trivial baseline (the T2 or the inverted T2); the whole tumour outlined in yellow.

@@ -1,7 +1,12 @@
-"""Table 1: synthesis quality of a generator checkpoint (and of two trivial baselines) on a datalist split.
+"""The evaluation of a generator checkpoint on a datalist split, against trivial baselines: Table 1 for a paper
+generator, a table per scenario for the any-missing one (:func:`evaluation_for` picks it from what the generator
+reads).
 
 Driven by ``configs/evaluate.json``, which declares the network, the MONAI transforms and the inferer; this module
-runs them case by case and writes the tables:
+runs them case by case (:class:`CaseEvaluation`, the skeleton both share: each case loaded once,
+:class:`LoadedCase`) and writes the tables.
+
+**Table 1** (:class:`SynthesisEvaluation`):
 
 - per case: the four real modalities and the label are loaded once at full resolution (``load_transform``);
 - **paper convention**: the slices kept by the brain filter, resized to 128x128 (``slice_transform``, the training
@@ -18,6 +23,9 @@ Outputs in ``output_dir``: ``per_case.csv`` (one row per case, method and target
 ``scores.json`` (mean, std and counts per method, target and metric), ``table1.md`` / ``table1.csv`` (both
 conventions, shaped like the paper's Table 1) and ``examples.npz`` (the slice with the largest tumour, for the
 figure). :func:`write_table1` merges the ``scores.json`` of several runs (one per variant) into one table.
+
+**Scenarios** (:class:`ScenarioEvaluation`, :data:`SCENARIOS`): each modality missing given the other three, and
+the T2 alone -> each target; ``scenarios.md``.
 """
 
 from __future__ import annotations
@@ -32,10 +40,13 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
-from .conventions import T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
-from .data import case_name, load_split, neighbour_slices
+from .cases import scenario_mask
 from .checkpoints import cpu_weights, save_atomic
+from .conventions import CHANNELS, SOURCE, T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
+from .data import case_name, load_split, neighbour_slices
+from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .files import write_atomic, write_csv, write_json, write_text
 from .metrics import (
     PROTOCOL_METRICS,
@@ -45,6 +56,7 @@ from .metrics import (
     percentile_unit,
     protocol_brain,
     protocol_scores,
+    psnr_in_mask,
     summarise,
     volume_scores,
 )
@@ -89,7 +101,83 @@ def synthesise_volume(network: torch.nn.Module, t2: torch.Tensor, volume_transfo
     return to_input_grid(_to_unit(pred.cpu()), x, volume_transform) * (t2 > 0).float()
 
 
-class SynthesisEvaluation:
+class LoadedCase:
+    """One datalist entry as every evaluation reads it: ``name``; ``data`` (``load_transform``'s output); ``image``
+    ``(4, H, W, D)`` and ``label`` ``(1, H, W, D)`` at full resolution (RAS); ``image128`` / ``label128``, the
+    training preprocessing's slices (with 2.5D context also the kept slices' neighbours); ``keep``, the indices of
+    the slices the brain filter kept."""
+
+    def __init__(self, case: Mapping, load_transform: Callable, slice_transform: Callable):
+        self.name = case_name(case)
+        self.data = load_transform(dict(case))
+        self.image = torch.as_tensor(self.data["image"]).float()
+        self.label = torch.as_tensor(self.data["label"])
+        sliced = slice_transform({"image": self.data["image"], "label": self.data["label"]})
+        self.image128 = torch.as_tensor(sliced["image"]).float()
+        self.label128 = torch.as_tensor(sliced["label"])
+        centre = sliced.get("centre")  # with 2.5D context the sliced volume also holds the kept slices' neighbours
+        self.keep = (torch.arange(self.image128.shape[-1]) if centre is None
+                     else torch.nonzero(torch.as_tensor(centre)).flatten())  # fmt: skip
+
+
+class CaseEvaluation:
+    """The skeleton every evaluation of a generator shares: the cases of a split, each loaded once
+    (:class:`LoadedCase`) and scored by :meth:`score_case` (rows, further rows, an example), one log line per case,
+    then the outputs: ``per_case.csv``, ``scores.json`` and ``examples.npz`` (the example with the most tumour),
+    and what :meth:`write` adds. :func:`evaluation_for` picks the evaluation of a generator from what it reads."""
+
+    #: the key of an example that says how much tumour it shows (the largest is kept)
+    example_size = "tumour_pixels"
+
+    def __init__(self, network, cases, load_transform: Callable, slice_transform: Callable,
+                 volume_transform: Callable, inferer, output_dir: str, device="cpu"):  # fmt: skip
+        if not cases:
+            raise ValueError("no cases to evaluate")
+        self.network = network.eval() if network is not None else None
+        self.cases = list(cases)
+        self.load_transform, self.slice_transform = load_transform, slice_transform
+        self.volume_transform = volume_transform
+        self.inferer = inferer
+        self.output_dir = str(output_dir)
+        self.device = torch.device(device)
+
+    def load(self, case: Mapping) -> LoadedCase:
+        return LoadedCase(case, self.load_transform, self.slice_transform)
+
+    def score_case(self, case: Mapping) -> tuple[list[dict], list[dict], dict]:
+        raise NotImplementedError
+
+    def progress(self, rows: list[dict], example: dict, seconds: float) -> str:
+        """The log line of a scored case (after ``[i/n]``)."""
+        return f"{example['case']} scored ({seconds:.0f} s)"
+
+    def write(self, rows: list[dict], more: list[dict], summary: dict) -> None:
+        """Write what this evaluation adds to the common outputs."""
+
+    def summary(self, rows: list[dict], more: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def run(self) -> dict:
+        """Score every case (a log line per case), write the outputs and return the summary (``scores.json``)."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        rows, more, example = [], [], None
+        start = time.time()
+        for i, case in enumerate(self.cases):
+            r, m, ex = self.score_case(case)
+            rows += r
+            more += m
+            if example is None or ex[self.example_size] > example[self.example_size]:
+                example = ex
+            logger.info(f"[{i + 1}/{len(self.cases)}] " + self.progress(r, ex, time.time() - start))
+        summary = self.summary(rows, more)
+        write_csv(os.path.join(self.output_dir, "per_case.csv"), rows)
+        write_json(os.path.join(self.output_dir, "scores.json"), summary, indent=2)
+        write_atomic(os.path.join(self.output_dir, "examples.npz"), lambda p: np.savez_compressed(p, **example))
+        self.write(rows, more, summary)
+        return summary
+
+
+class SynthesisEvaluation(CaseEvaluation):
     """Score one generator (and the baselines) on a list of cases; see the module doc.
 
     Args:
@@ -120,18 +208,9 @@ class SynthesisEvaluation:
         baselines: bool = True,
         device="cpu",
     ):
-        if not cases:
-            raise ValueError("no cases to evaluate")
-        self.network = network.eval() if network is not None else None
-        self.cases = list(cases)
-        self.load_transform = load_transform
-        self.slice_transform = slice_transform
-        self.volume_transform = volume_transform
-        self.inferer = inferer
-        self.output_dir = str(output_dir)
+        super().__init__(network, cases, load_transform, slice_transform, volume_transform, inferer, output_dir, device)
         self.method = str(method)
         self.baselines = bool(baselines)
-        self.device = torch.device(device)
         self.methods = ([self.method] if network is not None else []) + (list(BASELINES) if self.baselines else [])
         if not self.methods:
             raise ValueError("nothing to evaluate: no network and baselines=False")
@@ -174,14 +253,8 @@ class SynthesisEvaluation:
 
     def score_case(self, case: Mapping) -> tuple[list[dict], list[dict], dict]:
         """Per-case rows, per-slice rows and the example slice of one datalist entry."""
-        name = case_name(case)
-        data = self.load_transform(dict(case))
-        image, label = torch.as_tensor(data["image"]).float(), torch.as_tensor(data["label"])
-        sliced = self.slice_transform({"image": data["image"], "label": data["label"]})
-        image128, label128 = torch.as_tensor(sliced["image"]).float(), torch.as_tensor(sliced["label"])
-        # the slices the brain filter kept (with 2.5D context the volume also holds their neighbours)
-        centre = sliced.get("centre")
-        keep = torch.arange(image128.shape[-1]) if centre is None else torch.nonzero(torch.as_tensor(centre)).flatten()
+        c = self.load(case)
+        name, image, label, image128, label128, keep = c.name, c.image, c.label, c.image128, c.label128, c.keep
         context = int(getattr(self.network, "in_channels", 1)) if self.network is not None else 1
         if context > 1:
             network_input = neighbour_slices(image128[T2_INDEX], keep, context)
@@ -227,34 +300,24 @@ class SynthesisEvaluation:
         }
         return case_rows, slice_rows, example
 
-    # --- the run --------------------------------------------------------------------------------------------------
+    # --- the outputs ------------------------------------------------------------------------------------------------
 
-    def run(self) -> dict:
-        """Score every case (a log line per case), write the outputs and return the summary (``scores.json``)."""
-        os.makedirs(self.output_dir, exist_ok=True)
-        case_rows, slice_rows, example = [], [], None
-        start = time.time()
-        for i, case in enumerate(self.cases):
-            rows, slices, ex = self.score_case(case)
-            case_rows += rows
-            slice_rows += slices
-            if example is None or ex["tumour_pixels"] > example["tumour_pixels"]:
-                example = ex
-            mine = [r for r in rows if r["method"] == self.methods[0]]
-            logger.info(
-                f"[{i + 1}/{len(self.cases)}] {ex['case']} ({mine[0]['n_slices']} slices, {time.time() - start:.0f} s): "
+    def progress(self, rows: list[dict], example: dict, seconds: float) -> str:
+        mine = [r for r in rows if r["method"] == self.methods[0]]
+        return (f"{example['case']} ({mine[0]['n_slices']} slices, {seconds:.0f} s): "
                 + ", ".join(f"{r['target']} {r['psnr']:.2f} dB / {r['ssim']:.3f}" for r in mine)
-                + f" ({self.methods[0]}, paper convention)"
-            )
-        summary = summarise_rows(case_rows, slice_rows, self.methods)
+                + f" ({self.methods[0]}, paper convention)")  # fmt: skip
+
+    def summary(self, rows: list[dict], more: list[dict]) -> dict:
+        summary = summarise_rows(rows, more, self.methods)
         summary["settings"] = {"n_cases": len(self.cases), "method": self.method, "baselines": self.baselines}
-        write_csv(os.path.join(self.output_dir, "per_case.csv"), case_rows)
-        write_csv(os.path.join(self.output_dir, "per_slice.csv"), slice_rows)
-        write_json(os.path.join(self.output_dir, "scores.json"), summary, indent=2)
-        write_atomic(os.path.join(self.output_dir, "examples.npz"), lambda p: np.savez_compressed(p, **example))
+        return summary
+
+    def write(self, rows: list[dict], more: list[dict], summary: dict) -> None:
+        """``per_slice.csv`` and Table 1."""
+        write_csv(os.path.join(self.output_dir, "per_slice.csv"), more)
         table = write_table1([summary], self.output_dir)
         logger.info(f"Table 1 written to {self.output_dir}/table1.md\n{table}")
-        return summary
 
 
 def summarise_rows(case_rows: list[dict], slice_rows: list[dict], methods: Sequence[str]) -> dict:
@@ -565,3 +628,247 @@ class MarginSelection:
         if best is not None:
             text += f" (best score {best['score']:.3f} at iteration {best['iteration']})"
         return text
+
+
+#: The evaluation scenarios, name -> (available modalities, missing modality); BraSyn's four (one missing, three
+#: present) and the paper's T2-only task (one row per target).
+SCENARIOS = {
+    **{f"missing_{m}": (tuple(c for c in CHANNELS if c != m), m) for m in CHANNELS},
+    **{f"t2_only_{t}": ((SOURCE,), t) for t in TARGETS},
+}
+
+
+# --- the any-missing generator: a table per scenario, and BraSyn's downstream test ----------------------------------
+
+#: Metrics of the scenario table: the paper's slice convention, then the quality protocol (volume convention).
+SCENARIO_METRICS = ("psnr", "ssim", "protocol_psnr", "protocol_ssim_axial", "protocol_ssim_tumour",
+                    "protocol_ssim_healthy")  # fmt: skip
+#: Columns of ``per_case.csv``.
+ROW_KEYS = ("case", "scenario", "target", "method", *SCENARIO_METRICS, "baseline_choice")
+#: Rows of the downstream table: the four real modalities, then per missing modality the synthesised and the
+#: zero-filled one.
+DOWNSTREAM_ROWS = ("real", *(f"{kind}_{m}" for m in CHANNELS for kind in ("synth", "zero")))
+
+
+class ScenarioEvaluation(CaseEvaluation):
+    """Score an any-missing generator per scenario (:data:`SCENARIOS`) against trivial baselines, the paper's
+    TC-MGAN on its T2-only scenario, and in BraSyn's downstream form.
+
+    Per case and scenario (available modalities -> one target):
+
+    - ``anymissing``: the generator's synthesis, run as ``inference.json`` runs it (the whole volume at 128x128,
+      back to the input grid, 0 where no available modality has signal) for the volume convention, and on the
+      brain-filtered 128x128 slices of training for the paper's slice convention;
+    - ``baseline``: the best trivial answer, an available modality itself or inverted (1 - x inside the brain),
+      chosen per case by brain PSNR (an oracle choice, which favours the baseline), named in ``baseline_choice``;
+    - ``paper`` (T2-only scenarios, with ``paper_network``): the paper generator's synthesis of that target.
+
+    Scores: ``psnr`` / ``ssim`` (the paper's per-slice convention, :func:`scripts.runtime.metrics.paper_slice_scores`)
+    and the quality protocol (:func:`scripts.runtime.metrics.protocol_scores`: PSNR in the brain, axial SSIM, SSIM
+    in the tumour and in the healthy brain), the brain being the real T2's.
+
+    Downstream (with ``downstream_network``, a ``train_downstream.json --inputs real`` segmenter): its 3D Dice of
+    TC, WT and ET on the four real modalities, and for each modality on the three others plus that modality
+    synthesised from them (``synth_<m>``) or zero-filled (``zero_<m>``).
+
+    Writes to ``output_dir``: ``per_case.csv``, ``downstream_per_case.csv``, ``scores.json``, ``scenarios.md``
+    (both tables) and ``examples.npz`` (the axial and sagittal slices through the most tumour of the case with the
+    most tumour: the real modalities, the label, every synthesis and every scenario's baseline with its choice;
+    ``figures.py anymissing_figure`` draws them).
+    """
+
+    def __init__(self, network, cases, load_transform, slice_transform, volume_transform, inferer, output_dir: str,
+                 paper_network=None, downstream_network=None, downstream_ckpt: str | None = None, device="cpu"):
+        super().__init__(network, cases, load_transform, slice_transform, volume_transform, inferer, output_dir, device)
+        if downstream_network is not None and downstream_ckpt:
+            check_downstream_ckpt(downstream_ckpt, "real")
+        if paper_network is not None:
+            want = {"image_size": network.image_size, "intensity_scaling": network.intensity_scaling}
+            have = {k: getattr(paper_network, k) for k in want}
+            if have != want or paper_network.in_channels > network.context:
+                raise ValueError(
+                    f"the paper checkpoint's input preparation {have} (in_channels {paper_network.in_channels}) "
+                    f"differs from the any-missing model's {want} (context {network.context}); both must be "
+                    "scored on the same slices: train them with the same image_size and intensity_scaling"
+                )
+        self.paper = paper_network.eval() if paper_network is not None else None
+        self.downstream = downstream_network.eval() if downstream_network is not None else None
+
+    def _run(self, network, volume: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.inferer(volume[None].to(self.device), network, *args, **kwargs)[0].cpu()
+
+    def _to_grid(self, pred128: torch.Tensor, full128, mask: torch.Tensor) -> torch.Tensor:
+        """A ``(1, 128, 128, D)`` synthesis in [-1, 1] back on the input grid, [0, 1], 0 outside ``mask``."""
+        unit = _to_unit(torch.as_tensor(pred128).as_subclass(torch.Tensor))
+        return to_input_grid(unit, full128, self.volume_transform)[0] * mask
+
+    @staticmethod
+    def _baseline(image, image128, available, k, q_brain):
+        """The best trivial answer for target ``k``: an available modality, as is or inverted, by brain PSNR.
+        Returns ``(name, (slices in [-1, 1], volume))``."""
+        candidates = {}
+        for m in available:
+            i = CHANNELS.index(m)
+            candidates[m] = (image128[i : i + 1], image[i])
+            inverted = (1 - brain_unit(image[i], q_brain)) * (image[i] > 0)
+            x = image128[i : i + 1]
+            candidates[f"inverted {m}"] = (torch.where(x > -1, -x, x), inverted)  # in [-1, 1], 1 - u is -x
+        real = brain_unit(image[k], q_brain)  # the protocol's PSNR (protocol_scores), without its SSIM maps
+        psnr = {c: psnr_in_mask(brain_unit(v[1], q_brain), real, q_brain) for c, v in candidates.items()}
+        choice = max(psnr, key=lambda c: psnr[c] if np.isfinite(psnr[c]) else -np.inf)
+        return choice, candidates[choice]
+
+    def _downstream_rows(self, name: str, x: torch.Tensor, label: torch.Tensor, synthesised: Mapping) -> list[dict]:
+        """BraSyn's test on the kept slices ``x`` ``(4, h, w, N)``: the four real modalities, then each one replaced
+        by its synthesis from the other three (``synthesised[m]`` ``(h, w, N)``) or by zeros."""
+        truth = ConvertToMultiChannelBasedOnBratsClasses(et_label=3)(label)
+        inputs = {"real": x}
+        for i, m in enumerate(CHANNELS):
+            synth, zero = x.clone(), x.clone()
+            synth[i] = synthesised[m]
+            zero[i] = -1.0  # raw 0 after scaling
+            inputs[f"synth_{m}"], inputs[f"zero_{m}"] = synth, zero
+        rows = []
+        for row_name in DOWNSTREAM_ROWS:
+            dice = case_dice_3d(predict_volume(self.downstream, inputs[row_name], self.device), truth)
+            rows.append({"case": name, "inputs": row_name, **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
+        return rows
+
+    def score_case(self, case: Mapping) -> tuple[list[dict], list[dict], dict]:
+        """Scenario rows, downstream rows and the example views of one datalist entry."""
+        c = self.load(case)
+        name, image, label, image128, label128, keep = c.name, c.image, c.label, c.image128, c.label128, c.keep
+        plain = MetaTensor(torch.as_tensor(image).as_subclass(torch.Tensor))  # a fresh record: only the resize
+        full128 = self.volume_transform({"image": plain})["image"]
+        t2_index = CHANNELS.index(SOURCE)
+        tumour = label[0] > 0
+        q_brain = protocol_brain(image[t2_index])
+        real128 = _to_unit(image128[..., keep])  # (4, h, w, N)
+
+        # the example views: the axial and the sagittal slice through the most tumour (full grid, RAS)
+        z, x0 = int(tumour.sum(dim=(0, 1)).argmax()), int(tumour.sum(dim=(1, 2)).argmax())
+        example = {"case": name, "tumour_voxels": int(tumour.sum()), "axial_index": z, "sagittal_index": x0,
+                   "label_axial": tumour[..., z].numpy(), "label_sagittal": tumour[x0].numpy()}  # fmt: skip
+        for i, m in enumerate(CHANNELS):
+            example[f"real_{m}_axial"], example[f"real_{m}_sagittal"] = image[i, ..., z].numpy(), image[i, x0].numpy()
+
+        rows, synthesised, paper = [], {}, {}
+        for scenario, (available, target) in SCENARIOS.items():
+            a, k = scenario_mask(available), CHANNELS.index(target)
+            mask = (image[a] > 0).any(dim=0).float()  # as inference: 0 where no available modality has signal
+            ask = {"outputs": [k]}
+            avail = a[None].to(self.device)
+            preds = {"anymissing": (self._run(self.network, image128, avail, **ask)[..., keep],
+                                    self._to_grid(self._run(self.network, full128, avail, **ask), full128, mask))}
+            if available != (SOURCE,):  # for the downstream test: background where no input has signal, as inference
+                signal = (image128[a][..., keep] > -1).any(dim=0)
+                synthesised[target] = torch.where(signal, preds["anymissing"][0][0], torch.tensor(-1.0))
+            elif self.paper is not None:
+                if not paper:  # all three targets of the paper's generator at once, the first time
+                    paper = {"slices": self._run(self.paper, image128[t2_index : t2_index + 1])[..., keep],
+                             "volume": self._run(self.paper, full128[t2_index : t2_index + 1])}  # fmt: skip
+                j = TARGETS.index(target)
+                pfull = self._to_grid(paper["volume"][j : j + 1], full128, mask)
+                preds["paper"] = (paper["slices"][j : j + 1], pfull)
+            choice, (b128, bvol) = self._baseline(image, image128, available, k, q_brain)
+            preds["baseline"] = (b128[..., keep], bvol)
+            example[f"baseline_{scenario}_choice"] = choice
+            for method, (p128, pvol) in preds.items():
+                example[f"{method}_{scenario}_axial"] = pvol[..., z].numpy()
+                example[f"{method}_{scenario}_sagittal"] = pvol[x0].numpy()
+                slices = _to_unit(p128).permute(3, 0, 1, 2), real128[k : k + 1].permute(3, 0, 1, 2)
+                psnr, ssim = paper_slice_scores(*slices)
+                row = {"case": name, "scenario": scenario, "target": target, "method": method,
+                       "psnr": float(np.mean(psnr.numpy())), "ssim": float(ssim.mean())}  # fmt: skip
+                row.update(protocol_scores(pvol, image[k], q_brain, tumour))
+                row["baseline_choice"] = choice if method == "baseline" else ""
+                rows.append({key: row[key] for key in ROW_KEYS})
+
+        down = []
+        if self.downstream is not None:
+            down = self._downstream_rows(name, image128[..., keep], label128[..., keep], synthesised)
+        return rows, down, example
+
+    example_size = "tumour_voxels"
+
+    def summary(self, rows: list[dict], more: list[dict]) -> dict:
+        summary = {"scenarios": {}, "downstream": {}, "n_cases": len(self.cases),
+                   "paper_variant": self.paper.variant if self.paper is not None else None}
+        for scenario in SCENARIOS:
+            for method in ("anymissing", "paper", "baseline"):
+                mine = [r for r in rows if r["scenario"] == scenario and r["method"] == method]
+                if mine:
+                    summary["scenarios"].setdefault(scenario, {})[method] = {
+                        m: summarise([r[m] for r in mine]) for m in SCENARIO_METRICS}
+                    if method == "baseline":
+                        choices = sorted({r["baseline_choice"] for r in mine})
+                        summary["scenarios"][scenario]["baseline_choices"] = choices
+        for row_name in DOWNSTREAM_ROWS:
+            mine = [r for r in more if r["inputs"] == row_name]
+            if mine:
+                summary["downstream"][row_name] = {f"dice_{r}": summarise([row[f"dice_{r}"] for row in mine])
+                                                   for r in REGIONS}  # fmt: skip
+        return summary
+
+    def write(self, rows: list[dict], more: list[dict], summary: dict) -> None:
+        """``downstream_per_case.csv`` and ``scenarios.md``."""
+        if more:
+            write_csv(os.path.join(self.output_dir, "downstream_per_case.csv"), more)
+        text = scenario_tables(summary)
+        write_text(os.path.join(self.output_dir, "scenarios.md"), text)
+        logger.info(f"written to {self.output_dir}/scenarios.md\n{text}")
+
+
+def scenario_tables(summary: Mapping) -> str:
+    """The scenario table and the downstream table of a :class:`ScenarioEvaluation` summary, as Markdown."""
+    paper = VARIANT_NAMES.get(summary.get("paper_variant"), "paper generator")
+    names = {"anymissing": "any-missing", "paper": f"{paper} (paper, T2 only)", "baseline": "best trivial baseline"}
+    head = ["scenario (available -> target)", "method", "PSNR slice", "SSIM slice", "PSNR brain", "SSIM axial",
+            "SSIM tumour", "SSIM healthy"]  # fmt: skip
+    lines = [f"Scenarios ({summary['n_cases']} cases; mean ± std over cases; slice = the paper's per-slice "
+             "convention, the rest the quality protocol)", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]  # fmt: skip
+    for scenario, methods in summary["scenarios"].items():
+        available, target = SCENARIOS[scenario]
+        label = f"{', '.join(available)} -> {target}"
+        for method in ("anymissing", "paper", "baseline"):
+            if method not in methods:
+                continue
+            s = methods[method]
+            name = names[method] + (f" ({', '.join(methods['baseline_choices'])})" if method == "baseline" else "")
+            cells = [_fmt(s[m], 2 if "psnr" in m else 3) for m in SCENARIO_METRICS]
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    if summary.get("downstream"):
+        lines += ["", "Downstream (BraSyn form): a segmenter trained on the four real modalities; 3D Dice per case",
+                  "", "| inputs | Dice TC | Dice WT | Dice ET |", "|---|---|---|---|"]  # fmt: skip
+        for row_name, stats in summary["downstream"].items():
+            kind, _, m = row_name.partition("_")
+            how = "synthesised" if kind == "synth" else "zero-filled"
+            label = "4 real" if kind == "real" else f"3 real + {m} {how}"
+            lines.append(f"| {label} | " + " | ".join(_fmt(stats[f"dice_{r}"], 3) for r in ("tc", "wt", "et")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_for(network, cases, load_transform: Callable, slice_transform: Callable, volume_transform: Callable,
+                   inferer, output_dir: str, method: str = "tcmgan", baselines: bool = True, paper_network=None,
+                   downstream_network=None, downstream_ckpt: str | None = None, device="cpu") -> CaseEvaluation:
+    """The evaluation of ``network`` (``evaluate.json``'s ``evaluation``), chosen by what the generator reads
+    (its ``inputs``): one that reads the T2 alone, the paper's task, gets Table 1 (:class:`SynthesisEvaluation`:
+    T2 -> each target against the T2 and inverted-T2 baselines); one that reads any subset gets every scenario
+    (:class:`ScenarioEvaluation`: against the best trivial baseline of the available modalities, the paper generator
+    ``paper_network`` on the T2-only scenarios, BraSyn's downstream test with ``downstream_network``).
+
+    Raises:
+        ValueError: no cases; or a paper generator given the scenario evaluation's ``paper_network`` or
+            ``downstream_ckpt``.
+    """
+    common = dict(cases=cases, load_transform=load_transform, slice_transform=slice_transform,
+                  volume_transform=volume_transform, inferer=inferer, output_dir=output_dir, device=device)
+    if network is None or tuple(network.inputs) == (SOURCE,):
+        if paper_network is not None or downstream_ckpt:
+            raise ValueError("--paper_ckpt and --downstream_ckpt are for an any-missing generator's scenario "
+                             "evaluation; the generator of --ckpt_path reads the T2 alone, and its evaluation is Table 1")
+        return SynthesisEvaluation(network, method=method, baselines=baselines, **common)
+    return ScenarioEvaluation(network, paper_network=paper_network, downstream_network=downstream_network,
+                              downstream_ckpt=downstream_ckpt, **common)
