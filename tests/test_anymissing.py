@@ -322,6 +322,9 @@ def test_evaluation_writes_the_scenario_and_downstream_tables(phantom_dir, tmp_p
     assert len(scores["downstream"]) == 9
     table = (tmp_path / "ev" / "scenarios.md").read_text()
     assert "t2 -> flair | TC-MGAN (paper, T2 only)" in table and "3 real + t1ce zero-filled" in table
+    challenge = scores["scenarios"]["missing_t1"]["anymissing"]  # the challenge's SSIM beside ours
+    assert all(0 < challenge[k]["mean"] <= 1 for k in ("brasyn_ssim", "brasyn_ssim_healthy"))
+    assert "The BraSyn challenge's 3D SSIM" in table
     from figures import anymissing_figure
 
     example = np.load(tmp_path / "ev" / "examples.npz")

@@ -196,3 +196,79 @@ def test_merge_over_seeds_gives_the_spread_of_the_seed_means():
     assert merge_over_seeds(seeds[:1])["methods"]["mgan"]["flair"]["psnr"]["std"] == 0.0
     with pytest.raises(ValueError):
         merge_over_seeds([])
+
+
+# --- the BraSyn challenge's SSIM ----------------------------------------------------------------------------------
+
+
+def _torchmetrics_ssim_by_hand(pred, real):
+    """torchmetrics' 3D SSIM written out voxel by voxel (numpy): reflect-pad by 5, an 11^3 Gaussian (sigma 1.5) window
+    at each voxel, data range = the larger max - min, variances clamped at 0; returns (map, border-cropped mean)."""
+    import numpy as np
+
+    x = np.arange(11) - 5.0
+    g = np.exp(-(x / 1.5) ** 2 / 2)
+    g /= g.sum()
+    w = g[:, None, None] * g[None, :, None] * g[None, None, :]
+    p, r = (np.pad(np.asarray(v, np.float64), 5, mode="reflect") for v in (pred, real))
+    rng = max(float(pred.max() - pred.min()), float(real.max() - real.min()))
+    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
+    out = np.zeros(pred.shape)
+    for i, j, k in np.ndindex(*pred.shape):
+        a, b = p[i : i + 11, j : j + 11, k : k + 11], r[i : i + 11, j : j + 11, k : k + 11]
+        mp, mr = (w * a).sum(), (w * b).sum()
+        vp, vr = max((w * a * a).sum() - mp**2, 0.0), max((w * b * b).sum() - mr**2, 0.0)
+        cov = (w * a * b).sum() - mp * mr
+        out[i, j, k] = ((2 * mp * mr + c1) * (2 * cov + c2)) / ((mp**2 + mr**2 + c1) * (vp + vr + c2))
+    return out, out[5:-5, 5:-5, 5:-5].mean()
+
+
+def test_full_ssim_map_is_torchmetrics_ssim_computed_by_hand():
+    from scripts.runtime.metrics import full_ssim_map
+
+    torch.manual_seed(0)
+    real = torch.rand(13, 12, 14)
+    pred = 0.7 * real + 0.3 * torch.rand(13, 12, 14)
+    full, score = full_ssim_map(pred, real)
+    expected, expected_score = _torchmetrics_ssim_by_hand(pred.numpy(), real.numpy())
+    assert full.shape == real.shape
+    assert torch.allclose(full.double(), torch.from_numpy(expected), atol=1e-5)
+    assert score == pytest.approx(expected_score, abs=1e-6)
+    assert full_ssim_map(real, real)[1] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_brasyn_normalisation_clips_to_each_volumes_own_percentiles_with_a_floor_at_zero():
+    import numpy as np
+
+    from scripts.runtime.metrics import brasyn_unit
+
+    v = torch.arange(1000, dtype=torch.float64).reshape(10, 10, 10) - 100  # -100 .. 899: 0.5th percentile < 0
+    low, high = 0.0, float(np.percentile(v.numpy(), 99.5))
+    unit = brasyn_unit(v)
+    assert float(unit.min()) == 0.0 and float(unit.max()) == 1.0
+    assert float(unit[5, 0, 0]) == pytest.approx((400 - low) / (high - low))
+    assert float(brasyn_unit(torch.full((4, 4, 4), 3.0)).abs().max()) == 0.0  # constant: nothing to scale
+
+
+def test_brasyn_tumour_and_healthy_scores_by_hand():
+    """The two readings of the challenge's code on a case small enough to compute by hand: the SSIM map of the
+    masked volumes averaged in the region, and the whole-volume score of the masked volumes."""
+    from scripts.runtime.metrics import brasyn_scores, brasyn_unit
+
+    torch.manual_seed(1)
+    real = torch.rand(13, 12, 14) * 100
+    pred = real + 20 * torch.rand(13, 12, 14)
+    tumour = torch.zeros(13, 12, 14, dtype=torch.bool)
+    tumour[4:9, 3:8, 5:10] = True
+    scores = brasyn_scores(pred, real, tumour)
+    p, r = brasyn_unit(pred).numpy(), brasyn_unit(real).numpy()
+    m = tumour.numpy()
+    full, whole = _torchmetrics_ssim_by_hand(p, r)
+    t_map, t_volume = _torchmetrics_ssim_by_hand(p * m, r * m)
+    h_map, h_volume = _torchmetrics_ssim_by_hand(p * ~m, r * ~m)
+    assert scores["brasyn_ssim"] == pytest.approx(whole, abs=1e-5)
+    assert scores["brasyn_ssim_tumour"] == pytest.approx(t_map[m].mean(), abs=1e-5)
+    assert scores["brasyn_ssim_healthy"] == pytest.approx(h_map[~m].mean(), abs=1e-5)
+    assert scores["brasyn_ssim_tumour_volume"] == pytest.approx(t_volume, abs=1e-5)
+    assert scores["brasyn_ssim_healthy_volume"] == pytest.approx(h_volume, abs=1e-5)
+    assert math.isnan(brasyn_scores(pred, real, torch.zeros_like(tumour))["brasyn_ssim_tumour"])

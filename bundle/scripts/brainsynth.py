@@ -95,10 +95,10 @@ def read_list(path) -> list[str]:
 
 
 def _write_datalist(volumes: list[str], folder: str) -> str:
-    """A datalist JSON in ``folder`` whose ``test`` split lists ``volumes`` (one 3D T2 file each)."""
+    """A datalist JSON in ``folder`` whose ``test`` split lists ``volumes`` (one 3D T2 file each: its one channel)."""
     path = os.path.join(folder, "datalist.json")
     with open(path, "w") as f:
-        json.dump({"test": [{"case": case_id(v), "image": v} for v in volumes]}, f)
+        json.dump({"channels": ["t2"], "test": [{"case": case_id(v), "image": v} for v in volumes]}, f)
     return path
 
 

@@ -49,9 +49,11 @@ from .data import case_name, load_split, neighbour_slices
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .files import write_atomic, write_csv, write_json, write_text
 from .metrics import (
+    BRASYN_METRICS,
     PROTOCOL_METRICS,
     REGION_METRICS,
     brain_unit,
+    brasyn_scores,
     paper_slice_scores,
     percentile_unit,
     protocol_brain,
@@ -644,7 +646,7 @@ SCENARIOS = {
 SCENARIO_METRICS = ("psnr", "ssim", "protocol_psnr", "protocol_ssim_axial", "protocol_ssim_tumour",
                     "protocol_ssim_healthy")  # fmt: skip
 #: Columns of ``per_case.csv``.
-ROW_KEYS = ("case", "scenario", "target", "method", *SCENARIO_METRICS, "baseline_choice")
+ROW_KEYS = ("case", "scenario", "target", "method", *SCENARIO_METRICS, *BRASYN_METRICS, "baseline_choice")
 #: Rows of the downstream table: the four real modalities, then per missing modality the synthesised and the
 #: zero-filled one.
 DOWNSTREAM_ROWS = ("real", *(f"{kind}_{m}" for m in CHANNELS for kind in ("synth", "zero")))
@@ -782,6 +784,7 @@ class ScenarioEvaluation(CaseEvaluation):
                 row = {"case": name, "scenario": scenario, "target": target, "method": method,
                        "psnr": float(np.mean(psnr.numpy())), "ssim": float(ssim.mean())}  # fmt: skip
                 row.update(protocol_scores(pvol, image[k], q_brain, tumour))
+                row.update(brasyn_scores(pvol, image[k], tumour))
                 row["baseline_choice"] = choice if method == "baseline" else ""
                 rows.append({key: row[key] for key in ROW_KEYS})
 
@@ -800,7 +803,7 @@ class ScenarioEvaluation(CaseEvaluation):
                 mine = [r for r in rows if r["scenario"] == scenario and r["method"] == method]
                 if mine:
                     summary["scenarios"].setdefault(scenario, {})[method] = {
-                        m: summarise([r[m] for r in mine]) for m in SCENARIO_METRICS}
+                        m: summarise([r[m] for r in mine]) for m in (*SCENARIO_METRICS, *BRASYN_METRICS)}
                     if method == "baseline":
                         choices = sorted({r["baseline_choice"] for r in mine})
                         summary["scenarios"][scenario]["baseline_choices"] = choices
@@ -839,6 +842,18 @@ def scenario_tables(summary: Mapping) -> str:
             name = names[method] + (f" ({', '.join(methods['baseline_choices'])})" if method == "baseline" else "")
             cells = [_fmt(s[m], 2 if "psnr" in m else 3) for m in SCENARIO_METRICS]
             lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    challenge = ["scenario (available -> target)", "method", "SSIM", "SSIM tumour", "SSIM healthy",
+                 "SSIM tumour (volume reading)", "SSIM healthy (volume reading)"]  # fmt: skip
+    lines += ["", "The BraSyn challenge's 3D SSIM (each volume clipped to its own 0.5 / 99.5 percentiles and scaled to "
+              "[0, 1]; torchmetrics' SSIM; tumour / healthy: the SSIM map of the masked volumes averaged in the "
+              "region, and the volume reading: the masked volumes' whole-volume score)", "",
+              "| " + " | ".join(challenge) + " |", "|" + "---|" * len(challenge)]  # fmt: skip
+    for scenario, methods in summary["scenarios"].items():
+        available, target = SCENARIOS[scenario]
+        for method in ("anymissing", "paper", "baseline"):
+            if method in methods and all(m in methods[method] for m in BRASYN_METRICS):
+                cells = [_fmt(methods[method][m], 3) for m in BRASYN_METRICS]
+                lines.append(f"| {', '.join(available)} -> {target} | {names[method]} | " + " | ".join(cells) + " |")
     if summary.get("downstream"):
         lines += ["", "Downstream (BraSyn form): a segmenter trained on the four real modalities; 3D Dice per case",
                   "", "| inputs | Dice TC | Dice WT | Dice ET |", "|---|---|---|---|"]  # fmt: skip

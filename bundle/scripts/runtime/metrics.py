@@ -18,6 +18,12 @@ PSNR ``inf`` (MSE 0); aggregation (:func:`summarise`) reports how many values we
   above the 1st percentile of its non-zero voxels; each volume clipped to its own brain 0.5-99.5 percentiles; PSNR
   over the brain; SSIM as the mean over axial (and, separately, sagittal) slices with > 2000 brain voxels of each
   slice's 2D SSIM; tumour SSIM = axial SSIM maps averaged over tumour voxels. :func:`protocol_scores`.
+- **The BraSyn challenge's SSIM** (its published ``ssim.py``), so that figures can be set beside the challenge's:
+  each whole volume clipped to its own 0.5 / 99.5 percentiles (over all its voxels, background included; the lower
+  one floored at 0) and scaled to [0, 1] (:func:`brasyn_unit`); torchmetrics' 3D SSIM with its defaults (Gaussian
+  11 / 1.5, reflect padding, data range inferred from the two volumes, :func:`full_ssim_map`); the tumour score on
+  both volumes with everything outside the tumour set to 0, the healthy score with the tumour set to 0.
+  :func:`brasyn_scores`.
 """
 
 from __future__ import annotations
@@ -100,6 +106,68 @@ def ssim_map(pred: torch.Tensor, real: torch.Tensor, data_range: float = 1.0, k1
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * ((2 * cov + c2) / (var_x + var_y + c2))
     return ssim.unsqueeze(1)
+
+
+def full_ssim_map(pred: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """torchmetrics' ``StructuralSimilarityIndexMeasure()`` on two 3D volumes ``(X, Y, Z)``, written with MONAI's
+    separable filtering: the SSIM map at every voxel (the volumes reflect-padded by half the 11-voxel Gaussian
+    window, sigma 1.5; ``c1``, ``c2`` from ``0.01`` / ``0.03`` times the data range, which is inferred as the larger
+    of the two volumes' max - min; variances clamped at 0), and the score, the map's mean without a half-window
+    border."""
+    half = SSIM_WINDOW // 2
+    p, r = pred.double()[None, None], real.double()[None, None]
+    data_range = float(torch.maximum(p.max() - p.min(), r.max() - r.min()))
+    kernels = [_gaussian_1d().to(p)] * 3
+    stats = torch.cat([p, r, p * p, r * r, p * r], dim=1)
+    mu_p, mu_r, mu_pp, mu_rr, mu_pr = separable_filtering(stats, kernels, mode="reflect").unbind(1)
+    var_p, var_r = (mu_pp - mu_p**2).clamp_min(0), (mu_rr - mu_r**2).clamp_min(0)
+    cov = mu_pr - mu_p * mu_r
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    full = ((2 * mu_p * mu_r + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_r**2 + c1) * (var_p + var_r + c2))
+    full = full[0]
+    return full.float(), float(full[half:-half, half:-half, half:-half].mean())
+
+
+def brasyn_unit(volume: torch.Tensor) -> torch.Tensor:
+    """The BraSyn challenge's normalisation of one volume: clipped to its own 0.5 and 99.5 percentiles over all its
+    voxels (numpy's linear interpolation; a negative lower one set to 0), then scaled to [0, 1] (all 0 when the
+    two percentiles meet)."""
+    v = np.asarray(torch.as_tensor(volume).detach().cpu(), dtype=np.float64)
+    low, high = np.percentile(v, [0.5, 99.5])
+    low = max(float(low), 0.0)
+    if high <= low:
+        return torch.zeros(v.shape)
+    return torch.from_numpy((np.clip(v, low, high) - low) / (high - low))
+
+
+#: :func:`brasyn_scores`' keys: the whole volume, then tumour and healthy in the two readings of the challenge's code.
+BRASYN_METRICS = ("brasyn_ssim", "brasyn_ssim_tumour", "brasyn_ssim_healthy", "brasyn_ssim_tumour_volume",
+                  "brasyn_ssim_healthy_volume")  # fmt: skip
+
+
+def brasyn_scores(pred: torch.Tensor, real: torch.Tensor, tumour: torch.Tensor) -> dict:
+    """The BraSyn challenge's 3D SSIM of a synthesised volume against the real one (both ``(X, Y, Z)``, any
+    intensities; each normalised by :func:`brasyn_unit`), with ``tumour`` the whole-tumour mask (label > 0).
+
+    - ``brasyn_ssim``: the whole volumes' score (:func:`full_ssim_map`);
+    - ``brasyn_ssim_tumour`` / ``brasyn_ssim_healthy``: the volumes multiplied by the tumour mask (by its
+      complement: everything outside the tumour, background included), their SSIM map averaged over the tumour
+      (over everything outside it): what the challenge's ``ssim.py`` means to compute (as published it indexes the
+      ``(score, map)`` pair torchmetrics returns, and does not run);
+    - ``..._volume``: the other reading, the whole-volume score of those masked volumes.
+
+    ``nan`` for the tumour scores of a case without tumour.
+    """
+    p, r = brasyn_unit(pred), brasyn_unit(real)
+    m = torch.as_tensor(tumour).bool().cpu()
+    out = {"brasyn_ssim": full_ssim_map(p, r)[1]}
+    for name, region in (("tumour", m), ("healthy", ~m)):
+        if not region.any():
+            out[f"brasyn_ssim_{name}"] = out[f"brasyn_ssim_{name}_volume"] = float("nan")
+            continue
+        full, score = full_ssim_map(p * region, r * region)
+        out[f"brasyn_ssim_{name}"], out[f"brasyn_ssim_{name}_volume"] = float(full[region].mean()), score
+    return {k: out[k] for k in BRASYN_METRICS}
 
 
 def ssim_in_mask(pred: torch.Tensor, real: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0) -> float:
