@@ -214,7 +214,7 @@ def synthesis_case(files: Mapping[str, str | None], wanted=TARGETS, where: str =
     unknown = [m for m in files if m not in CHANNELS]
     if unknown:
         raise ValueError(f"{where}: unknown modalities {unknown}; expected some of {CHANNELS}")
-    present = {m: str(p) for m, p in files.items() if p}
+    present = {m: os.path.abspath(str(p)) for m, p in files.items() if p}
     if not present:
         raise ValueError(f"{where or 'the inputs'}: no modality given; give at least one of "
                          f"{', '.join('--' + m for m in CHANNELS)}")  # fmt: skip

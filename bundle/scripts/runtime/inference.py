@@ -132,7 +132,7 @@ class LoadInputsd(LoadVolumed):
 
     def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict:
         d = dict(data)
-        key = self.first_key(d)
+        key = self.keys[0]
         if "modalities" not in d:  # a bare item: its image is the T2 (a 4D file's T2 channel: "t2_channel")
             d["modalities"] = {SOURCE: d[key]}
             if "t2_channel" in d:
@@ -157,7 +157,7 @@ class LoadInputsd(LoadVolumed):
         stack = torch.stack([torch.as_tensor(loaded[m]).float() if m in loaded else zeros for m in self.inputs])
         image = MetaTensor(stack, meta=dict(ref.meta))
         image.meta["original_channel_dim"] = 0
-        for k in self.key_iterator(d):
+        for k in self.keys:
             d[k] = image
         d["mask"] = MetaTensor((stack > 0).any(dim=0, keepdim=True).float(), meta=dict(ref.meta))
         d["mask"].meta["original_channel_dim"] = 0
