@@ -94,7 +94,8 @@ def checkpoints(phantom_dir, tmp_path):
 WRONG_FILES = [
     # (entry, file given, the message says)
     ("inference ckpt_path", "segmenter", "is not a generator model.pt (SynthesisNet state dict, as training writes to "
-     "<output_dir>/<variant>/model.pt): it holds a segmenter, features 4"),
+     "<output_dir>/<variant>/model.pt) or an any-missing generator model.pt (AnyMissingNet state dict, as train.json "
+     "--variant anymissing writes): it holds a segmenter, features 4"),
     ("inference ckpt_path", "training", "it holds a training checkpoint (a training checkpoint.pt: give the model.pt "
      "next to it)"),
     ("inference ckpt_path", "truncated", "corrupt or truncated"),

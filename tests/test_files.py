@@ -117,8 +117,10 @@ def test_output_bytes_counts_each_written_volume_from_the_header(tmp_path):
     t2 = tmp_path / "c_t2.nii.gz"
     save_nifti(t2, np.ones((10, 20, 30), np.float32))
     raw = 10 * 20 * 30 * 4
-    assert output_bytes([{"image": str(t2), "case": "c"}], ".nii") == 3 * raw  # FLAIR, T1, T1ce
-    assert output_bytes([{"image": str(t2), "case": "c"}], ".nii", targets="t1ce") == raw
-    assert output_bytes([{"image": str(t2), "case": "c"}], ".nii.gz") == 3 * raw // 2
+    case = {"case": "c", "modalities": {"t2": str(t2)}, "missing": "flair,t1,t1ce"}  # a paper generator's T2 case
+    assert output_bytes([case], ".nii") == 3 * raw
+    assert output_bytes([{**case, "missing": "t1ce"}], ".nii") == raw  # --targets t1ce
+    assert output_bytes([case], ".nii.gz") == 3 * raw // 2
+    assert output_bytes([case], ".nii", uncertainty=True) == 6 * raw
     any_missing = {"case": "c", "modalities": {"t2": str(t2)}, "missing": "flair,t1"}
     assert output_bytes([any_missing], ".nii") == 2 * raw

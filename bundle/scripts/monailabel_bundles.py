@@ -44,7 +44,8 @@ from scripts.runtime.files import write_atomic, write_json  # noqa: E402
 from scripts.runtime.views import parse_views  # noqa: E402
 
 BUNDLE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Items of configs/inference.json for batch inference from a data list, which MONAI Label does not use.
+#: Items of configs/inference.json for batch inference from a data list, which MONAI Label does not use (the yes/no
+#: options stay: the ``flags`` section reads them all).
 BATCH_ITEMS = (
     "input",
     "dataset_dir",
@@ -53,10 +54,8 @@ BATCH_ITEMS = (
     "output_dir",
     "output_check",
     "space_check",
-    "overwrite",
     "num_workers",
     "prefetch",
-    "background_write",
     "dataset",
     "dataloader",
     "prefetcher",

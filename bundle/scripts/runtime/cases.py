@@ -182,6 +182,8 @@ def _still_to_do(cases: list[dict], output_dir: str, output_ext: str, overwrite:
 
 # --- a case: the modalities it has -> the ones it wants ---------------------------------------------------------
 
+#: Display names of the modalities, in messages.
+_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2"}
 #: A trailing modality tag in a file name (``_t1``, ``-t1c``, ``_FLAIR``, ``-t2w`` ...), dropped from the case id.
 _MODALITY_TAG = re.compile(r"[_\-.](t1ce|t1gd|t1c|t1n|t1w?|t2f|t2w?|flair)$", re.IGNORECASE)
 #: BraTS 2023 (BraSyn) file names: ``BraTS-GLI-xxxxx-000-{t1n,t1c,t2w,t2f}.nii.gz``.
@@ -272,18 +274,18 @@ def datalist_cases(datalist: str, split: str = "test", inputs=CHANNELS, wanted=T
         name = os.path.basename(os.path.normpath(name)) if name else None
         where = f"{datalist}: case {name or f'#{i}'} in {split!r}"
         image = entry.get("image") if isinstance(entry, Mapping) else None
-        index = None
+        files, index = {}, None
         if isinstance(image, str) and image:  # one file: a 4D multi-channel volume (MSD), or a 3D T2
             files = {c: os.path.join(base, image) for c in channels}
             index = {c: k for k, c in enumerate(channels)}
         elif isinstance(image, (list, tuple)) and len(image) == len(channels):
             files = {c: (os.path.join(base, p) if p else None) for c, p in zip(channels, image)}
-        else:
-            raise ValueError(f"{where}: 'image' must be one file or list {len(channels)} files ({channels}; null for "
-                             f"a missing one), not {image!r}")  # fmt: skip
+        elif isinstance(image, (list, tuple)) and image:
+            raise ValueError(f"{where} lists {len(image)} image files; expected {channels} (null for a missing one)")
         files = {m: p for m, p in files.items() if m in inputs}
         if not any(files.values()):
-            raise ValueError(f"{where} has no {' or '.join(inputs)} image (its 'image' is {image!r})")
+            wanted = " or ".join(_NAMES[m] for m in inputs)
+            raise ValueError(f"{where} has no {wanted} image (its 'image' is {image!r})")
         case = synthesis_case(files, wanted, where, name, index)
         if case:
             cases.append(case)

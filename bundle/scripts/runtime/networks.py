@@ -22,7 +22,7 @@ Every module keeps its architecture in a persistent ``arch`` buffer, so a checkp
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from monai.networks.nets import UNet
@@ -320,6 +320,7 @@ class SynthesisNet(nn.Module):
 
     #: the modalities it reads (:data:`SOURCE` alone: the paper's task)
     inputs = (SOURCE,)
+    __jit_unused_properties__ = ["outputs"]  # TorchScript (the zoo's ckpt_export) compiles forward without it
 
     @classmethod
     def from_settings(cls, variant: str = "tcmgan", features: int = 64, num_downs: int = 7, image_size: int = 128,
@@ -333,8 +334,8 @@ class SynthesisNet(nn.Module):
         """The modalities it writes, in channel order (:data:`TARGETS`)."""
         return tuple(TARGETS[: self.num_targets])
 
-    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None, available=None,
-                outputs=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                available: Optional[torch.Tensor] = None, outputs: Optional[List[str]] = None) -> torch.Tensor:
         """The targets ``outputs`` (names or indices in :attr:`outputs`; default all) at once: ``(B, in_channels,
         H, W)`` T2 -> ``(B, len(outputs), H, W)`` in the order asked. ``available`` (the case's
         modalities, as the any-missing generator takes them) is accepted for one calling form: this generator
@@ -345,9 +346,23 @@ class SynthesisNet(nn.Module):
         """
         if labels is not None:
             return self.synthesise(x, labels)
-        wanted = output_indices(outputs, self.outputs)
+        if outputs is not None:
+            return self._some(x, outputs)
         b = x.shape[0]
         if self.conditional:  # one batched forward over (target, sample) pairs
+            labels = torch.arange(self.num_targets, device=x.device).repeat_interleave(b)
+            out = self.synthesise(x.repeat(self.num_targets, 1, 1, 1), labels)
+            return out.reshape(self.num_targets, b, x.shape[-2], x.shape[-1]).transpose(0, 1)
+        return torch.cat([gen(x) for gen in self.generators], dim=1)
+
+    @torch.jit.unused
+    def _some(self, x, outputs):
+        # type: (Tensor, List[str]) -> Tensor
+        """The targets ``outputs`` only (names or indices, :func:`output_indices`), in the order asked (Python only:
+        TorchScript keeps the all-targets path; a type comment, as the module's annotations are strings)."""
+        wanted = output_indices(outputs, self.outputs)
+        b = x.shape[0]
+        if self.conditional:
             labels = torch.tensor(wanted, device=x.device).repeat_interleave(b)
             out = self.synthesise(x.repeat(len(wanted), 1, 1, 1), labels)
             return out.reshape(len(wanted), b, x.shape[-2], x.shape[-1]).transpose(0, 1)
