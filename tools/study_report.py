@@ -21,7 +21,11 @@ from study_plan import StudyPlan, downstream_name
 from study_stages import StageRunner
 
 from scripts.runtime.conventions import MODALITY_NAMES, TARGETS, VARIANT_NAMES
+from scripts.runtime.downstream import sanity_check, write_table2
+from scripts.runtime.evaluation import write_table1
 from scripts.runtime.files import write_json, write_text
+from scripts.runtime.metrics import merge_over_seeds  # these at the top, before any stage thread: two in-process
+# stages importing MONAI's networks from two threads at once failed with "partially initialized module"
 
 #: The paper's Table 2 (BraTS 2018, whole-tumour Dice per slice; not comparable with phantom results).
 PAPER_TABLE2 = {"T2 only": 0.738, "T2 + TC-MGAN synthesised": 0.759, "4 real modalities": 0.814}
@@ -281,9 +285,6 @@ def seed_note(plan: StudyPlan) -> str:
 
 
 def merge_table1(plan: StudyPlan) -> list:
-    from scripts.runtime.evaluation import write_table1
-    from scripts.runtime.metrics import merge_over_seeds
-
     per_variant = []
     for v in plan.variants:
         summaries = [json.loads((plan.table1_dir(k, v) / "scores.json").read_text()) for k in range(plan.seeds)]
@@ -293,9 +294,6 @@ def merge_table1(plan: StudyPlan) -> list:
 
 
 def merge_table2(plan: StudyPlan) -> list:
-    from scripts.runtime.downstream import sanity_check, write_table2
-    from scripts.runtime.metrics import merge_over_seeds
-
     rows = {}
     for r in plan.downstream:
         summaries = [json.loads((plan.runs_dir(k) / "downstream" / r / "scores.json").read_text())
