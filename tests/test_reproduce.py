@@ -149,6 +149,8 @@ def test_claims_are_answered_across_seeds_and_a_downstream_without_its_sanity_ch
 
     study = Study("cpu_seeds", str(tmp_path / "a"))
     assert study.seeds == 3 and study.variants == ["mgan", "tcmgan", "tcmgan_bw"]
+    gan, seg = study.gan_commands("mgan", 1)[0], study.segmenter_commands(1)[0]  # the GANs' own batch
+    assert gan[gan.index("--batch_size") + 1] == "16" and seg[seg.index("--batch_size") + 1] == "32"
     _fake_scores(study, tc_gain=[0.05, 0.06, 0.04], real_gain=[0.2, 0.22, 0.18], synth_gain=[-0.01, 0.02, 0.0])
     answers = claims(study)
     assert answers["claim1"]["verdict"] == "supported" and len(answers["claim1"]["rows"]) == 7  # primary + 6

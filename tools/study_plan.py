@@ -17,7 +17,8 @@ SCRIPTS = BUNDLE / "scripts"  # the bundle's command-line tools (phantom.py, pre
 CONFIGS = BUNDLE / "configs"
 
 #: Settings of each preset. ``*_epochs``/``*_epoch_length``: schedule of a stage (epoch_length None = whole epochs);
-#: ``variants``: the paper's variants trained (default all four); ``seeds``: the default of ``--seeds``.
+#: ``gan_batch_size``: the GAN stages' batch (default ``batch_size``); ``variants``: the paper's variants trained
+#: (default all four); ``seeds``: the default of ``--seeds``.
 PRESETS = {
     "smoke": {
         "num_cases": 6, "shape": [96, 96, 40], "min_brain_pixels": 400, "features": 4, "seg_features": 4,
@@ -31,12 +32,13 @@ PRESETS = {
         "down_epochs": 15, "down_epoch_length": None, "val_num_cases": 3, "cache_num_workers": 2,
         "down_selection": "best", "recommended": False,
     },
-    # the two claims with 3 seeds in about three hours on 2 cores: the variants they compare, shorter schedules
-    # (sized from the cpu preset's measured stage times, results_cpu_preset.md: about 45 min per seed; only the TC-MGAN
-    # synthesis gets a downstream U-Net, the one claim 2 needs)
+    # the two claims with 3 seeds in about three hours on 2 cores: the variants they compare, each GAN about 1,000
+    # iterations at batch 16 (15 epochs of the 24-case set; 264 iterations at batch 32 left every variant at slice SSIM
+    # 0.13-0.15), about 55 min per seed; only the TC-MGAN synthesis gets a downstream U-Net, the one claim 2 needs
     "cpu_seeds": {
         "num_cases": 24, "shape": [240, 240, 155], "min_brain_pixels": 2000, "features": 16, "seg_features": 16,
-        "batch_size": 32, "seg_epochs": 6, "seg_epoch_length": None, "gan_epochs": 8, "gan_epoch_length": None,
+        "batch_size": 32, "gan_batch_size": 16, "seg_epochs": 6, "seg_epoch_length": None, "gan_epochs": 15,
+        "gan_epoch_length": None,
         "down_epochs": 8, "down_epoch_length": None, "val_num_cases": 3, "cache_num_workers": 2,
         "down_selection": "best", "recommended": False, "variants": ["mgan", "tcmgan", "tcmgan_bw"], "seeds": 3,
         "downstream_variants": ["tcmgan"],
@@ -159,8 +161,9 @@ class StudyPlan:
         runs = self.runs_dir(seed)
         resume = (runs / variant / "checkpoint.pt").is_file()  # an interrupted run continues where it stopped
         config = "recommended.json" if variant == "recommended" else "train.json"
+        training = {**self.training(seed), "batch_size": self.p.get("gan_batch_size", self.p["batch_size"])}
         return [bundle_cmd(
-            config, **self.training(seed), variant="tcmgan" if variant == "recommended" else variant,
+            config, **training, variant="tcmgan" if variant == "recommended" else variant,
             features=self.p["features"], max_epochs=self.p["gan_epochs"], epoch_length=self.p["gan_epoch_length"],
             segmenter_ckpt=str(runs / "segmenter" / "model.pt"), resume=resume or None,
         )]  # fmt: skip
