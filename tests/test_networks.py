@@ -41,6 +41,21 @@ def test_conditional_forward_equals_per_label_synthesis():
         torch.testing.assert_close(all_targets[:, k : k + 1], g.synthesise(x, torch.full((2,), k)))
 
 
+@pytest.mark.parametrize("variant", ["pix2pix", "tcmgan"])
+def test_some_targets_in_the_order_asked_and_the_scripted_generator_writes_all(variant):
+    """``outputs`` picks channels by name or index in the order asked (one code path with the all-targets
+    forward), and TorchScript (the zoo's export) compiles that forward to the same numbers."""
+    g = SynthesisNet(variant, features=4, num_downs=3, image_size=32).eval()
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        all_targets = g(x)
+        torch.testing.assert_close(g(x, outputs=["t1ce", "flair"]), all_targets[:, [2, 0]])
+        torch.testing.assert_close(g(x, outputs=[1]), all_targets[:, [1]])
+        torch.testing.assert_close(torch.jit.script(g)(x), all_targets)
+    with pytest.raises(ValueError, match="cannot synthesise 't2'"):
+        g(x, outputs=["t2"])
+
+
 def test_cls_head_learns_the_modality_on_real_pairs(phantom_dir):
     """The critic's classification head, trained on real (T2, target) pairs only, tells the targets apart."""
     wf = run_workflow("train.json", run=False, dataset_dir=str(phantom_dir), variant="mgan", **TINY)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from study_plan import StudyPlan, downstream_name
-from study_stages import StageRunner
+from study_stages import StageRunner, portable
 
 from scripts.runtime.conventions import MODALITY_NAMES, TARGETS, VARIANT_NAMES
 from scripts.runtime.downstream import sanity_check, write_table2
@@ -358,10 +358,11 @@ def results_markdown(plan: StudyPlan, runner: StageRunner, order: list[str], fig
     seeds = "" if plan.seeds == plan.p.get("seeds", 1) else f" --seeds {plan.seeds}"
     lines = [
         f"# Reproduction of TC-MGAN (preset `{plan.preset}`)", "",
-        f"Data: {'user data set ' + str(plan.data) if plan.user_data else 'phantom set made by the study'}; "
-        f"splits from `{plan.data / 'datalist.json'}`.", "",
-        "Command:", "", f"    python tools/reproduce.py --preset {plan.preset} --output_dir {plan.root}{seeds}"
-        + (f" --dataset_dir {plan.data}" if plan.user_data else ""), "",
+        f"Data: {'user data set ' + portable([str(plan.data)]) if plan.user_data else 'phantom set made by the study'}"
+        f"; splits from `{portable([str(plan.data / 'datalist.json')])}`.", "",
+        "Command:", "", "    " + portable(["python", "tools/reproduce.py", "--preset", plan.preset, "--output_dir",
+                                          str(plan.root), *seeds.split()]
+                                         + (["--dataset_dir", str(plan.data)] if plan.user_data else [])), "",
         "## Settings", "", "```json", json.dumps(plan.p, indent=1), "```", "",
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}; "
         f"machine {platform.machine()}, {os.cpu_count()} CPUs, device {device}, GPU {gpu}.", "",

@@ -47,7 +47,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import LoadImaged, MapTransform
 
-from .cases import case_output_paths, parse_targets
+from .cases import case_output_paths
 from .conventions import SOURCE, TARGETS
 from .data import neighbour_slices
 from .networks import output_indices
@@ -225,7 +225,8 @@ class SaveTargetsd:
     """Write each channel of ``d[key]`` as ``output_dir/<case>_<target>.nii.gz``, all of a case or none.
 
     A case (an item with ``missing`` and ``output_names``, :func:`scripts.runtime.cases.synthesis_case`) has one
-    channel per wanted modality, written under its ``output_names``; an item without them, one per ``targets``.
+    channel per wanted modality, written under its ``output_names``; an item without them, one per ``targets``
+    (which modalities a run writes is the case's choice, ``--targets``: :func:`scripts.runtime.cases.synthesis_case`).
 
     Args:
         key: the prediction, ``(len(targets), H, W, D)`` on the input's voxel grid (after ``Invertd``), float.
@@ -234,7 +235,6 @@ class SaveTargetsd:
             written, so the outputs have exactly the input's shape and affine.
         case_key: the case id, used in the file names.
         targets: channel names, in channel order.
-        write: the targets to write (:func:`parse_targets`: names or a comma-separated string; default all).
         writer: a :class:`scripts.runtime.throughput.BackgroundWriter` that writes while the next case is
             synthesised (attach it to the engine too, so the run ends when all is written); None writes here.
         descrip: NIfTI ``descrip`` template (``{target}`` is filled in; at most 80 characters).
@@ -264,7 +264,6 @@ class SaveTargetsd:
         targets=TARGETS,
         descrip: str = DESCRIP,
         output_ext: str = ".nii.gz",
-        write=None,
         writer=None,
         uncertainty_key: str = "uncertainty",
     ):
@@ -273,7 +272,6 @@ class SaveTargetsd:
         self.writer = writer
         self.key, self.output_dir, self.ref_key, self.case_key = key, output_dir, ref_key, case_key
         self.targets, self.descrip, self.output_ext = tuple(targets), descrip, output_ext
-        self.write = parse_targets(write)
         self.uncertainty_key = uncertainty_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
@@ -285,17 +283,13 @@ class SaveTargetsd:
                 f"case {case}: prediction of shape {tuple(pred.shape)} is not {len(channels)} channels on "
                 f"the input grid {tuple(ref.shape[1:])}"
             )
-        if "missing" in d:  # a case: every channel is one of its wanted modalities
-            keep = list(range(len(channels)))
-        else:
-            keep = [i for i, t in enumerate(channels) if t in self.write]
-        volumes = torch.as_tensor(pred).detach()[keep].to("cpu", torch.float32).numpy()  # a copy: pred may change
-        targets = [channels[i] for i in keep]
+        volumes = torch.as_tensor(pred).detach().to("cpu", torch.float32).numpy().copy()  # a copy: pred may change
+        targets = channels
         affine = np.asarray(ref.affine, dtype=np.float64)
         finals = case_output_paths(self.output_dir, case, self.output_ext, targets, d.get("output_names"))
         spread = d.get(self.uncertainty_key) if self.uncertainty_key else None
         if spread is not None:  # <output>_uncertainty beside each output, written with them
-            spread = torch.as_tensor(spread).detach()[keep].to("cpu", torch.float32).numpy()
+            spread = torch.as_tensor(spread).detach().to("cpu", torch.float32).numpy()
             volumes = np.concatenate([volumes, spread])
             finals = finals + [uncertainty_path(f, self.output_ext) for f in finals]
             targets = targets + [f"{t} uncertainty" for t in targets]

@@ -346,27 +346,25 @@ class SynthesisNet(nn.Module):
         """
         if labels is not None:
             return self.synthesise(x, labels)
-        if outputs is not None:
-            return self._some(x, outputs)
+        wanted = list(range(self.num_targets)) if outputs is None else self._wanted(outputs)
         b = x.shape[0]
         if self.conditional:  # one batched forward over (target, sample) pairs
-            labels = torch.arange(self.num_targets, device=x.device).repeat_interleave(b)
-            out = self.synthesise(x.repeat(self.num_targets, 1, 1, 1), labels)
-            return out.reshape(self.num_targets, b, x.shape[-2], x.shape[-1]).transpose(0, 1)
-        return torch.cat([gen(x) for gen in self.generators], dim=1)
-
-    @torch.jit.unused
-    def _some(self, x, outputs):
-        # type: (Tensor, List[str]) -> Tensor
-        """The targets ``outputs`` only (names or indices, :func:`output_indices`), in the order asked (Python only:
-        TorchScript keeps the all-targets path; a type comment, as the module's annotations are strings)."""
-        wanted = output_indices(outputs, self.outputs)
-        b = x.shape[0]
-        if self.conditional:
-            labels = torch.tensor(wanted, device=x.device).repeat_interleave(b)
+            labels = torch.tensor(wanted, dtype=torch.long, device=x.device).repeat_interleave(b)
             out = self.synthesise(x.repeat(len(wanted), 1, 1, 1), labels)
             return out.reshape(len(wanted), b, x.shape[-2], x.shape[-1]).transpose(0, 1)
-        return torch.cat([self.generators[k](x) for k in wanted], dim=1)
+        outs: List[torch.Tensor] = []
+        for k in wanted:  # TorchScript indexes a ModuleList by constants only: find generator k by walking them
+            for j, gen in enumerate(self.generators):
+                if j == k:
+                    outs.append(gen(x))
+        return torch.cat(outs, dim=1)
+
+    @torch.jit.unused
+    def _wanted(self, outputs):
+        # type: (List[str]) -> List[int]
+        """The channels ``outputs`` asks for (names or indices, :func:`output_indices`; Python only: TorchScript
+        keeps the all-targets path; a type comment, as the module's annotations are strings)."""
+        return output_indices(outputs, self.outputs)
 
 
 def output_indices(outputs, names) -> list[int]:
