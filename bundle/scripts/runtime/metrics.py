@@ -93,19 +93,26 @@ def _gaussian_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Te
     return g / g.sum()
 
 
+def _gaussian_ssim(p: torch.Tensor, r: torch.Tensor, data_range: float, mode: str, crop: bool,
+                   k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """The Gaussian SSIM formula at each voxel of two ``(B, 1, *spatial)`` images, ``(B, *spatial)``: the five local
+    statistics in one grouped pass of MONAI's separable filtering (``mode``: its padding), kept whole or ``crop``-ped
+    to the "valid" region half a window from every border. Negative local variances (rounding) count as 0."""
+    half = SSIM_WINDOW // 2
+    kernels = [_gaussian_1d().to(p)] * (p.ndim - 2)
+    stats = separable_filtering(torch.cat([p, r, p * p, r * r, p * r], dim=1), kernels, mode=mode)
+    if crop:
+        stats = stats[(slice(None), slice(None)) + (slice(half, -half),) * (p.ndim - 2)]
+    mu_p, mu_r, mu_pp, mu_rr, mu_pr = stats.unbind(1)
+    var_p, var_r = (mu_pp - mu_p**2).clamp_min(0), (mu_rr - mu_r**2).clamp_min(0)
+    cov = mu_pr - mu_p * mu_r
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    return ((2 * mu_p * mu_r + c1) / (mu_p**2 + mu_r**2 + c1)) * ((2 * cov + c2) / (var_p + var_r + c2))
+
+
 def ssim_map(pred: torch.Tensor, real: torch.Tensor, data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03):
     """Gaussian SSIM map of two ``(B, 1, *spatial)`` images, "valid" region only (see the module doc)."""
-    dims = pred.ndim - 2
-    half = SSIM_WINDOW // 2
-    kernels = [_gaussian_1d().to(pred)] * dims
-    inner = (slice(None), slice(None)) + (slice(half, -half),) * dims
-
-    stats = torch.cat([pred, real, pred * pred, real * real, pred * real], dim=1)  # one grouped pass for all five
-    mu_x, mu_y, mu_xx, mu_yy, mu_xy = separable_filtering(stats, kernels, mode="zeros")[inner].unbind(1)
-    var_x, var_y, cov = mu_xx - mu_x**2, mu_yy - mu_y**2, mu_xy - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * ((2 * cov + c2) / (var_x + var_y + c2))
-    return ssim.unsqueeze(1)
+    return _gaussian_ssim(pred, real, data_range, "zeros", crop=True, k1=k1, k2=k2).unsqueeze(1)
 
 
 def full_ssim_map(pred: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -117,14 +124,7 @@ def full_ssim_map(pred: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor,
     half = SSIM_WINDOW // 2
     p, r = pred.double()[None, None], real.double()[None, None]
     data_range = float(torch.maximum(p.max() - p.min(), r.max() - r.min()))
-    kernels = [_gaussian_1d().to(p)] * 3
-    stats = torch.cat([p, r, p * p, r * r, p * r], dim=1)
-    mu_p, mu_r, mu_pp, mu_rr, mu_pr = separable_filtering(stats, kernels, mode="reflect").unbind(1)
-    var_p, var_r = (mu_pp - mu_p**2).clamp_min(0), (mu_rr - mu_r**2).clamp_min(0)
-    cov = mu_pr - mu_p * mu_r
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    full = ((2 * mu_p * mu_r + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_r**2 + c1) * (var_p + var_r + c2))
-    full = full[0]
+    full = _gaussian_ssim(p, r, data_range, "reflect", crop=False)[0]
     return full.float(), float(full[half:-half, half:-half, half:-half].mean())
 
 
