@@ -189,3 +189,23 @@ def test_a_curve_still_rising_in_its_last_third_is_told_apart_from_a_flat_one(tm
     assert "| segmenter S | val_mean_dice | 6 | +0.200 (still rising); +0.200 (still rising) |" in curves_markdown(curves)
     assert (tmp_path / "c.png").exists() is False and curves_figure(curves, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 5_000
+
+
+def test_kept_records_let_a_study_resume_without_its_models(tmp_path):
+    """``--keep_to``: the scores, curves and stage records without models, and without the records of the stages
+    whose outputs are not kept (the data, the merged tables, the report): copied back, those stages run again."""
+    from reproduce import main
+
+    study = Study("cpu_seeds", str(tmp_path / "study"))
+    _fake_scores(study, tc_gain=[0.05, 0.06, 0.04], real_gain=[0.2, 0.22, 0.18], synth_gain=[0.0, 0.0, 0.0])
+    (study.runs_dir(0) / "mgan").mkdir(parents=True)
+    (study.runs_dir(0) / "mgan" / "model.pt").write_bytes(b"weights")
+    (study.runs_dir(0) / "mgan" / "validation.json").write_text("{}")
+    for stage in ("phantoms", "segmenter_seed0", "gan_mgan_seed0", "table1", "report"):
+        study.runner.record(stage, [], 1.0)
+    main("cpu_seeds", str(study.root), keep_to=str(tmp_path / "kept"))
+    kept = sorted(str(p.relative_to(tmp_path / "kept")) for p in (tmp_path / "kept").rglob("*") if p.is_file())
+    assert "runs/seed0/mgan/validation.json" in kept and "table1/seed2/tcmgan/scores.json" in kept
+    assert "runs/seed1/downstream/real/scores.json" in kept
+    assert [k for k in kept if k.startswith("stages/")] == ["stages/gan_mgan_seed0.json", "stages/segmenter_seed0.json"]
+    assert not any(k.endswith("model.pt") for k in kept)

@@ -31,13 +31,15 @@ soon as the stages it needs are done (a GPU has room for several of these small 
 
 Resumable: a finished stage leaves ``R/stages/<stage>.json`` and is skipped by the next run (delete that file, and
 those of the stages that use its output, to redo it); a GAN stage interrupted mid-way continues from its last
-training checkpoint; the report is rewritten by every run. Presets:
+training checkpoint; the report is rewritten by every run. ``--keep_to K`` runs nothing and copies what the report
+is made from (no model) to ``K``; copied back into a study folder on another machine, the study resumes there.
+Presets:
 
 - ``smoke``: a few minutes on 2 CPU cores (tiny volumes and networks, two iterations per stage) -- for tests;
 - ``cpu``: about two hours on 2 CPU cores (113 min measured on a shared machine; full-size phantoms, width 16, short
   schedules);
-- ``cpu_seeds``: the paper's two claims with 3 seeds (MGAN, TC-MGAN, TC-MGAN bw; shorter schedules) in about three
-  hours on 2 CPU cores, sized from the ``cpu`` preset's stage times;
+- ``cpu_seeds``: the paper's two claims with 3 seeds (MGAN, TC-MGAN, TC-MGAN bw; each GAN about 1,000 iterations at
+  batch 16) in about three hours on 2 CPU cores (about 55 min per seed, measured: docs/results_cpu_seeds.md);
 - ``gpu``: the study for one H100/H200 in about 10 minutes with ``--seeds 3`` (60 full-size phantoms made on all CPU
   cores, width 32, six stages at a time, the recommended model too, downstream U-Nets kept at their last epoch).
   Its schedules were set from the single-GPU iteration times measured before; it has not yet run on a GPU
@@ -48,12 +50,17 @@ training checkpoint; the report is rewritten by every run. Presets:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from study_plan import DOWNSTREAM, PRESETS, StudyPlan, bundle_cmd  # noqa: F401  (the study's vocabulary, re-exported)
 from study_stages import StageRunner
 
 import study_report
 from scripts.runtime.conventions import VARIANTS  # noqa: F401
+
+
+#: what ``--keep_to`` keeps of a study (globs under its folder): everything the report reads, no model
+KEPT = ("table1/**/scores.json", "table1/**/examples.npz", "runs/**/scores.json", "runs/**/validation.json")
 
 
 class Study(StudyPlan):
@@ -86,7 +93,8 @@ class Study(StudyPlan):
 
 
 def main(preset: str = "smoke", output_dir: str = "runs/reproduce", dataset_dir: str | None = None,
-         device: str | None = None, seeds: int | None = None, jobs: int | None = None) -> str:  # fmt: skip
+         device: str | None = None, seeds: int | None = None, jobs: int | None = None,
+         keep_to: str | None = None) -> str:  # fmt: skip
     """Run (or resume) the study; returns the path of ``results.md``. See the module doc.
 
     Args:
@@ -99,8 +107,17 @@ def main(preset: str = "smoke", output_dir: str = "runs/reproduce", dataset_dir:
             (default: the preset's; 3 for ``cpu_seeds``, 1 otherwise).
         jobs: stages run at once (default: the preset's; 6 for ``gpu``, 1 otherwise), each when the stages it
             needs are done.
+        keep_to: run nothing; copy what the report is made from (:data:`KEPT`: scores, validation curves, the
+            figure's examples, the finished stages' records; no model) to this folder, for a study that must
+            outlive its machine. Copied back into ``output_dir`` (``cp -r KEEP/. R/``), the study resumes there:
+            the phantoms are made again (the same ones: seed 0), the kept stages are skipped.
     """
-    return str(Study(preset, output_dir, dataset_dir, device, seeds, jobs).run())
+    study = Study(preset, output_dir, dataset_dir, device, seeds, jobs)
+    if keep_to is not None:
+        copied = study.runner.keep(Path(keep_to), KEPT, redo=("phantoms", "table1", "table2", "report"))
+        print(f"reproduce: kept {len(copied)} files of {study.root} in {keep_to}", flush=True)
+        return keep_to
+    return str(study.run())
 
 
 if __name__ == "__main__":

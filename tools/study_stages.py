@@ -72,6 +72,24 @@ class StageRunner:
 
         return [json.loads(p.read_text()) for p in sorted((self.root / "stages").glob("*.json"))]
 
+    def keep(self, dest: Path, patterns: tuple[str, ...], redo: tuple[str, ...] = ()) -> list[Path]:
+        """Copy the files matching ``patterns`` (globs under the root: what the report is made from, not the
+        models) to ``dest`` in the same layout, with the records of the finished stages except those of ``redo``
+        (stages whose outputs are not kept, such as the data). Copied back into a study folder, e.g. on a fresh
+        machine, they let the study resume: the kept stages are skipped, ``redo`` and the unfinished ones run."""
+        import shutil
+
+        dest = Path(dest)
+        files = {f for pattern in patterns for f in self.root.glob(pattern) if f.is_file()}
+        files |= {self.marker(r["stage"]) for r in self.records() if r["stage"] not in redo}
+        copied = []
+        for f in sorted(files):
+            target = dest / f.relative_to(self.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+            copied.append(target)
+        return copied
+
     def run_commands(self, stage: str, commands: list[list[str]]) -> list[list[str]]:
         """Run a stage's commands, output to the console and to ``logs/<stage>.log``; stop the study on a failure."""
         log = self.root / "logs" / f"{stage}.log"
