@@ -74,11 +74,11 @@ def test_second_run_skips_finished_stages(smoke):
     out, _ = smoke
     marker = out / "stages" / "gan_tcmgan_seed1.json"
     before = marker.read_text()
-    (out / "stages" / "table2.json").unlink()  # redo one cheap stage
     log = _reproduce(out, "--seeds", str(SEEDS))
     assert "gan_tcmgan_seed1: done before, skipped" in log and "segmenter_seed0: done before, skipped" in log
-    assert "table2: finished in" in log and "report: finished in" in log
-    assert log.count("done before, skipped") == len(STAGES) - 2
+    # the merged tables and the report are redone every time (a later run may have more seeds)
+    assert "table1: finished in" in log and "table2: finished in" in log and "report: finished in" in log
+    assert log.count("done before, skipped") == len(STAGES) - 3
     assert marker.read_text() == before
 
 

@@ -31,8 +31,9 @@ soon as the stages it needs are done (a GPU has room for several of these small 
 
 Resumable: a finished stage leaves ``R/stages/<stage>.json`` and is skipped by the next run (delete that file, and
 those of the stages that use its output, to redo it); a GAN stage interrupted mid-way continues from its last
-training checkpoint; the report is rewritten by every run. ``--keep_to K`` runs nothing and copies what the report
-is made from (no model) to ``K``; copied back into a study folder on another machine, the study resumes there.
+training checkpoint; the merged tables and the report are rewritten by every run. ``--keep_to K`` runs nothing and
+copies what the report is made from (no model) to ``K``; copied back into a study folder on another machine, the
+study resumes there.
 Presets:
 
 - ``smoke``: a few minutes on 2 CPU cores (tiny volumes and networks, two iterations per stage) -- for tests;
@@ -70,7 +71,9 @@ class Study(StudyPlan):
     def __init__(self, preset: str, output_dir: str, dataset_dir: str | None = None, device: str | None = None,
                  seeds: int | None = None, jobs: int | None = None):  # fmt: skip
         super().__init__(preset, output_dir, dataset_dir, device, seeds)
-        self.runner = StageRunner(self.root, PRESETS[preset].get("jobs", 1) if jobs is None else jobs)
+        # the merged tables and the report, cheap, are redone by every run: a run with more seeds than the last
+        self.runner = StageRunner(self.root, PRESETS[preset].get("jobs", 1) if jobs is None else jobs,
+                                  always=("table1", "table2", "report"))
         self.jobs = self.runner.jobs
         self.runs.mkdir(parents=True, exist_ok=True)
 
