@@ -201,6 +201,8 @@ def test_kept_records_let_a_study_resume_without_its_models(tmp_path):
     (study.runs_dir(0) / "mgan").mkdir(parents=True)
     (study.runs_dir(0) / "mgan" / "model.pt").write_bytes(b"weights")
     (study.runs_dir(0) / "mgan" / "validation.json").write_text("{}")
+    for k in (0, 1):
+        (study.table1_dir(k, "mgan") / "examples.npz").write_bytes(b"npz")
     for stage in ("phantoms", "segmenter_seed0", "gan_mgan_seed0", "table1", "report"):
         study.runner.record(stage, [], 1.0)
     main("cpu_seeds", str(study.root), keep_to=str(tmp_path / "kept"))
@@ -209,3 +211,4 @@ def test_kept_records_let_a_study_resume_without_its_models(tmp_path):
     assert "runs/seed1/downstream/real/scores.json" in kept
     assert [k for k in kept if k.startswith("stages/")] == ["stages/gan_mgan_seed0.json", "stages/segmenter_seed0.json"]
     assert not any(k.endswith("model.pt") for k in kept)
+    assert "table1/seed0/mgan/examples.npz" in kept and "table1/seed1/mgan/examples.npz" not in kept  # the figure's

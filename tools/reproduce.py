@@ -40,7 +40,7 @@ Presets:
 - ``cpu``: about two hours on 2 CPU cores (113 min measured on a shared machine; full-size phantoms, width 16, short
   schedules);
 - ``cpu_seeds``: the paper's two claims with 3 seeds (MGAN, TC-MGAN, TC-MGAN bw; each GAN about 1,000 iterations at
-  batch 16) in about three hours on 2 CPU cores (about 55 min per seed, measured: docs/results_cpu_seeds.md);
+  batch 16): 74 min per seed on 2 CPU cores (measured, docs/results_cpu_seeds.md), so two sessions with ``--keep_to``;
 - ``gpu``: the study for one H100/H200 in about 10 minutes with ``--seeds 3`` (60 full-size phantoms made on all CPU
   cores, width 32, six stages at a time, the recommended model too, downstream U-Nets kept at their last epoch).
   Its schedules were set from the single-GPU iteration times measured before; it has not yet run on a GPU
@@ -61,7 +61,8 @@ from scripts.runtime.conventions import VARIANTS  # noqa: F401
 
 
 #: what ``--keep_to`` keeps of a study (globs under its folder): everything the report reads, no model
-KEPT = ("table1/**/scores.json", "table1/**/examples.npz", "runs/**/scores.json", "runs/**/validation.json")
+KEPT = ("table1/**/scores.json", "table1/*/examples.npz", "table1/seed0/*/examples.npz", "runs/**/scores.json",
+        "runs/**/validation.json")  # the figure shows seed 0's examples
 
 
 class Study(StudyPlan):

@@ -32,9 +32,10 @@ PRESETS = {
         "down_epochs": 15, "down_epoch_length": None, "val_num_cases": 3, "cache_num_workers": 2,
         "down_selection": "best", "recommended": False,
     },
-    # the two claims with 3 seeds in about three hours on 2 cores: the variants they compare, each GAN about 1,000
+    # the two claims with 3 seeds (two sessions on 2 cores): the variants they compare, each GAN about 1,000
     # iterations at batch 16 (15 epochs of the 24-case set; 264 iterations at batch 32 left every variant at slice SSIM
-    # 0.13-0.15), about 55 min per seed; only the TC-MGAN synthesis gets a downstream U-Net, the one claim 2 needs
+    # 0.13-0.15), 74 min for seed 0 on 2 cores; only the TC-MGAN synthesis gets a downstream U-Net, the one claim 2
+    # needs
     "cpu_seeds": {
         "num_cases": 24, "shape": [240, 240, 155], "min_brain_pixels": 2000, "features": 16, "seg_features": 16,
         "batch_size": 32, "gan_batch_size": 16, "seg_epochs": 6, "seg_epoch_length": None, "gan_epochs": 15,
