@@ -133,7 +133,7 @@ def test_a_tool_stops_on_an_unknown_option_before_any_work(tmp_path):
     assert result.returncode == 1 and not out.exists()
     assert result.stderr.strip().splitlines()[-1] == (
         "reproduce.py: unknown option --sedes; the options are --preset, --output_dir, --dataset_dir, --device, "
-        "--seeds, --jobs"
+        "--seeds, --jobs, --keep_to"
     )
 
 
