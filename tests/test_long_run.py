@@ -14,7 +14,13 @@ from ignite.engine import Engine, Events
 
 from scripts.runtime import long_run, precision
 from scripts.runtime.checkpoints import TrainingCheckpoint, load_checkpoint
-from scripts.runtime.evaluation import SELECTION_GOALS, selection_margins, selection_score
+from scripts.runtime.evaluation import (
+    SELECTION_GOALS,
+    SELECTION_SCENARIOS,
+    format_margins,
+    selection_margins,
+    selection_score,
+)
 from scripts.runtime.losses import critic_loss, generator_loss
 from scripts.runtime.networks import ModalityCritic, SynthesisNet
 
@@ -130,6 +136,37 @@ def test_beating_the_baseline_on_more_metrics_outranks_a_better_worst_margin():
     assert 8 < selection_score(eight) < 8.5 and 7 < selection_score(seven) < 7.5
 
 
+def test_scenario_margins_take_the_better_of_every_available_modality_and_its_inversion():
+    rows = []
+    for method, value in (("synthesis", 0.8), ("flair", 0.6), ("inverted flair", 0.7), ("t2", 0.85),
+                          ("inverted t2", 0.5)):  # fmt: skip
+        rows.append({"method": method, "target": "missing_t1", "protocol_psnr": 10 * value,
+                     "protocol_ssim_axial": value, "protocol_ssim_tumour": value})
+    margins = selection_margins(rows)
+    assert set(margins) == {"missing_t1"}
+    m = margins["missing_t1"]["protocol_ssim_axial"]
+    assert m["baseline"] == "t2" and m["margin"] == pytest.approx(-0.05)
+    assert format_margins(margins).startswith("T1 (from FLAIR, T1ce, T2) -0.50 dB / -0.050")
+    assert 0 < selection_score(margins) < 0.5  # the one task lost on all three metrics
+
+
+def test_an_any_missing_run_is_selected_on_the_three_to_one_scenarios(phantom_dir, segmenter_run, tmp_path):
+    wf = train_workflow(phantom_dir, tmp_path, "anymissing", max_epochs=1, epoch_length=2,
+                        segmenter_ckpt=str(segmenter_run / "segmenter" / "model.pt"),
+                        select_dataset_dir=str(phantom_dir), select_split="gan", select_interval=2)  # fmt: skip
+    selection = wf.parser.get_parsed_content("selection")
+    selection.cases = selection.cases[:1]
+    wf.run()
+    history = json.loads((tmp_path / "anymissing" / "selection.json").read_text())
+    assert [h["iteration"] for h in history] == [2] and history[0]["saved"]
+    assert tuple(history[0]["margins"]) == SELECTION_SCENARIOS
+    for scenario, metrics in history[0]["margins"].items():
+        missing = scenario.removeprefix("missing_")
+        # the better baseline is an available modality or its inversion, never the missing one
+        assert all(m["baseline"].split()[-1] != missing for m in metrics.values()) and "protocol_psnr" in metrics
+    assert (tmp_path / "anymissing" / "model.pt").is_file()
+
+
 def test_training_with_held_out_cases_selects_by_margin_and_keeps_a_history(phantom_dir, tmp_path):
     wf = train_workflow(phantom_dir, tmp_path, "mgan", max_epochs=2, epoch_length=2, select_dataset_dir=str(phantom_dir),
                         select_split="gan", select_interval=2)  # fmt: skip
@@ -240,3 +277,26 @@ def test_a_bf16_gan_step_matches_fp32_within_tolerance():
     assert dl16 == pytest.approx(dl32, rel=0.05, abs=0.5) and gl16 == pytest.approx(gl32, rel=0.05, abs=0.5)
     cosine = torch.nn.functional.cosine_similarity(gr16, gr32, dim=0)
     assert cosine > 0.97  # measured 0.984 (features 8, batch 4); fp32 vs fp32 with another GP draw: see docs
+
+
+def test_score_checkpoints_scores_a_paper_and_an_any_missing_generator_by_their_tasks(phantom_dir, generator_ckpt,
+                                                                                        tmp_path):
+    """``tools/score_checkpoints.py``: the paper generator by target, the any-missing one by scenario."""
+    import sys
+
+    from conftest import REPO
+
+    from scripts.runtime.conventions import TARGETS
+    from scripts.runtime.networks import AnyMissingNet
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import score_checkpoints
+
+    torch.manual_seed(0)
+    anymissing = tmp_path / "anymissing.pt"
+    torch.save(AnyMissingNet(features=4).state_dict(), anymissing)
+    out = tmp_path / "scores.json"
+    results = score_checkpoints.score(str(phantom_dir), [str(generator_ckpt), str(anymissing)], output=str(out))
+    assert tuple(results[str(generator_ckpt)]["margins"]) == TARGETS
+    assert tuple(results[str(anymissing)]["margins"]) == SELECTION_SCENARIOS
+    assert json.loads(out.read_text()).keys() == results.keys()

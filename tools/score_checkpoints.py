@@ -9,7 +9,10 @@ full-size cases on 2 CPU cores, where ``evaluate.json`` (both conventions, every
 
 ``--views all`` / ``--flip true`` score the tri-planar / mirrored synthesis of each checkpoint instead of the axial one.
 
-Prints one Markdown table (checkpoint, target; each metric as synthesis / better baseline / margin) and writes the
+An any-missing generator is scored on the "three available -> one missing" scenarios instead of the targets, each
+beside the better of the available modalities and their inversions (``MarginSelection.rows``).
+
+Prints one Markdown table (checkpoint, target or scenario; each metric as synthesis / better baseline / margin) and writes the
 margins of every checkpoint to ``--output`` (JSON). The checkpoints must share the image size and intensity
 scaling of ``train.json``'s defaults (128, ``volume``), as every model of the bundle's recipes does.
 """
@@ -34,7 +37,8 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
 
     from scripts.runtime.checkpoints import load_model, read_model
     from scripts.runtime.command_line import flag
-    from scripts.runtime.evaluation import MarginSelection, format_margins, selection_margins, selection_score
+    from scripts.runtime.evaluation import (MarginSelection, format_margins, selection_margins, selection_score,
+                                            task_name)
     from scripts.runtime.files import write_json
     from scripts.runtime.inference import BrainSliceInferer
 
@@ -43,7 +47,7 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
     parser = ConfigParser()
     parser.read_config(os.path.join(REPO, "bundle", "configs", "train.json"))
     for path in checkpoints:
-        arch = read_model(path, "generator")
+        arch = read_model(path)  # a paper or an any-missing generator
         if (arch["image_size"], arch["intensity_scaling"]) != (parser["image_size"], parser["intensity_scaling"]):
             raise ValueError(f"{path}: image size {arch['image_size']}, scaling {arch['intensity_scaling']}; this "
                              f"tool scores {parser['image_size']}, {parser['intensity_scaling']} models only")
@@ -64,8 +68,8 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
         for target, metrics in margins.items():
             cells = [f"{m['synthesis']:.3f} / {m['baseline_value']:.3f} ({m['baseline']}) / {m['margin']:+.3f}"
                      for m in metrics.values()]
-            lines.append(f"| {path} | {target} | " + " | ".join(cells) + " |")
-    print("\n| checkpoint | target | PSNR (dB): synthesis / better baseline / margin | SSIM axial | SSIM tumour |")
+            lines.append(f"| {path} | {task_name(target)} | " + " | ".join(cells) + " |")
+    print("\n| checkpoint | target or scenario | PSNR (dB): synthesis / better baseline / margin | SSIM axial | SSIM tumour |")
     print("|---|---|---|---|---|")
     print("\n".join(lines))
     if output:

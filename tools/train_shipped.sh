@@ -25,7 +25,8 @@
 # EPOCH_LENGTH, SELECT_EVERY (iterations between model-selection passes), BUDGET (seconds for the whole script:
 # the GAN's limit shrinks to what is left after RESERVE seconds for what follows it), THREADS (torch threads of
 # the GAN), DEVICE (default: cuda:0 when there is a GPU), WORKERS (processes for the phantoms and the cache),
-# TUMOUR_L1 (extra weight of the tumour's pixels in the generator's L1 term; unset: the configs'), VIEWS (axial, the default; all: the tri-planar generator and segmenter, trained, selected, scored and run on the
+# VARIANT (tcmgan, the default; anymissing), DOWNSTREAM_EPOCHS (any-missing only; 0: no downstream test), FULL_EVALUATION
+# (1: evaluate.json on the test cases; the default for anymissing), TUMOUR_L1 (extra weight of the tumour's pixels in the generator's L1 term; unset: the configs'), VIEWS (axial, the default; all: the tri-planar generator and segmenter, trained, selected, scored and run on the
 # axial, coronal and sagittal slices), STOP_AFTER=segmenter (make the data and the segmenter only, e.g. while the GAN's settings are decided), CALIBRATE
 # (0, the default: none; 1: model.pt gets the output calibration fitted on the seg split, configs/calibrate.json,
 # and the generator as trained is kept as model_uncalibrated.pt, both scored on the test cases).
@@ -48,7 +49,15 @@ TUMOUR_L1=${TUMOUR_L1:+--tumour_l1_weight $TUMOUR_L1}  # unset: the configs' (tr
 VIEWS=${VIEWS:-axial}  # slice orientations of the segmenter, the GAN, the selection, the scores and the inference
 THREADS=${THREADS:-$(nproc)}
 DEVICE=${DEVICE:-$($PY -c "import torch; print('cuda:0' if torch.cuda.is_available() else 'cpu')")}
-D=$OUT/data; S=$OUT/select; T=$OUT/ood; R=$OUT/runs; G=$R/recommended
+VARIANT=${VARIANT:-tcmgan}  # anymissing: the any-missing generator (any available modalities -> the missing ones)
+case $VARIANT in tcmgan) G_NAME=recommended ;; anymissing) G_NAME=anymissing ;;
+  *) echo "VARIANT=$VARIANT: expected tcmgan (the shipped model.pt) or anymissing" >&2; exit 2 ;; esac
+if [ "$VARIANT" = anymissing ] && [ "${CALIBRATE:-0}" = 1 ]; then
+  echo "CALIBRATE=1 is for the T2-only generator; the any-missing one is not calibrated" >&2; exit 2
+fi
+FULL_EVALUATION=${FULL_EVALUATION:-$([ "$VARIANT" = anymissing ] && echo 1 || echo 0)}
+DOWNSTREAM_EPOCHS=$(pick 1 "${DOWNSTREAM_EPOCHS:-0}")
+D=$OUT/data; S=$OUT/select; T=$OUT/ood; R=$OUT/runs; G=$R/$G_NAME
 (nvidia-smi -L 2>/dev/null || echo "no GPU: $DEVICE, $THREADS threads") | tee -a "$OUT/session.log"
 BUNDLE="$PY -m monai.bundle run --bundle_root bundle"
 
@@ -95,9 +104,9 @@ if [ ! -f "$G/done" ]; then
     [ "$GAN_LIMIT" -lt 30 ] && GAN_LIMIT=30
   fi
   RESUME=$([ -f "$G/checkpoint.pt" ] && echo "--resume true" || echo "--overwrite true")
-  log "recommended model ($RESUME): features $FEATURES, batch $BATCH, context $CONTEXT, limit $GAN_LIMIT s"
+  log "recommended model, $VARIANT ($RESUME): features $FEATURES, batch $BATCH, context $CONTEXT, limit $GAN_LIMIT s"
   OMP_NUM_THREADS=$THREADS $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/recommended.json']" \
-    --dataset_dir "$D" --output_dir "$R" --device "$DEVICE" --features "$FEATURES" --batch_size "$BATCH" \
+    --variant "$VARIANT" --dataset_dir "$D" --output_dir "$R" --device "$DEVICE" --features "$FEATURES" --batch_size "$BATCH" \
     --context "$CONTEXT" --views "$VIEWS" --max_epochs "$GAN_EPOCHS" --epoch_length "$EPOCH_LENGTH" --time_limit "$GAN_LIMIT" \
     --select_dataset_dir "$S" --select_interval "$SELECT_EVERY" --select_keep true --val_num_cases 3 \
     --val_interval 5 $MINPIX --cache_num_workers "$W" --log_every 100 $TUMOUR_L1 $RESUME >> "$OUT/recommended.log" 2>&1 \
@@ -128,11 +137,29 @@ if [ ! -f "$OUT/test_scores.json" ]; then
   $PY tools/score_checkpoints.py --dataset_dir "$T" --checkpoints "[$CKPTS]" --output "$OUT/test_scores.json" \
     --device "$DEVICE" --views "$VIEWS" 2>&1 | tee "$OUT/test_scores.md" | tee -a "$OUT/session.log" || log "scoring FAILED"
 fi
-if [ "${FULL_EVALUATION:-0}" = 1 ] && [ ! -f "$OUT/evaluation/table1.md" ]; then  # Table 1, both conventions (slow)
+DOWN=()
+if [ "$VARIANT" = anymissing ] && [ "$DOWNSTREAM_EPOCHS" -gt 0 ]; then  # BraSyn's downstream test: a segmenter on the 4 real
+  if [ ! -f "$R/downstream/real/model.pt" ]; then
+    log "downstream segmenter on the four real modalities: $DOWNSTREAM_EPOCHS epochs"
+    $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/train_segmenter.json','bundle/configs/train_downstream.json']" \
+      --dataset_dir "$D" --output_dir "$R" --inputs real --device "$DEVICE" --features 16 --batch_size "$SEG_BATCH" \
+      --max_epochs "$DOWNSTREAM_EPOCHS" --val_num_cases 3 $MINPIX --overwrite true > "$OUT/downstream.log" 2>&1 \
+      || log "downstream segmenter FAILED"
+  fi
+  [ -f "$R/downstream/real/model.pt" ] && DOWN=(--downstream_ckpt "$R/downstream/real/model.pt")
+fi
+if [ "$FULL_EVALUATION" = 1 ] && [ ! -f "$OUT/evaluation/scores.json" ]; then  # Table 1 / the scenario table (slow)
   $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --dataset_dir "$T" \
     --ckpt_path "$OUT/model.pt" --output_dir "$OUT/evaluation" --device "$DEVICE" --views "$VIEWS" $MINPIX \
-    > "$OUT/evaluation.log" 2>&1 \
+    "${DOWN[@]}" > "$OUT/evaluation.log" 2>&1 \
     || log "evaluation FAILED"
+fi
+if [ "$VARIANT" = anymissing ]; then  # the figures of the scenario evaluation (every scenario, one test case)
+  for view in axial sagittal; do
+    $PY tools/figures.py anymissing_figure "$OUT/evaluation/examples.npz" "$OUT/ood_$view.png" --view "$view" \
+      >/dev/null || log "figure $view FAILED"
+  done
+  log "done"; exit 0
 fi
 [ -d "$OUT/inference" ] || $BUNDLE inference --config_file bundle/configs/inference.json --dataset_dir "$T" \
   --output_dir "$OUT/inference" --ckpt_path "$OUT/model.pt" --device "$DEVICE" --views "$VIEWS" $NOCHECK > "$OUT/inference.log" 2>&1 \

@@ -44,7 +44,7 @@ from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
 from .cases import scenario_mask
 from .checkpoints import cpu_weights, save_atomic
-from .conventions import CHANNELS, SOURCE, T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
+from .conventions import CHANNELS, MODALITY_NAMES, SOURCE, T2_INDEX, TARGET_NAMES, TARGETS, VARIANT_NAMES
 from .data import case_name, load_split, neighbour_slices
 from .downstream import REGIONS, case_dice_3d, check_downstream_ckpt, predict_volume
 from .files import write_atomic, write_csv, write_json, write_text
@@ -452,23 +452,26 @@ SELECTION_NAMES = {"protocol_psnr": "PSNR", "protocol_ssim_axial": "SSIM", "prot
 
 
 def selection_margins(rows: Sequence[Mapping]) -> dict:
-    """Per target and metric of :data:`SELECTION_GOALS`: the synthesis's mean over cases, the better baseline's
-    mean, and the margin (synthesis - better baseline); ``rows`` as ``per_case.csv``'s (``method`` ``synthesis``,
-    ``t2`` or ``inverted_t2``). A metric with no finite value (no tumour in any case) is left out."""
+    """Per task and metric of :data:`SELECTION_GOALS`: the synthesis's mean over cases, the better baseline's
+    mean, and the margin (synthesis - better baseline). ``rows`` as ``per_case.csv``'s: ``target`` names the task
+    (a target of the paper's generator, or a scenario of :data:`SCENARIOS`), ``method`` is ``synthesis`` or the
+    name of a baseline (``t2`` / ``inverted_t2``; for a scenario, each available modality and its inversion); the
+    better baseline is taken per metric over the means. A metric with no finite value (no tumour in any case) is
+    left out."""
     margins = {}
-    for target in TARGETS:
-        margins[target] = {}
+    for task in dict.fromkeys(r["target"] for r in rows):
+        mine = [r for r in rows if r["target"] == task]
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        baselines = [m for m in methods if m != "synthesis"]
+        margins[task] = {}
         for metric in SELECTION_GOALS:
-            means = {}
-            for method in ("synthesis",) + BASELINES:
-                values = [r[metric] for r in rows if r["method"] == method and r["target"] == target]
-                means[method] = summarise(values)["mean"]
-            if not all(math.isfinite(v) for v in means.values()):
+            means = {m: summarise([r[metric] for r in mine if r["method"] == m])["mean"] for m in methods}
+            if "synthesis" not in means or not baselines or not all(math.isfinite(v) for v in means.values()):
                 continue
-            baseline = max(BASELINES, key=lambda m: means[m])
-            margins[target][metric] = {"synthesis": means["synthesis"], "baseline": baseline,
-                                       "baseline_value": means[baseline],
-                                       "margin": means["synthesis"] - means[baseline]}
+            baseline = max(baselines, key=lambda m: means[m])
+            margins[task][metric] = {"synthesis": means["synthesis"], "baseline": baseline,
+                                     "baseline_value": means[baseline],
+                                     "margin": means["synthesis"] - means[baseline]}
     return margins
 
 
@@ -477,30 +480,42 @@ def selection_score(margins: Mapping) -> float:
     of (target, metric) pairs where its margin is positive, plus ``(1 + tanh(worst margin in units of its goal)) / 4``
     (:data:`SELECTION_GOALS`) to rank equal counts (it lies in (0, 0.5), so it never overturns a count, and the
     whole part of the score is the count). With the three targets and three metrics, a score of 9 or more means
-    every margin is positive; 9.44 or more that the worst one reaches its goal (+3 dB, +0.05 SSIM)."""
+    every margin is positive; 9.44 or more that the worst one reaches its goal (+3 dB, +0.05 SSIM). An any-missing
+    generator's four "three available -> one missing" scenarios give 12 pairs: 12 or more, every margin positive."""
     ratios = [m["margin"] / SELECTION_GOALS[metric] for target in margins.values() for metric, m in target.items()]
     if not ratios:
         return float("-inf")
     return sum(r > 0 for r in ratios) + (1 + math.tanh(min(ratios))) / 4
 
 
+def task_name(task: str) -> str:
+    """``FLAIR`` for a target, ``T1 (from FLAIR, T1ce, T2)`` for a scenario of :data:`SCENARIOS`."""
+    if task in SCENARIOS:
+        available, target = SCENARIOS[task]
+        return f"{MODALITY_NAMES[target]} (from {', '.join(MODALITY_NAMES[m] for m in available)})"
+    return MODALITY_NAMES.get(task, task)
+
+
 def format_margins(margins: Mapping) -> str:
-    """``FLAIR +0.42 dB / +0.031 / -0.012, T1 ...``: each target's PSNR, SSIM and tumour-SSIM margins."""
+    """``FLAIR +0.42 dB / +0.031 / -0.012, T1 ...``: each task's PSNR, SSIM and tumour-SSIM margins."""
     parts = []
-    for target, metrics in margins.items():
+    for task, metrics in margins.items():
         values = [f"{m['margin']:+.2f} dB" if metric == "protocol_psnr" else f"{m['margin']:+.3f}"
                   for metric, m in metrics.items()]
-        parts.append(f"{TARGET_NAMES.get(target, target)} " + " / ".join(values))
+        parts.append(f"{task_name(task)} " + " / ".join(values))
     return ", ".join(parts)
 
 
 class MarginSelection:
     """Choose ``model.pt`` during training by the quality protocol on held-out cases: every ``interval``
     iterations (and when the run ends) the generator synthesises each case's volume as inference does, is scored
-    against the real targets (:func:`scripts.runtime.metrics.protocol_scores`) beside the T2 and inverted-T2
-    baselines, and ``path`` is written when :func:`selection_score` (the worst margin over the better baseline,
-    in units of the goal) is the best so far. The cases should be ones the test set does not hold (e.g. shifted
-    phantoms from another seed: ``phantom.py --domain shifted --seed 1``).
+    against the real targets (:func:`scripts.runtime.metrics.protocol_scores`) beside the trivial baselines, and
+    ``path`` is written when :func:`selection_score` (the worst margin over the better baseline, in units of the
+    goal) is the best so far. A generator that reads the T2 alone is scored on each target beside the T2 and the
+    inverted T2; an any-missing generator on each "three available -> one missing" scenario
+    (:data:`SELECTION_SCENARIOS`) beside each available modality and its inversion (:meth:`rows`). The cases should
+    be ones the test set does not hold (e.g. shifted phantoms from another seed: ``phantom.py --domain shifted
+    --seed 1``).
 
     Every pass is appended to ``history`` (JSON: iteration, epoch, margins, score, whether it was saved); with
     ``resume`` the earlier passes are read back, so a resumed run keeps the best model of the run as a whole.
@@ -511,7 +526,7 @@ class MarginSelection:
             selection (the handler attaches nothing; ``model.pt`` is then :class:`ModelSaver`'s business).
         split: the datalist's split to use (``test`` for a folder prepared with ``--fractions "[0,0,1]"``).
         load_transform: full-resolution loading (as ``evaluate.json``'s); the volumes are loaded once and kept.
-        volume_transform: inference preprocessing of the T2 (as ``evaluate.json``'s), inverted after synthesis.
+        volume_transform: inference preprocessing of the inputs (as ``evaluate.json``'s), inverted after synthesis.
         inferer: a ``BrainSliceInferer``.
         path: the ``model.pt`` to write.
         interval: iterations between passes (<= 0: only at the end).
@@ -572,31 +587,69 @@ class MarginSelection:
         return self._volumes
 
     def rows(self) -> list[dict]:
-        """Protocol scores of the synthesis and both baselines, one row per case, method and target."""
+        """Protocol scores of the synthesis and the baselines, one row per case, method and task: for a generator
+        that reads the T2 alone, each target beside the T2 and the inverted T2; for an any-missing generator, each
+        scenario of :data:`SELECTION_SCENARIOS` (``target`` holds the scenario) beside each available modality
+        and its inversion."""
         net = getattr(self.network, "module", self.network)
         mode = net.training
         net.eval()
-        rows = []
         try:
-            for i, (name, image, tumour) in enumerate(self._load()):
-                t2 = image[T2_INDEX]
-                brain = protocol_brain(t2)
-                pred = synthesise_volume(net, image[T2_INDEX : T2_INDEX + 1], self.volume_transform, self.inferer,
-                                         self.device)  # fmt: skip
-                if i == len(self._baselines):  # the baselines do not change: scored once
-                    inverted = (1 - brain_unit(t2, brain)) * (t2 > 0)
-                    self._baselines.append({
-                        (method, target): protocol_scores(volume, image[k], brain, tumour, metrics=SELECTION_GOALS)
-                        for method, volume in (("t2", t2), ("inverted_t2", inverted))
-                        for k, target in enumerate(TARGETS)
-                    })  # fmt: skip
-                for k, target in enumerate(TARGETS):
-                    rows.append({"case": name, "method": "synthesis", "target": target,
-                                 **protocol_scores(pred[k], image[k], brain, tumour, metrics=SELECTION_GOALS)})
-                    rows += [{"case": name, "method": m, "target": target, **self._baselines[i][(m, target)]}
-                             for m in BASELINES]
+            if tuple(getattr(net, "inputs", (SOURCE,))) == (SOURCE,):
+                return self._target_rows(net)
+            return self._scenario_rows(net)
         finally:
             net.train(mode)
+
+    def _target_rows(self, net) -> list[dict]:
+        rows = []
+        for i, (name, image, tumour) in enumerate(self._load()):
+            t2 = image[T2_INDEX]
+            brain = protocol_brain(t2)
+            pred = synthesise_volume(net, image[T2_INDEX : T2_INDEX + 1], self.volume_transform, self.inferer,
+                                     self.device)  # fmt: skip
+            if i == len(self._baselines):  # the baselines do not change: scored once
+                inverted = (1 - brain_unit(t2, brain)) * (t2 > 0)
+                self._baselines.append({
+                    (method, target): protocol_scores(volume, image[k], brain, tumour, metrics=SELECTION_GOALS)
+                    for method, volume in (("t2", t2), ("inverted_t2", inverted))
+                    for k, target in enumerate(TARGETS)
+                })  # fmt: skip
+            for k, target in enumerate(TARGETS):
+                rows.append({"case": name, "method": "synthesis", "target": target,
+                             **protocol_scores(pred[k], image[k], brain, tumour, metrics=SELECTION_GOALS)})
+                rows += [{"case": name, "method": m, "target": target, **self._baselines[i][(m, target)]}
+                         for m in BASELINES]
+        return rows
+
+    def _scenario_rows(self, net) -> list[dict]:
+        rows = []
+        for i, (name, image, tumour) in enumerate(self._load()):
+            brain = protocol_brain(image[T2_INDEX])
+            # the inference workflow's input: every modality resized and scaled (the unavailable ones are masked
+            # by the availability), as ScenarioEvaluation runs it
+            x = self.volume_transform({"image": MetaTensor(torch.as_tensor(image).as_subclass(torch.Tensor))})["image"]
+            first = i == len(self._baselines)
+            if first:
+                self._baselines.append({})
+            for scenario in SELECTION_SCENARIOS:
+                available, target = SCENARIOS[scenario]
+                a, k = scenario_mask(available), CHANNELS.index(target)
+                with torch.inference_mode():
+                    pred = self.inferer(x[None].to(self.device), net, a[None].to(self.device), outputs=[k])[0]
+                mask = (image[a] > 0).any(dim=0).float()  # as inference: 0 where no available modality has signal
+                pred = to_input_grid(_to_unit(pred.cpu()), x, self.volume_transform)[0] * mask
+                rows.append({"case": name, "method": "synthesis", "target": scenario,
+                             **protocol_scores(pred, image[k], brain, tumour, metrics=SELECTION_GOALS)})
+                if first:  # the baselines do not change: scored once
+                    for m in available:
+                        j = CHANNELS.index(m)
+                        inverted = (1 - brain_unit(image[j], brain)) * (image[j] > 0)
+                        for method, volume in ((m, image[j]), (f"inverted {m}", inverted)):
+                            self._baselines[i][(method, scenario)] = protocol_scores(
+                                volume, image[k], brain, tumour, metrics=SELECTION_GOALS)
+                rows += [{"case": name, "method": method, "target": scenario, **scores}
+                         for (method, task), scores in self._baselines[i].items() if task == scenario]
         return rows
 
     def __call__(self, engine) -> None:
@@ -638,6 +691,8 @@ SCENARIOS = {
     **{f"missing_{m}": (tuple(c for c in CHANNELS if c != m), m) for m in CHANNELS},
     **{f"t2_only_{t}": ((SOURCE,), t) for t in TARGETS},
 }
+#: The scenarios :class:`MarginSelection` scores an any-missing generator on: "three available -> one missing".
+SELECTION_SCENARIOS = tuple(f"missing_{m}" for m in CHANNELS)
 
 
 # --- the any-missing generator: a table per scenario, and BraSyn's downstream test ----------------------------------
