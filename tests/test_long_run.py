@@ -279,24 +279,32 @@ def test_a_bf16_gan_step_matches_fp32_within_tolerance():
     assert cosine > 0.97  # measured 0.984 (features 8, batch 4); fp32 vs fp32 with another GP draw: see docs
 
 
-def test_score_checkpoints_scores_a_paper_and_an_any_missing_generator_by_their_tasks(phantom_dir, generator_ckpt,
-                                                                                        tmp_path):
-    """``tools/score_checkpoints.py``: the paper generator by target, the any-missing one by scenario."""
-    import sys
-
+def test_score_checkpoints_scores_a_paper_and_an_any_missing_generator_by_their_tasks(
+    phantom_dir, generator_ckpt, tmp_path, monkeypatch, capsys
+):
+    """``tools/score_checkpoints.py``: the paper generator by target, the any-missing one by scenario, each with
+    its own baselines whichever comes first."""
     from conftest import REPO
 
     from scripts.runtime.conventions import TARGETS
     from scripts.runtime.networks import AnyMissingNet
 
-    sys.path.insert(0, str(REPO / "tools"))
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
     import score_checkpoints
 
     torch.manual_seed(0)
     anymissing = tmp_path / "anymissing.pt"
     torch.save(AnyMissingNet(features=4).state_dict(), anymissing)
-    out = tmp_path / "scores.json"
-    results = score_checkpoints.score(str(phantom_dir), [str(generator_ckpt), str(anymissing)], output=str(out))
-    assert tuple(results[str(generator_ckpt)]["margins"]) == TARGETS
-    assert tuple(results[str(anymissing)]["margins"]) == SELECTION_SCENARIOS
-    assert json.loads(out.read_text()).keys() == results.keys()
+    paper = str(generator_ckpt)
+    for order in ([paper, str(anymissing)], [str(anymissing), paper]):
+        out = tmp_path / "scores.json"
+        results = score_checkpoints.score(str(phantom_dir), order, output=str(out))
+        assert tuple(results[paper]["margins"]) == TARGETS
+        assert tuple(results[str(anymissing)]["margins"]) == SELECTION_SCENARIOS
+        for result in results.values():
+            assert math.isfinite(result["score"])
+            for metrics in result["margins"].values():  # every task beside its baselines (the small phantoms
+                assert {"protocol_psnr", "protocol_ssim_tumour"} <= set(metrics)  # have no slice for axial SSIM)
+        assert json.loads(out.read_text()).keys() == results.keys()
+    table = capsys.readouterr().out
+    assert "| T1 (from FLAIR, T1ce, T2) | " in table and "| n/a |" in table  # the missing axial SSIM keeps its column

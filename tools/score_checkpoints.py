@@ -1,16 +1,18 @@
 """Score generator checkpoints on held-out cases in the quality protocol, against the trivial baselines: the pass
 that chooses ``model.pt`` during training (``scripts.runtime.evaluation.MarginSelection``: brain PSNR, axial SSIM
-and tumour SSIM of each target, each beside the better of the T2 and the inverted T2), run on any set of cases and
-any number of checkpoints, the volumes and the baselines computed once. About 2 minutes per checkpoint on 8
-full-size cases on 2 CPU cores, where ``evaluate.json`` (both conventions, every metric) takes 15-30.
+and tumour SSIM of each target, each beside the better of the T2 and the inverted T2; for an any-missing generator
+of each "three available -> one missing" scenario), run on any set of cases and any number of checkpoints, the
+volumes and the baselines computed once. About 2 minutes per paper checkpoint on 8 full-size cases on 2 CPU cores
+(an any-missing one runs once per scenario: about four times that), where ``evaluate.json`` (both conventions,
+every metric) takes 15-30.
 
     python tools/score_checkpoints.py --dataset_dir data/ood8 \\
         --checkpoints "[runs/a/recommended/model.pt,runs/b/recommended/model.pt]" --output runs/scores.json
 
 ``--views all`` / ``--flip true`` score the tri-planar / mirrored synthesis of each checkpoint instead of the axial one.
 
-An any-missing generator is scored on the "three available -> one missing" scenarios instead of the targets, each
-beside the better of the available modalities and their inversions (``MarginSelection.rows``).
+An any-missing generator's scenarios are each scored beside the better of the available modalities and their
+inversions (``MarginSelection.rows``).
 
 Prints one Markdown table (checkpoint, target or scenario; each metric as synthesis / better baseline / margin) and writes the
 margins of every checkpoint to ``--output`` (JSON). The checkpoints must share the image size and intensity
@@ -37,8 +39,8 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
 
     from scripts.runtime.checkpoints import load_model, read_model
     from scripts.runtime.command_line import flag
-    from scripts.runtime.evaluation import (MarginSelection, format_margins, selection_margins, selection_score,
-                                            task_name)
+    from scripts.runtime.evaluation import (SELECTION_GOALS, MarginSelection, format_margins, selection_margins,
+                                            selection_score, task_name)
     from scripts.runtime.files import write_json
     from scripts.runtime.inference import BrainSliceInferer
 
@@ -66,8 +68,8 @@ def score(dataset_dir: str, checkpoints, output: str = "", split: str = "test", 
         print(f"{path} ({time.time() - start:.0f} s): {format_margins(margins)}; score {results[path]['score']:+.3f}",
               flush=True)
         for target, metrics in margins.items():
-            cells = [f"{m['synthesis']:.3f} / {m['baseline_value']:.3f} ({m['baseline']}) / {m['margin']:+.3f}"
-                     for m in metrics.values()]
+            cells = [(f"{m['synthesis']:.3f} / {m['baseline_value']:.3f} ({m['baseline']}) / {m['margin']:+.3f}"
+                      if m else "n/a") for m in (metrics.get(metric) for metric in SELECTION_GOALS)]
             lines.append(f"| {path} | {task_name(target)} | " + " | ".join(cells) + " |")
     print("\n| checkpoint | target or scenario | PSNR (dB): synthesis / better baseline / margin | SSIM axial | SSIM tumour |")
     print("|---|---|---|---|---|")

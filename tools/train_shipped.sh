@@ -7,7 +7,12 @@
 #   cases -> (CALIBRATE=1) its output calibration, fitted on the training data's seg split -> the test set's
 #   quality table (model.pt, and the run's kept generators at three budgets) -> inference
 #   and the axial / sagittal figures of one test case. Everything it keeps goes to $OUT.
+#   VARIANT=anymissing trains the any-missing generator instead (same data, segmenter and recipe), selected on the
+#   "three available -> one missing" scenarios of the selection cases, then scores it on the test cases by scenario
+#   (evaluate.json; DOWNSTREAM_EPOCHS > 0 first trains BraSyn's downstream segmenter on the four real modalities;
+#   remove $OUT/evaluation to re-evaluate with it) and draws its figures; no calibration, no inference folder.
 #
+#   OUT=runs/anymissing_ship VARIANT=anymissing DOWNSTREAM_EPOCHS=30 bash tools/train_shipped.sh   # any-missing
 #   OUT=runs/shipped nohup bash tools/train_shipped.sh > runs/shipped.log 2>&1 &   # the CPU recipe (2 cores)
 #   OUT=/tmp/ship NCASES=96 BATCH=64 GAN_LIMIT=420 bash tools/train_shipped.sh      # a GPU (H100/H200)
 #   QUICK=1 OUT=/tmp/ship_dry bash tools/train_shipped.sh                          # every stage tiny: a dry run
@@ -56,7 +61,7 @@ if [ "$VARIANT" = anymissing ] && [ "${CALIBRATE:-0}" = 1 ]; then
   echo "CALIBRATE=1 is for the T2-only generator; the any-missing one is not calibrated" >&2; exit 2
 fi
 FULL_EVALUATION=${FULL_EVALUATION:-$([ "$VARIANT" = anymissing ] && echo 1 || echo 0)}
-DOWNSTREAM_EPOCHS=$(pick 1 "${DOWNSTREAM_EPOCHS:-0}")
+DOWNSTREAM_EPOCHS=${DOWNSTREAM_EPOCHS:-0}; [ "$Q" = 1 ] && [ "$DOWNSTREAM_EPOCHS" -gt 0 ] && DOWNSTREAM_EPOCHS=1
 D=$OUT/data; S=$OUT/select; T=$OUT/ood; R=$OUT/runs; G=$R/$G_NAME
 (nvidia-smi -L 2>/dev/null || echo "no GPU: $DEVICE, $THREADS threads") | tee -a "$OUT/session.log"
 BUNDLE="$PY -m monai.bundle run --bundle_root bundle"
@@ -143,7 +148,8 @@ if [ "$VARIANT" = anymissing ] && [ "$DOWNSTREAM_EPOCHS" -gt 0 ]; then  # BraSyn
     log "downstream segmenter on the four real modalities: $DOWNSTREAM_EPOCHS epochs"
     $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/train_segmenter.json','bundle/configs/train_downstream.json']" \
       --dataset_dir "$D" --output_dir "$R" --inputs real --device "$DEVICE" --features 16 --batch_size "$SEG_BATCH" \
-      --max_epochs "$DOWNSTREAM_EPOCHS" --val_num_cases 3 $MINPIX --overwrite true > "$OUT/downstream.log" 2>&1 \
+      --max_epochs "$DOWNSTREAM_EPOCHS" --val_num_cases 3 $MINPIX --cache_num_workers "$W" --overwrite true \
+      > "$OUT/downstream.log" 2>&1 \
       || log "downstream segmenter FAILED"
   fi
   [ -f "$R/downstream/real/model.pt" ] && DOWN=(--downstream_ckpt "$R/downstream/real/model.pt")
@@ -151,10 +157,11 @@ fi
 if [ "$FULL_EVALUATION" = 1 ] && [ ! -f "$OUT/evaluation/scores.json" ]; then  # Table 1 / the scenario table (slow)
   $BUNDLE --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" --dataset_dir "$T" \
     --ckpt_path "$OUT/model.pt" --output_dir "$OUT/evaluation" --device "$DEVICE" --views "$VIEWS" $MINPIX \
-    "${DOWN[@]}" > "$OUT/evaluation.log" 2>&1 \
+    ${DOWN[@]+"${DOWN[@]}"} > "$OUT/evaluation.log" 2>&1 \
     || log "evaluation FAILED"
 fi
 if [ "$VARIANT" = anymissing ]; then  # the figures of the scenario evaluation (every scenario, one test case)
+  [ -f "$OUT/evaluation/examples.npz" ] || { log "no evaluation (FULL_EVALUATION=0 or it failed): no figures"; exit 0; }
   for view in axial sagittal; do
     $PY tools/figures.py anymissing_figure "$OUT/evaluation/examples.npz" "$OUT/ood_$view.png" --view "$view" \
       >/dev/null || log "figure $view FAILED"
