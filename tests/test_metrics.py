@@ -237,6 +237,23 @@ def test_full_ssim_map_is_torchmetrics_ssim_computed_by_hand():
     assert full_ssim_map(real, real)[1] == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("box", [(slice(9, 14), slice(7, 11), slice(6, 10)), (slice(0, 6), slice(12, 20), slice(3, 9))])
+def test_full_ssim_map_over_the_non_zero_box_equals_the_whole_volumes_map(box):
+    """Only the box around the non-zero voxels is filtered (inside the volume, and touching its border): the map
+    and the score are those of the whole volume's filtering."""
+    from scripts.runtime.metrics import _gaussian_ssim, full_ssim_map
+
+    torch.manual_seed(1)
+    real, pred = torch.zeros(26, 20, 18), torch.zeros(26, 20, 18)
+    real[box] = torch.rand(real[box].shape)
+    pred[box] = 0.6 * real[box] + 0.4 * torch.rand(real[box].shape)
+    rng = float(max(real.max() - real.min(), pred.max() - pred.min()))
+    whole = _gaussian_ssim(pred.double()[None, None], real.double()[None, None], rng, "reflect", crop=False)[0]
+    full, score = full_ssim_map(pred, real)
+    assert torch.allclose(full.double(), whole, atol=1e-5)
+    assert score == pytest.approx(float(whole[5:-5, 5:-5, 5:-5].mean()), abs=1e-6)
+
+
 def test_brasyn_normalisation_clips_to_each_volumes_own_percentiles_with_a_floor_at_zero():
     import numpy as np
 
