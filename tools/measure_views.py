@@ -79,7 +79,7 @@ def measure(dataset_dir: str, ckpt_path: str, views="all", flip: bool = False, s
     from scripts.runtime.evaluation import to_input_grid
     from scripts.runtime.files import write_json
     from scripts.runtime.inference import BrainSliceInferer
-    from scripts.runtime.metrics import brain_unit, protocol_brain, protocol_scores
+    from scripts.runtime.metrics import brain_unit, inverted_baseline, protocol_brain, protocol_scores
 
     parser = ConfigParser()
     parser.read_config(os.path.join(REPO, "bundle", "configs", "train.json"))
@@ -111,7 +111,7 @@ def measure(dataset_dir: str, ckpt_path: str, views="all", flip: bool = False, s
         mean, spread = outputs["fused"][: len(TARGETS)], outputs["fused"][len(TARGETS) :] / 2
         fused_volume = to_input_grid(((mean + 1) / 2).clamp(0, 1), x, volume_transform) * (t2 > 0)
         spread = to_input_grid(spread, x, volume_transform) * (t2 > 0)
-        inverted = (1 - brain_unit(t2, brain)) * (t2 > 0)
+        inverted = inverted_baseline(t2, brain)
         for k, target in enumerate(TARGETS):
             for method, vol in (("axial", axial[k]), ("fused", fused_volume[k]), ("t2", t2), ("inverted_t2", inverted)):
                 row = protocol_scores(vol, image[k], brain, tumour, metrics=PLANE_METRICS)

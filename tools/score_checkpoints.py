@@ -11,9 +11,6 @@ every metric) takes 15-30.
 
 ``--views all`` / ``--flip true`` score the tri-planar / mirrored synthesis of each checkpoint instead of the axial one.
 
-An any-missing generator's scenarios are each scored beside the better of the available modalities and their
-inversions (``MarginSelection.rows``).
-
 Prints one Markdown table (checkpoint, target or scenario; each metric as synthesis / better baseline / margin) and writes the
 margins of every checkpoint to ``--output`` (JSON). The checkpoints must share the image size and intensity
 scaling of ``train.json``'s defaults (128, ``volume``), as every model of the bundle's recipes does.

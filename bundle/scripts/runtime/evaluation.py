@@ -54,6 +54,7 @@ from .metrics import (
     REGION_METRICS,
     brain_unit,
     brasyn_scores,
+    inverted_baseline,
     paper_slice_scores,
     percentile_unit,
     protocol_brain,
@@ -273,7 +274,7 @@ class SynthesisEvaluation(CaseEvaluation):
         q_preds = {m: v for m, v in volume_preds.items() if m not in BASELINES}
         if self.baselines:
             q_preds["t2"] = t2.expand(3, -1, -1, -1)
-            q_preds["inverted_t2"] = ((1 - brain_unit(t2, q_brain)) * (t2 > 0)).expand(3, -1, -1, -1)
+            q_preds["inverted_t2"] = inverted_baseline(t2, q_brain).expand(3, -1, -1, -1)
 
         case_rows, slice_rows = [], []
         for method in self.methods:
@@ -619,7 +620,7 @@ class MarginSelection:
             brain = protocol_brain(t2)
             pred = synthesise_volume(net, image[T2_INDEX : T2_INDEX + 1], self.volume_transform, self.inferer,
                                      self.device)  # fmt: skip
-            baselines = lambda: {"t2": t2, "inverted_t2": (1 - brain_unit(t2, brain)) * (t2 > 0)}  # noqa: E731
+            baselines = lambda: {"t2": t2, "inverted_t2": inverted_baseline(t2, brain)}  # noqa: E731
             for k, target in enumerate(TARGETS):
                 rows.append({"case": name, "method": "synthesis", "target": target,
                              **protocol_scores(pred[k], image[k], brain, tumour, metrics=SELECTION_GOALS)})
@@ -647,7 +648,7 @@ class MarginSelection:
                     out = {}
                     for m in available:
                         j = CHANNELS.index(m)
-                        out[m], out[f"inverted {m}"] = image[j], (1 - brain_unit(image[j], brain)) * (image[j] > 0)
+                        out[m], out[f"inverted {m}"] = image[j], inverted_baseline(image[j], brain)
                     return out
 
                 rows += self._baseline_rows(i, name, scenario, baselines, image[k], brain, tumour)
@@ -769,7 +770,7 @@ class ScenarioEvaluation(CaseEvaluation):
         for m in available:
             i = CHANNELS.index(m)
             candidates[m] = (image128[i : i + 1], image[i])
-            inverted = (1 - brain_unit(image[i], q_brain)) * (image[i] > 0)
+            inverted = inverted_baseline(image[i], q_brain)
             x = image128[i : i + 1]
             candidates[f"inverted {m}"] = (torch.where(x > -1, -x, x), inverted)  # in [-1, 1], 1 - u is -x
         real = brain_unit(image[k], q_brain)  # the protocol's PSNR (protocol_scores), without its SSIM maps

@@ -129,15 +129,15 @@ def full_ssim_map(pred: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor,
     half = SSIM_WINDOW // 2
     p, r = torch.as_tensor(pred).float(), torch.as_tensor(real).float()
     data_range = float(torch.maximum(p.max() - p.min(), r.max() - r.min()))
-    full = torch.ones(p.shape, dtype=torch.float32)
-    nonzero = torch.nonzero((p != 0) | (r != 0))
-    if len(nonzero) and data_range > 0:
+    if data_range == 0:  # two constant volumes: torchmetrics' formula on them, everywhere
+        full = _gaussian_ssim(p[None, None], r[None, None], data_range, "reflect", crop=False)[0]
+    else:  # a non-zero range: some voxel is non-zero
+        nonzero = torch.nonzero((p != 0) | (r != 0))
         lo = (nonzero.min(dim=0).values - 2 * half).clamp_min(0).tolist()
         hi = [min(int(h) + 2 * half + 1, n) for h, n in zip(nonzero.max(dim=0).values.tolist(), p.shape)]
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        full = torch.ones(p.shape, dtype=torch.float32)
         full[box] = _gaussian_ssim(p[box][None, None], r[box][None, None], data_range, "reflect", crop=False)[0]
-    elif data_range == 0:  # two constant volumes: torchmetrics' formula on them, everywhere
-        full = _gaussian_ssim(p[None, None], r[None, None], data_range, "reflect", crop=False)[0]
     return full, float(full[half:-half, half:-half, half:-half].double().mean())
 
 
@@ -252,6 +252,11 @@ def brain_unit(volume: torch.Tensor, brain: torch.Tensor, lower: float = 0.5, up
     if hi <= lo:
         return torch.zeros_like(v)
     return ((v.clamp(lo, hi) - lo) / (hi - lo)).clamp(0, 1)
+
+
+def inverted_baseline(volume: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """The "inverted" trivial baseline of a modality: ``1 -`` :func:`brain_unit` inside its signal, 0 outside."""
+    return (1 - brain_unit(volume, brain)) * (volume > 0)
 
 
 def _slice_ssim_maps(p: torch.Tensor, r: torch.Tensor, axis: int, keep: torch.Tensor, chunk: int = 32):
